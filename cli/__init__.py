@@ -1,0 +1,1 @@
+"""The ``pyroseg`` command line: thin click commands over the library."""

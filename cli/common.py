@@ -1,0 +1,90 @@
+"""What every command shares: error handling, progress bars, tables."""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+
+import click
+from tqdm.auto import tqdm
+
+from pyroseg.errors import PyrosegError
+
+__all__ = ["CONTEXT", "handle_errors", "LoadBar", "format_table"]
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _fail(msg: str, code: int) -> None:
+    click.echo(f"Error: {msg}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn):
+    """Turn library errors into one line and an exit status; tracebacks only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except PyrosegError as e:
+            if debug:
+                raise
+            _fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted; the last checkpoint (end of the last finished epoch) is intact", 130)
+        except MemoryError:
+            if debug:
+                raise
+            _fail("out of memory; try a smaller --batch-size or --image-size", 1)
+        except OSError as e:
+            if debug:
+                raise
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            _fail(f"{e.strerror or e}{where}", 1)
+
+    return wrapper
+
+
+class LoadBar:
+    """A ``progress(done, total)`` callable that draws a tqdm bar (for data loading)."""
+
+    def __init__(self, desc: str):
+        self.desc = desc
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            if done >= total:  # a cache hit reports (total, total) once: no bar
+                return
+            self.bar = tqdm(total=total, desc=self.desc, unit="slice", leave=False, file=sys.stderr)
+        self.bar.n = done
+        self.bar.refresh()
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
+    return str(v)
+
+
+def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A plain-text table, one row per dict."""
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join([line, sep, *body])

@@ -1,0 +1,43 @@
+"""``pyroseg inspect``: what a data source holds, before training on it."""
+
+from __future__ import annotations
+
+import click
+
+from cli.common import CONTEXT, LoadBar, handle_errors
+from pyroseg.data import load_source
+
+
+@click.command("inspect", context_settings=CONTEXT)
+@click.argument("data", default="synthetic")
+@click.option("--image-size", type=int, default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of a synthetic source.")
+@click.option("--preview", type=click.Path(dir_okay=False), default=None, help="Write a PNG of a few slices with their masks.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
+@handle_errors
+def inspect_cmd(data, image_size, seed, preview, cache_dir):
+    """Load DATA ('synthetic', 'synthetic-ambiguous' or an LGG folder), check it, print its counts."""
+    from pyroseg.nets import check_image_size
+
+    check_image_size(image_size, 1, min_bottleneck=8)
+    bar = LoadBar("decoding data")
+    d = load_source(data, image_size, seed=seed, cache_dir=cache_dir, progress=bar)
+    bar.close()
+    for k, v in d.summary().items():
+        click.echo(f"{k:>22}: {v}")
+    per_patient = {}
+    for p in d.patients.tolist():
+        per_patient[p] = per_patient.get(p, 0) + 1
+    counts = sorted(per_patient.values())
+    click.echo(f"{'slices per patient':>22}: min {counts[0]}, median {counts[len(counts) // 2]}, max {counts[-1]}")
+    if preview:
+        import numpy as np
+
+        from pyroseg.plots import sample_grid
+
+        has = np.flatnonzero(d.masks[:, 0].reshape(len(d), -1).any(1))
+        pick = list(has[:: max(1, len(has) // 6)][:6]) if len(has) else list(range(min(6, len(d))))
+        rows = [{"image": d.images[i] / 255.0, "samples": d.masks[i, :1].astype(float), "truth": d.masks[i],
+                 "name": f"{d.patients[i]} #{d.slice_numbers[i]}"} for i in pick]
+        sample_grid(rows, preview, max_samples=0, title=f"{data} at {image_size}x{image_size}")
+        click.echo(f"wrote {preview}")

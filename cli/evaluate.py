@@ -1,0 +1,49 @@
+"""``pyroseg evaluate``: score a run on held-out patients."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from cli.common import CONTEXT, LoadBar, format_table, handle_errors
+from pyroseg.errors import UsageError
+from pyroseg.evaluate import EVAL_SPLITS, evaluate_run
+from pyroseg.runs import write_json
+
+_SHOWN = ["dice_all", "dice_tumour", "dice_volume", "iou_tumour", "bce", "false_positive_slices", "empty_slices", "elbo", "nll"]
+
+
+@click.command("evaluate", context_settings=CONTEXT)
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--data", default=None, help="Evaluate on this dataset instead (same layout; resized to the run's size).")
+@click.option("--split", type=click.Choice(EVAL_SPLITS), default=None,
+              help="Which patients [default: test; 'all' with --data].")
+@click.option("--num-samples", type=int, default=16, show_default=True, help="Samples averaged into the point prediction.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the report here.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
+@handle_errors
+def evaluate_cmd(run_dir, data, split, num_samples, batch_size, device, json_path, cache_dir):
+    """Print Dice (per slice, tumour slices, per patient), IoU, BCE and the ELBO of RUN_DIR."""
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size}: expected at least 1")
+    bar = LoadBar("decoding data")
+    report = evaluate_run(run_dir, data=data, split=split, num_samples=num_samples, batch_size=batch_size,
+                          device=device, cache_dir=cache_dir, progress=bar)
+    bar.close()
+    click.echo(f"{report['model']} on {report['data']} [{report['split']}]: {report['n_patients']} patients, "
+               f"{report['n_slices']} slices, mean of {report['num_samples']} sample(s), z from {report['z_from']}")
+    row = {k: report[k] for k in _SHOWN if k in report}
+    click.echo(format_table([row]))
+    kl = {k: v for k, v in report.items() if k.startswith("kl_")}
+    if kl:
+        click.echo("KL per latent site (nats / image): " + ", ".join(f"{k[3:]} {v:.3f}" for k, v in kl.items()))
+    if json_path:
+        try:
+            write_json(json_path, report)
+        except OSError as e:
+            raise UsageError(f"--json {json_path}: cannot write ({e.strerror or e})") from None
+        click.echo(f"wrote {json_path}")

@@ -1,0 +1,156 @@
+"""``pyroseg fit``: train one model and write a run folder."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from tqdm.auto import tqdm
+
+from cli.common import CONTEXT, LoadBar, handle_errors
+from pyroseg.config import FitConfig
+from pyroseg.errors import UsageError
+from pyroseg.models import MODELS
+from pyroseg.train import FitCallbacks, fit
+
+_DEFAULTS = FitConfig()
+
+
+class BarCallbacks(FitCallbacks):
+    """A tqdm bar per epoch; the epoch's summary in the bar's postfix."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.bar = None
+        self.load = LoadBar("decoding data")
+
+    def on_load_progress(self, done, total):
+        if not self.quiet:
+            self.load(done, total)
+
+    def on_data(self, s):
+        self.load.close()
+        if not self.quiet:
+            click.echo(
+                f"data: {s['source']}  {s['n_patients']} patients, {s['n_slices']} slices at {s['image_size']}x{s['image_size']} "
+                f"(train {s['train_patients']} patients / {s['train_slices']} slices, val {s['val_patients']}, "
+                f"test {s['test_patients']} patients)",
+                err=True,
+            )
+
+    def on_epoch_start(self, epoch, epochs, num_batches):
+        if not self.quiet:
+            self.bar = tqdm(total=num_batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", file=sys.stderr, leave=True)
+
+    def on_step(self, loss):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"loss {loss:.1f}", refresh=False)
+
+    def on_epoch_end(self, row):
+        if self.bar is not None:
+            parts = [f"loss {row['train_loss']:.1f}"]
+            if "val_loss" in row:
+                parts.append(f"val -ELBO {row['val_loss']:.1f}")
+            parts += [f"{k[4:]} {v:.2f}" for k, v in row.items() if k.startswith("val_kl_")]
+            if "val_dice_tumour" in row:
+                parts.append(f"val dice {row['val_dice_all']:.3f} / tumour {row['val_dice_tumour']:.3f}")
+            self.bar.set_postfix_str(", ".join(parts))
+            self.bar.close()
+            self.bar = None
+
+
+def _parse_model_args(items: tuple[str, ...]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--model-arg {item!r}: expected KEY=VALUE, e.g. latent_dim=16")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+@click.command("fit", context_settings=CONTEXT)
+@click.option("--model", type=click.Choice(list(MODELS)), default=_DEFAULTS.model, show_default=True, help="Which model.")
+@click.option("--data", default=_DEFAULTS.data, show_default=True,
+              help="'synthetic', 'synthetic-ambiguous', or a folder in the LGG kaggle_3m layout.")
+@click.option("--image-size", type=int, default=_DEFAULTS.image_size, show_default=True, help="Training size (power of two).")
+@click.option("--epochs", type=int, default=None, help=f"Epochs to train [default: {_DEFAULTS.epochs}; with --resume: the run's].")
+@click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True)
+@click.option("--lr", type=float, default=_DEFAULTS.lr, show_default=True, help="Adam learning rate.")
+@click.option("--device", default=_DEFAULTS.device, show_default=True, help="auto, cpu or cuda.")
+@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True, help="Seeds weights, split, shuffling and sampling.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder [default: runs/<model>].")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
+              help="Continue the run in this folder from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace the run already in --out.")
+@click.option("--beta", type=float, default=_DEFAULTS.beta, show_default=True, help="Final KL weight.")
+@click.option("--beta-warmup", type=float, default=_DEFAULTS.beta_warmup, show_default=True,
+              help="Epochs of linear KL warm-up from 0 to --beta (0: constant).")
+@click.option("--beta-cycle", type=float, default=_DEFAULTS.beta_cycle, show_default=True,
+              help="Cyclical KL annealing period in epochs (0: off).")
+@click.option("--elbo", type=click.Choice(["meanfield", "trace"]), default=_DEFAULTS.elbo, show_default=True,
+              help="meanfield: analytic KL per site (TraceMeanField_ELBO); trace: Monte Carlo KL (Trace_ELBO).")
+@click.option("--clip-norm", type=float, default=None, help="Clip the global gradient norm to this value.")
+@click.option("--max-nonfinite", type=int, default=_DEFAULTS.max_nonfinite, show_default=True,
+              help="Stop after this many non-finite steps in a row.")
+@click.option("--val-fraction", type=float, default=_DEFAULTS.val_fraction, show_default=True, help="Share of patients for validation.")
+@click.option("--test-fraction", type=float, default=_DEFAULTS.test_fraction, show_default=True, help="Share of patients held out for test.")
+@click.option("--val-samples", type=int, default=_DEFAULTS.val_samples, show_default=True,
+              help="Samples per image for the validation Dice each epoch.")
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
+              help="Model hyper-parameter, e.g. latent_dim=16 (repeatable).")
+@click.option("--widths", default=",".join(map(str, _DEFAULTS.widths)), show_default=True, help="Encoder widths, comma-separated.")
+@click.option("--synthetic-patients", type=int, default=_DEFAULTS.synthetic_patients, show_default=True)
+@click.option("--synthetic-slices", type=int, default=_DEFAULTS.synthetic_slices, show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Where decoded LGG data is cached [default: $PYROSEG_CACHE_DIR or ~/.cache/pyroseg].")
+@click.option("--checkpoint-every", type=int, default=None, help="Also checkpoint every N steps (always at epoch ends).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@handle_errors
+def fit_cmd(model, data, image_size, epochs, batch_size, lr, device, seed, out, resume_dir, overwrite, beta, beta_warmup,
+            beta_cycle, elbo, clip_norm, max_nonfinite, val_fraction, test_fraction, val_samples, model_args, widths,
+            synthetic_patients, synthetic_slices, cache_dir, checkpoint_every, quiet):
+    """Train a model; write config, split, metrics, checkpoint and pictures to a run folder."""
+    try:
+        widths_t = tuple(int(w) for w in widths.split(","))
+    except ValueError:
+        raise UsageError(f"--widths {widths!r}: expected comma-separated integers, e.g. 16,32,64,128") from None
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise UsageError(f"--checkpoint-every {checkpoint_every}: expected at least 1")
+    if resume_dir:
+        config = FitConfig(out=resume_dir, epochs=epochs or 0)
+    else:
+        config = FitConfig(
+            model=model, data=data, out=out or f"runs/{model}", image_size=image_size,
+            epochs=_DEFAULTS.epochs if epochs is None else epochs, batch_size=batch_size, lr=lr, device=device,
+            seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, elbo=elbo, beta=beta,
+            beta_warmup=beta_warmup, beta_cycle=beta_cycle, clip_norm=clip_norm, max_nonfinite=max_nonfinite,
+            val_samples=val_samples, model_args=_parse_model_args(model_args), widths=widths_t,
+            synthetic_patients=synthetic_patients, synthetic_slices=synthetic_slices, cache_dir=cache_dir,
+        ).validate()
+    run = fit(config, callbacks=BarCallbacks(quiet), resume=bool(resume_dir), overwrite=overwrite,
+              checkpoint_every=checkpoint_every)
+    _report(Path(run))
+
+
+def _report(run: Path) -> None:
+    from pyroseg.runs import read_metrics_csv
+
+    rows = read_metrics_csv(run / "metrics.csv")
+    last = rows[-1] if rows else {}
+    click.echo(f"\nfinished: {run}")
+    if last:
+        dice = f"val dice_all {last.get('val_dice_all', float('nan')):.3f}, dice_tumour {last.get('val_dice_tumour', float('nan')):.3f}"
+        click.echo(f"  after epoch {int(last['epoch'])}: train loss {last['train_loss']:.1f}, {dice}")
+    for name, what in [("config.json", "config, versions"), ("split.json", "patients per split"),
+                       ("metrics.csv", "per-epoch metrics"), ("checkpoint.pt", "weights and training state"),
+                       ("curves.png", "training curves"), ("val_samples.png", "validation samples and uncertainty")]:
+        if (run / name).exists():
+            click.echo(f"  {run / name}  ({what})")
+    click.echo(f"next: pyroseg evaluate {run}   |   pyroseg sample {run} --input IMAGE_OR_FOLDER --out DIR")

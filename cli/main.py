@@ -1,0 +1,47 @@
+"""``pyroseg`` commands. Each parses its options and calls one library function.
+
+Errors the library raises on purpose (:class:`pyroseg.errors.PyrosegError`)
+are shown as one line, ``Error: ...``, with exit status 2 for a bad option and
+1 for a failure while running; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from cli.common import CONTEXT
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(package_name="pyroseg")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def cli(debug: bool, verbose: int) -> None:
+    """Generative (probabilistic) segmentation of MRI slices with Pyro.
+
+    Train with `pyroseg fit`, score with `pyroseg evaluate`, draw masks with
+    `pyroseg sample`. The default data is a built-in synthetic set, so every
+    command runs with no download.
+    """
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+from cli.data import inspect_cmd  # noqa: E402
+from cli.evaluate import evaluate_cmd  # noqa: E402
+from cli.fit import fit_cmd  # noqa: E402
+from cli.plot import plot_cmd  # noqa: E402
+from cli.sample import sample_cmd  # noqa: E402
+
+for _cmd in (fit_cmd, evaluate_cmd, sample_cmd, inspect_cmd, plot_cmd):
+    cli.add_command(_cmd)
+
+
+def main() -> None:
+    cli(prog_name="pyroseg")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Atomic writes and safe reads of checkpoints and small files.
+
+* Every write goes to a temporary file in the same folder, is flushed and
+  fsynced, then renamed over the target (``os.replace`` is atomic on POSIX),
+  and the folder is fsynced: a kill at any instant leaves the old file or the
+  new one, never a torn one. A failed write (disk full) removes its temporary
+  file and leaves the previous file intact.
+* Checkpoints are read with ``torch.load(..., weights_only=True)``: only
+  tensors and plain containers are accepted, so opening a checkpoint can never
+  run code.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pickle
+import torch
+
+from pyroseg.errors import CheckpointError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "save_checkpoint",
+    "load_checkpoint",
+    "get_rng_state",
+    "set_rng_state",
+]
+
+#: Version of the checkpoint layout; a newer one is refused, not misread.
+FORMAT_VERSION = 1
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write ``path`` through ``write(fileobj)`` atomically (temp file, fsync, rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Save ``state`` (tensors and plain containers only) atomically, stamped with
+    ``format_version``. Raises :class:`CheckpointError` naming the file when the
+    write fails (e.g. disk full); the previous checkpoint is then untouched."""
+    state = {"format_version": FORMAT_VERSION, **state}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    try:
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError as e:
+        raise CheckpointError(f"{path}: could not write checkpoint ({e.strerror or e}); the previous one is intact") from None
+
+
+def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint`, safely.
+
+    Refuses, with a one-line :class:`CheckpointError`: a missing file, a
+    truncated or corrupted one, one that needs arbitrary code to unpickle, and
+    one written in a newer format.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint here")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: refused: the file holds objects other than tensors and plain containers "
+            f"(it could run code when loaded): {first}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict) or "format_version" not in state:
+        raise CheckpointError(f"{path}: not a pyroseg checkpoint")
+    ver = state["format_version"]
+    if not isinstance(ver, int) or ver > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {ver!r}; this pyroseg reads up to {FORMAT_VERSION}; upgrade pyroseg")
+    return state
+
+
+def get_rng_state() -> dict[str, Any]:
+    """Every random state that training draws from, as tensors and plain lists."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`get_rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,138 @@
+"""The configuration of a training run, and the versions written beside it.
+
+A :class:`FitConfig` is all ``pyroseg fit`` needs; its JSON form
+(``config.json`` in the run folder) rebuilds the model and the data exactly.
+Configs are only ever read as JSON: opening a run never executes code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyroseg.errors import CheckpointError, UsageError
+
+__all__ = ["FitConfig", "CONFIG_VERSION", "versions", "load_config_json"]
+
+#: Bumped when the meaning of a config field changes; a run written by a newer
+#: version is refused rather than misread.
+CONFIG_VERSION = 1
+
+
+@dataclass
+class FitConfig:
+    """Everything one training run depends on (``pyroseg fit`` options)."""
+
+    model: str = "unet"
+    data: str = "synthetic"  # "synthetic", "synthetic-ambiguous" or a folder in the LGG layout
+    out: str = "runs/unet"
+    image_size: int = 64
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    device: str = "auto"
+    seed: int = 0
+    # split by patient
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    # objective
+    elbo: str = "meanfield"  # "meanfield" (analytic KL) or "trace" (Monte Carlo KL)
+    beta: float = 1.0
+    beta_warmup: float = 0.0
+    beta_cycle: float = 0.0
+    clip_norm: float | None = None
+    max_nonfinite: int = 20
+    # evaluation during training
+    val_samples: int = 4
+    # model hyper-parameters beyond the shared backbone (latent sizes, ...)
+    model_args: dict = field(default_factory=dict)
+    widths: tuple[int, ...] = (16, 32, 64, 128)
+    # data source options
+    synthetic_patients: int = 20
+    synthetic_slices: int = 16
+    cache_dir: str | None = None
+    num_workers: int = 0
+
+    def validate(self) -> "FitConfig":
+        """Refuse values that cannot work, naming the option (UsageError, exit 2)."""
+        checks = [
+            (self.epochs >= 1, f"--epochs {self.epochs}: expected at least 1"),
+            (self.batch_size >= 1, f"--batch-size {self.batch_size}: expected at least 1"),
+            (self.lr > 0, f"--lr {self.lr}: expected a positive learning rate"),
+            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"--device {self.device!r}: expected auto, cpu or cuda"),
+            (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1,
+             f"--val-fraction {self.val_fraction} / --test-fraction {self.test_fraction}: expected fractions in [0, 1) summing below 1"),
+            (self.elbo in ("meanfield", "trace"), f"--elbo {self.elbo!r}: expected meanfield or trace"),
+            (self.beta >= 0, f"--beta {self.beta}: expected >= 0"),
+            (self.beta_warmup >= 0, f"--beta-warmup {self.beta_warmup}: expected >= 0 epochs"),
+            (self.beta_cycle >= 0, f"--beta-cycle {self.beta_cycle}: expected >= 0 epochs"),
+            (self.clip_norm is None or self.clip_norm > 0, f"--clip-norm {self.clip_norm}: expected a positive norm"),
+            (self.max_nonfinite >= 1, f"--max-nonfinite {self.max_nonfinite}: expected at least 1"),
+            (self.val_samples >= 1, f"--val-samples {self.val_samples}: expected at least 1"),
+            (self.num_workers >= 0, f"--num-workers {self.num_workers}: expected >= 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UsageError(msg)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FitConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise CheckpointError(f"config has unknown fields {unknown}: written by a newer pyroseg?")
+        d = dict(d)
+        if "widths" in d:
+            d["widths"] = tuple(d["widths"])
+        return cls(**d)
+
+
+def versions() -> dict[str, str]:
+    """Versions of everything a result depends on."""
+    import numpy
+    import PIL
+    import pyro
+    import torch
+
+    import pyroseg
+
+    return {
+        "pyroseg": pyroseg.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "numpy": numpy.__version__,
+        "pillow": PIL.__version__,
+        "cuda": str(torch.version.cuda),
+    }
+
+
+def load_config_json(path: str | Path) -> dict[str, Any]:
+    """Read a run's ``config.json`` (JSON only: nothing is executed)."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no config.json here; is this a pyroseg run folder?") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable config ({e})") from None
+    if not isinstance(doc, dict) or "fit" not in doc:
+        raise CheckpointError(f"{path}: not a pyroseg config (no 'fit' section)")
+    ver = doc.get("config_version")
+    if not isinstance(ver, int) or ver > CONFIG_VERSION:
+        raise CheckpointError(
+            f"{path}: config version {ver!r}, this pyroseg reads up to version {CONFIG_VERSION}; upgrade pyroseg"
+        )
+    return doc

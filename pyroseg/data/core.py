@@ -1,0 +1,139 @@
+"""The in-memory dataset every source produces, and its torch ``Dataset`` view.
+
+A :class:`SegData` holds every slice of a data source at the training size:
+
+* ``images``: ``uint8`` array ``(N, C, H, W)``, C = 3 (pre-contrast, FLAIR,
+  post-contrast), scaled to [0, 1] only when a batch is made;
+* ``masks``: ``uint8`` array ``(N, A, H, W)`` of 0/1, one mask per annotator
+  (A = 1 for the LGG data, A > 1 for multi-annotator sources);
+* ``patients``: ``(N,)`` patient id of every slice, and ``slice_numbers``: ``(N,)``
+  the slice's number within its patient (as in the file name).
+
+Storing ``uint8`` keeps a 256x256 copy of the whole LGG set under 1 GiB and lets
+the cache load with one ``np.load``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+__all__ = ["SegData", "SegDataset", "collate_batch"]
+
+
+@dataclass
+class SegData:
+    images: np.ndarray  # (N, C, H, W) uint8
+    masks: np.ndarray  # (N, A, H, W) uint8 in {0, 1}
+    patients: np.ndarray  # (N,) str
+    slice_numbers: np.ndarray  # (N,) int
+    source: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.images)
+        if self.images.ndim != 4 or self.masks.ndim != 4:
+            raise ValueError(
+                f"images must be (N, C, H, W) and masks (N, A, H, W); got {self.images.shape} and {self.masks.shape}"
+            )
+        if not (len(self.masks) == len(self.patients) == len(self.slice_numbers) == n):
+            raise ValueError(
+                f"length mismatch: {n} images, {len(self.masks)} masks, {len(self.patients)} patient ids, "
+                f"{len(self.slice_numbers)} slice numbers"
+            )
+        if self.images.shape[2:] != self.masks.shape[2:]:
+            raise ValueError(f"images are {self.images.shape[2:]} but masks are {self.masks.shape[2:]}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+    @property
+    def num_annotators(self) -> int:
+        return int(self.masks.shape[1])
+
+    @property
+    def patient_ids(self) -> list[str]:
+        """Distinct patient ids in order of first appearance."""
+        return list(dict.fromkeys(self.patients.tolist()))
+
+    def subset(self, patients: Sequence[str]) -> "SegData":
+        """The slices of the given patients, in this dataset's order."""
+        keep = np.isin(self.patients, np.asarray(list(patients), dtype=self.patients.dtype))
+        return SegData(
+            images=self.images[keep],
+            masks=self.masks[keep],
+            patients=self.patients[keep],
+            slice_numbers=self.slice_numbers[keep],
+            source=self.source,
+            meta=dict(self.meta),
+        )
+
+    def summary(self) -> dict:
+        """Counts a person wants to see before training on this data."""
+        lesion = self.masks.reshape(len(self), self.num_annotators, -1).any(-1)  # (N, A)
+        return {
+            "source": self.source,
+            "n_patients": len(self.patient_ids),
+            "n_slices": len(self),
+            "image_size": self.image_size,
+            "channels": int(self.images.shape[1]),
+            "annotators": self.num_annotators,
+            "slices_with_lesion": int(lesion[:, 0].sum()) if len(self) else 0,
+            "lesion_pixel_fraction": float(self.masks[:, 0].mean()) if len(self) else 0.0,
+        }
+
+
+class SegDataset(Dataset):
+    """A torch view of a :class:`SegData`, with the arrays held as tensors in memory.
+
+    ``__getitems__`` returns a whole batch with one indexing operation (the
+    :class:`~torch.utils.data.DataLoader` calls it when present), so loading costs
+    nothing next to a training step. Each item is a dict:
+
+    * ``image``: float ``(C, H, W)`` in [0, 1];
+    * ``mask``: float ``(1, H, W)`` in {0, 1}: the annotator chosen for this draw
+      (a random one when ``random_annotator``, else the first);
+    * ``masks``: float ``(A, H, W)``, every annotator;
+    * ``index``: the slice's index in the :class:`SegData`.
+
+    No augmentation is applied, ever: validation and test data must be the data.
+    """
+
+    def __init__(self, data: SegData, indices: Sequence[int] | None = None, *, random_annotator: bool = False):
+        self.data = data
+        self.indices = torch.arange(len(data)) if indices is None else torch.as_tensor(list(indices), dtype=torch.long)
+        self.images = torch.from_numpy(np.ascontiguousarray(data.images))
+        self.masks = torch.from_numpy(np.ascontiguousarray(data.masks))
+        self.random_annotator = random_annotator
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        batch = self.__getitems__([i])
+        return {k: v[0] for k, v in batch.items()}
+
+    def __getitems__(self, items: Sequence[int]) -> dict:
+        idx = self.indices[torch.as_tensor(list(items), dtype=torch.long)]
+        image = self.images[idx].float().div_(255.0)  # (B, C, H, W)
+        masks = self.masks[idx].float()  # (B, A, H, W)
+        a = masks.shape[1]
+        if self.random_annotator and a > 1:
+            pick = torch.randint(a, (len(idx),))
+        else:
+            pick = torch.zeros(len(idx), dtype=torch.long)
+        mask = masks[torch.arange(len(idx)), pick].unsqueeze(1)  # (B, 1, H, W)
+        return {"image": image, "mask": mask, "masks": masks, "index": idx}
+
+
+def collate_batch(batch: dict) -> dict:
+    """Collate for :class:`SegDataset`: ``__getitems__`` already returns a batch."""
+    return batch

@@ -1,0 +1,32 @@
+"""The models, one file each, and the registry from name to class.
+
+``build_model(name, **hparams)`` makes one; ``MODELS`` lists them. To add a
+model: subclass :class:`~pyroseg.models.base.SegModel` in a new file, define
+``model``, ``guide`` and ``sample``, and add it to ``MODELS`` below.
+"""
+
+from __future__ import annotations
+
+from pyroseg.errors import UsageError
+from pyroseg.models.base import SegModel, mask_likelihood
+from pyroseg.models.hprob_unet import HProbUNetModel
+from pyroseg.models.hvae import HVAEModel
+from pyroseg.models.prob_unet import ProbUNetModel
+from pyroseg.models.skip_vae import SkipVAEModel
+from pyroseg.models.unet import UNetModel
+from pyroseg.models.vae import VAEModel
+
+__all__ = ["MODELS", "SegModel", "build_model", "mask_likelihood"]
+
+MODELS: dict[str, type[SegModel]] = {
+    cls.name: cls for cls in (UNetModel, VAEModel, SkipVAEModel, HVAEModel, ProbUNetModel, HProbUNetModel)
+}
+
+
+def build_model(name: str, **hparams) -> SegModel:
+    """Build the model registered as ``name`` (``--model``)."""
+    try:
+        cls = MODELS[name]
+    except KeyError:
+        raise UsageError(f"--model {name!r}: unknown model; expected one of {', '.join(MODELS)}") from None
+    return cls(**hparams)

@@ -1,0 +1,103 @@
+"""The Probabilistic U-Net (Kohl et al. 2018).
+
+    model:  z ~ p(z | x)                  prior net on the image
+            y ~ Bernoulli(f_comb(u(x), z)) u: the U-Net's last features,
+                                           z broadcast over the pixels and joined
+                                           to them, then 1x1 convolutions
+    guide:  z ~ q(z | x, y)               posterior net on image and mask
+
+    -ELBO = E_q[-log p(y | x, z)] + beta * KL(q(z | x, y) || p(z | x))
+
+At test time ``z`` comes from the prior net. ``sample`` runs the U-Net and the
+prior net once per image and only the 1x1 "f_comb" per sample; its first layer
+is split as ``W [u; z] = W_u u + W_z z``, so ``W_u u`` is computed once too.
+
+References: Kohl et al., "A Probabilistic U-Net for Segmentation of Ambiguous
+Images", NeurIPS 2018.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyroseg.models.base import SegModel, beta_scale, mask_likelihood
+from pyroseg.nets import init_mask_logits, DiagGaussianHead, Encoder, UNet
+
+__all__ = ["ProbUNetModel", "GaussianEncoder", "FComb"]
+
+
+class GaussianEncoder(nn.Module):
+    """Conv encoder, global mean pool, Gaussian head: ``(B, C, H, W) -> loc, scale (B, D)``."""
+
+    def __init__(self, in_ch: int, widths, latent_dim: int):
+        super().__init__()
+        self.encoder = Encoder(in_ch, widths)
+        self.head = DiagGaussianHead(widths[-1], latent_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.encoder(x)[-1].mean(dim=(-2, -1)))
+
+
+class FComb(nn.Module):
+    """Three 1x1 convolutions on ``[u; z]``, computed without tiling ``z``.
+
+    ``forward(u, z)``: ``u: (B, F, H, W)``, ``z: (S, B, D)`` -> logits ``(S, B, 1, H, W)``.
+    """
+
+    def __init__(self, feat_ch: int, latent_dim: int, hidden: int = 16):
+        super().__init__()
+        self.u_in = nn.Conv2d(feat_ch, hidden, 1)
+        self.z_in = nn.Linear(latent_dim, hidden, bias=False)
+        self.mid = nn.Conv2d(hidden, hidden, 1)
+        self.out = init_mask_logits(nn.Conv2d(hidden, 1, 1))
+
+    def forward(self, u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        s, b = z.shape[:2]
+        a = self.u_in(u)  # (B, K, H, W), once
+        h = F.relu(a.unsqueeze(0) + self.z_in(z)[..., None, None])  # (S, B, K, H, W)
+        h = F.relu(self.mid(h.flatten(0, 1)))
+        return self.out(h).view(s, b, 1, *u.shape[-2:])
+
+
+class ProbUNetModel(SegModel):
+    name = "prob_unet"
+    latent_sites = ("z",)
+    sample_from = "p(z|x)"
+
+    def __init__(self, *, latent_dim: int = 6, comb_hidden: int = 16, **kw):
+        super().__init__(**kw)
+        self.latent_dim = int(latent_dim)
+        self.comb_hidden = int(comb_hidden)
+        self.unet = UNet(self.in_channels, self.widths, out_ch=0)
+        self.prior_net = GaussianEncoder(self.in_channels, self.widths, self.latent_dim)
+        self.posterior_net = GaussianEncoder(self.in_channels + 1, self.widths, self.latent_dim)
+        self.fcomb = FComb(self.widths[0], self.latent_dim, self.comb_hidden)
+
+    def hparams(self):
+        return {**super().hparams(), "latent_dim": self.latent_dim, "comb_hidden": self.comb_hidden}
+
+    def model(self, image, mask=None, *, beta=1.0, recon_scale=1.0):
+        self._register("unet", "prior_net", "fcomb")
+        u = self.unet.features(image)  # (B, w0, H, W)
+        with self._plate(image):
+            with beta_scale(beta):
+                z = pyro.sample("z", dist.Normal(*self.prior_net(image)).to_event(1))  # (B, D)
+            logits = self.fcomb(u, z.unsqueeze(0)).squeeze(0)  # (B, 1, H, W)
+            return mask_likelihood(logits, mask, recon_scale)
+
+    def guide(self, image, mask=None, *, beta=1.0, recon_scale=1.0):
+        if mask is None:
+            raise ValueError("the prob_unet guide q(z | x, y) needs the mask; to predict, use sample()")
+        self._register("posterior_net")
+        with self._plate(image), beta_scale(beta):
+            pyro.sample("z", dist.Normal(*self.posterior_net(torch.cat([image, mask], dim=1))).to_event(1))
+
+    def sample(self, image, num_samples=1):
+        u = self.unet.features(image)  # once per image
+        loc, scale = self.prior_net(image)  # once per image
+        z = dist.Normal(loc, scale).rsample((num_samples,))  # (S, B, D)
+        return torch.sigmoid(self.fcomb(u, z))

@@ -1,0 +1,25 @@
+"""Plain PyTorch building blocks shared by every model (no Pyro in here)."""
+
+from pyroseg.nets.blocks import (
+    ConvBlock,
+    Decoder,
+    DiagGaussianHead,
+    Encoder,
+    ResBlock,
+    UNet,
+    check_image_size,
+    init_mask_logits,
+    num_params,
+)
+
+__all__ = [
+    "ConvBlock",
+    "Decoder",
+    "DiagGaussianHead",
+    "Encoder",
+    "ResBlock",
+    "UNet",
+    "check_image_size",
+    "init_mask_logits",
+    "num_params",
+]

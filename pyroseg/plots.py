@@ -1,0 +1,164 @@
+"""Pictures: training curves, sample grids with uncertainty, reliability diagrams.
+
+matplotlib with the Agg backend (no screen needed); every function writes one
+PNG and returns its path.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pyroseg.runs import read_metrics_csv  # noqa: E402
+
+__all__ = ["plot_curves", "sample_grid", "validation_grid", "uncertainty"]
+
+
+def uncertainty(samples: np.ndarray) -> np.ndarray:
+    """Per-pixel uncertainty: the standard deviation over samples of the mask
+    probability, ``(S, H, W) -> (H, W)``, in [0, 0.5]. 0 where every sample agrees."""
+    return samples.std(axis=0)
+
+
+def plot_curves(metrics_csv: str | Path, png: str | Path) -> Path:
+    """Loss, reconstruction, KL per latent site, beta and validation Dice against epoch."""
+    rows = read_metrics_csv(metrics_csv)
+    png = Path(png)
+    if not rows:
+        raise ValueError(f"{metrics_csv}: no rows to plot")
+    ep = [r["epoch"] for r in rows]
+    kl_cols = [k for k in rows[0] if k.startswith("val_kl_")]
+    panels = [
+        ("loss (nats / image)", [("train_loss", "train (at current beta)"), ("val_loss", "val -ELBO (beta=1)")]),
+        ("reconstruction (nats / image)", [("val_recon", "val -log p(y|x,z)")]),
+    ]
+    if kl_cols:
+        panels.append(("KL per latent site (nats / image)", [(k, k[len("val_kl_"):]) for k in kl_cols]))
+    panels.append(("beta", [("beta", "beta")]))
+    panels.append(("validation Dice", [("val_dice_all", "dice_all"), ("val_dice_tumour", "dice_tumour")]))
+    extra = [k for k in ("geco_lambda",) if k in rows[0]]
+    for k in extra:
+        panels.append((k, [(k, k)]))
+    n = len(panels)
+    cols = min(3, n)
+    nrows = math.ceil(n / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    for ax, (title, series) in zip(axes.flat, panels):
+        for key, label in series:
+            if key in rows[0]:
+                ax.plot(ep, [r.get(key, float("nan")) for r in rows], marker="o", ms=3, label=label)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if title.startswith("KL"):
+            ax.set_yscale("symlog", linthresh=0.1)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def sample_grid(
+    rows: Sequence[dict],
+    png: str | Path,
+    *,
+    max_samples: int = 6,
+    title: str | None = None,
+) -> Path:
+    """One row per image: image (FLAIR), ground truth(s) if known, samples, mean, uncertainty.
+
+    Each row dict has ``image: (C, H, W)`` float in [0, 1], ``samples: (S, H, W)``
+    mask probabilities, optionally ``truth: (A, H, W)`` binary (A annotators)
+    and ``name``. Samples are shown thresholded at 0.5; the mean probability
+    and the per-pixel standard deviation get colour bars.
+    """
+    png = Path(png)
+    n_truth = max((len(r["truth"]) if r.get("truth") is not None else 0) for r in rows)
+    n_show = min(max_samples, max(len(r["samples"]) for r in rows))
+    ncols = 1 + n_truth + n_show + 2
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.55 * ncols + 0.8, 1.6 * len(rows) + 0.4), squeeze=False)
+    for i, r in enumerate(rows):
+        img = np.asarray(r["image"])
+        flair = img[1] if img.shape[0] >= 2 else img[0]
+        samples = np.asarray(r["samples"])
+        col = 0
+        ax = axes[i, col]
+        ax.imshow(flair, cmap="gray", vmin=0, vmax=1)
+        ax.set_ylabel(str(r.get("name", i))[-18:], fontsize=7)
+        if i == 0:
+            ax.set_title("image (FLAIR)", fontsize=8)
+        col += 1
+        truths = r.get("truth")
+        for a in range(n_truth):
+            ax = axes[i, col]
+            if truths is not None and a < len(truths):
+                ax.imshow(flair, cmap="gray", vmin=0, vmax=1)
+                ax.imshow(np.ma.masked_equal(np.asarray(truths[a]), 0), cmap="autumn", alpha=0.6, vmin=0, vmax=1)
+            if i == 0:
+                ax.set_title("truth" if n_truth == 1 else f"annotator {a + 1}", fontsize=8)
+            col += 1
+        for s in range(n_show):
+            ax = axes[i, col]
+            if s < len(samples):
+                ax.imshow(flair, cmap="gray", vmin=0, vmax=1)
+                ax.imshow(np.ma.masked_equal((samples[s] >= 0.5).astype(float), 0), cmap="cool", alpha=0.6, vmin=0, vmax=1)
+            if i == 0:
+                ax.set_title(f"sample {s + 1}", fontsize=8)
+            col += 1
+        ax = axes[i, col]
+        im = ax.imshow(samples.mean(0), cmap="viridis", vmin=0, vmax=1)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+        if i == 0:
+            ax.set_title("mean prob.", fontsize=8)
+        col += 1
+        ax = axes[i, col]
+        im = ax.imshow(uncertainty(samples), cmap="magma", vmin=0, vmax=0.5)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+        if i == 0:
+            ax.set_title("uncertainty (std)", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+@torch.inference_mode()
+def validation_grid(model, data, png: str | Path, *, device="cpu", n_images: int = 6, num_samples: int = 16, seed: int = 0) -> Path:
+    """A :func:`sample_grid` of up to ``n_images`` validation slices, lesion slices first."""
+    has = data.masks[:, 0].reshape(len(data), -1).any(1)
+    order = np.concatenate([np.flatnonzero(has), np.flatnonzero(~has)])
+    rng = np.random.default_rng(seed)
+    lesion = np.flatnonzero(has)
+    pick = list(rng.choice(lesion, size=min(len(lesion), n_images - 1), replace=False)) if len(lesion) else []
+    pick += [i for i in order if i not in pick][: n_images - len(pick)]
+    was = model.training
+    model.eval()
+    images = torch.from_numpy(data.images[pick]).float().div(255).to(device)
+    probs = model.sample(images, num_samples if model.has_latent else 1).cpu().numpy()  # (S, B, 1, H, W)
+    model.train(was)
+    rows = [
+        {
+            "image": images[j].cpu().numpy(),
+            "samples": probs[:, j, 0],
+            "truth": data.masks[i],
+            "name": f"{data.patients[i]} #{data.slice_numbers[i]}",
+        }
+        for j, i in enumerate(pick)
+    ]
+    return sample_grid(rows, png, title=f"{model.name}: validation samples (z from {model.sample_from})")

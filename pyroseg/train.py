@@ -1,0 +1,400 @@
+"""Training: stochastic variational inference with Pyro's ELBO, one loop for every model.
+
+The objective of every model is the negative ELBO of its ``model``/``guide``
+pair, per image::
+
+    loss = E_q[-recon_scale * log p(y | x, z)] + beta * KL(q(z | ...) || p(z | ...))
+
+computed by :class:`pyro.infer.TraceMeanField_ELBO` (analytic KL per latent
+site, given the sites sampled before it; valid here because every guide samples
+its latents in the model's order) or :class:`pyro.infer.Trace_ELBO` (Monte
+Carlo KL), through ``differentiable_loss``. ``beta`` enters through
+``poutine.scale`` on the latent sites inside the models.
+
+One SVI step is what :meth:`pyro.infer.SVI.step` does (loss, backward,
+optimizer step), written out so that three things can sit between backward and
+step: a check that loss and gradients are finite (a non-finite step is skipped
+and counted), gradient-norm clipping over *all* parameters (``pyro.optim``
+clips per tensor), and data-parallel gradient averaging (the loss is an
+``nn.Module`` that :class:`~torch.nn.parallel.DistributedDataParallel` can
+wrap). The optimizer is a plain :class:`torch.optim.Adam` over the model's
+parameters, so the tensors being optimised are always the ones the networks
+use (a stale Pyro param store cannot silently swallow updates) and its state
+is an ordinary ``state_dict`` for checkpoints. ``tests/test_train.py`` checks
+that a step equals ``pyro.infer.SVI`` + ``pyro.optim.Adam`` numerically.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from pyroseg.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
+from pyroseg.config import CONFIG_VERSION, FitConfig, load_config_json, versions
+from pyroseg.data import SegData, SegDataset, collate_batch, load_source, split_patients
+from pyroseg.errors import CheckpointError, TrainingError, UsageError
+from pyroseg.metrics import segmentation_report
+from pyroseg.models import SegModel, build_model
+from pyroseg.predict import predict_dataset
+from pyroseg.runs import CHECKPOINT, CONFIG, METRICS, SPLIT, prepare_run_dir, write_json, write_metrics_csv
+from pyroseg.schedules import beta_at
+
+__all__ = ["ELBOLoss", "Trainer", "StepOutcome", "EpochSampler", "FitCallbacks", "fit", "resolve_device", "make_elbo"]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a usage error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA GPU is available here; use --device cpu or --device auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: expected auto, cpu or cuda") from None
+
+
+def make_elbo(kind: str):
+    """``"meanfield"``: :class:`~pyro.infer.TraceMeanField_ELBO` (analytic KL); ``"trace"``: :class:`~pyro.infer.Trace_ELBO`."""
+    if kind == "meanfield":
+        return TraceMeanField_ELBO()
+    if kind == "trace":
+        return Trace_ELBO()
+    raise UsageError(f"--elbo {kind!r}: expected meanfield or trace")
+
+
+class ELBOLoss(nn.Module):
+    """The training objective as a module: ``forward(image, mask, beta, recon_scale)``
+    returns the mean negative ELBO per image (a scalar tensor).
+
+    A module so that DistributedDataParallel can wrap it; per image (not per
+    batch) so that averaging gradients over ranks gives the gradient of the
+    global batch.
+    """
+
+    def __init__(self, model: SegModel, elbo):
+        super().__init__()
+        self.seg = model
+        self.elbo = elbo
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor, beta: float = 1.0, recon_scale: float = 1.0) -> torch.Tensor:
+        loss = self.elbo.differentiable_loss(self.seg.model, self.seg.guide, image, mask, beta=beta, recon_scale=recon_scale)
+        return loss / image.shape[0]
+
+
+@dataclass
+class StepOutcome:
+    loss: float
+    grad_norm: float
+    applied: bool
+
+
+class Trainer:
+    """One SVI step at a time, with the guards described in the module docs."""
+
+    def __init__(
+        self,
+        model: SegModel,
+        *,
+        lr: float = 1e-3,
+        elbo: str = "meanfield",
+        clip_norm: float | None = None,
+        max_nonfinite: int = 20,
+        validate: bool = False,
+    ):
+        """``validate``: Pyro/torch argument checks during training steps (off by
+        default: they cost time every step and the guard catches what they would)."""
+        self.model = model
+        self.validate = validate
+        self.loss_fn: nn.Module = ELBOLoss(model, make_elbo(elbo))
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        self.clip_norm = clip_norm
+        self.max_nonfinite = max_nonfinite
+        self.nonfinite_streak = 0
+        self.nonfinite_total = 0
+
+    def step(self, image: torch.Tensor, mask: torch.Tensor, *, beta: float = 1.0, recon_scale: float = 1.0) -> StepOutcome:
+        """Loss, backward, (guard, clip), optimizer step. A non-finite loss or
+        gradient skips the update; ``max_nonfinite`` of them in a row raise
+        :class:`TrainingError`."""
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            with pyro.validation_enabled(self.validate):
+                loss = self.loss_fn(image, mask, beta, recon_scale)
+        except ValueError as e:
+            # with validation on, a NaN/inf parameter fails a distribution's
+            # constraint check before any loss exists: the same event as a NaN loss
+            if "invalid values" not in str(e):
+                raise
+            return self._skip(float("nan"), float("nan"))
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.clip_norm if self.clip_norm is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+        value = float(loss.detach())
+        if not (math.isfinite(value) and math.isfinite(grad_norm)):
+            return self._skip(value, grad_norm)
+        self.optimizer.step()
+        self.nonfinite_streak = 0
+        return StepOutcome(value, grad_norm, applied=True)
+
+    def _skip(self, value: float, grad_norm: float) -> StepOutcome:
+        """Count a non-finite step without applying it; stop after too many in a row."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_streak += 1
+        self.nonfinite_total += 1
+        log.warning("non-finite loss or gradient (loss=%s, grad norm=%s): step skipped (%d in a row)",
+                    value, grad_norm, self.nonfinite_streak)
+        if self.nonfinite_streak >= self.max_nonfinite:
+            raise TrainingError(
+                f"{self.nonfinite_streak} non-finite steps in a row (loss={value}): training stopped; "
+                "the last good checkpoint is intact. Try a lower --lr or --clip-norm."
+            )
+        return StepOutcome(value, grad_norm, applied=False)
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "nonfinite_streak": self.nonfinite_streak,
+            "nonfinite_total": self.nonfinite_total,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+
+
+class EpochSampler(DistributedSampler):
+    """A shuffle that depends only on ``(seed, epoch)``, sharded over ranks, able
+    to start mid-epoch (``skip`` batches' worth of indices) for an exact resume.
+
+    With one rank it is a plain per-epoch reshuffle; with ``R`` ranks, rank ``r``
+    takes every ``R``-th index, so the union of the ranks' ``i``-th batches is
+    the single-process ``i``-th batch of ``R`` times the size.
+    """
+
+    def __init__(self, dataset, *, seed: int, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.skip = 0
+
+    def set_position(self, epoch: int, skip: int = 0) -> None:
+        self.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip :])
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
+class FitCallbacks:
+    """Hooks the CLI uses for progress bars; the library itself never prints."""
+
+    def on_load_progress(self, done: int, total: int) -> None: ...
+
+    def on_data(self, summary: dict) -> None: ...
+
+    def on_epoch_start(self, epoch: int, epochs: int, num_batches: int) -> None: ...
+
+    def on_step(self, loss: float) -> None: ...
+
+    def on_epoch_end(self, row: dict) -> None: ...
+
+
+def _validate(model: SegModel, data: SegData, cfg: FitConfig, device: torch.device) -> dict[str, float]:
+    """Validation ELBO terms (beta = 1) and Dice of the mean of ``val_samples`` samples."""
+    if len(data) == 0:
+        return {}
+    pred = predict_dataset(model, data, num_samples=cfg.val_samples, batch_size=max(cfg.batch_size, 32), device=device)
+    row = {f"val_{k if k != 'loss' else 'loss'}": float(np.mean(v)) for k, v in pred.terms.items()}
+    rep = segmentation_report(torch.from_numpy(pred.mean), torch.from_numpy(data.masks[:, 0]), data.patients)
+    row["val_dice_all"] = rep["dice_all"]
+    row["val_dice_tumour"] = rep["dice_tumour"]
+    return row
+
+
+def _model_doc(model: SegModel) -> dict:
+    return {
+        "name": model.name,
+        "hparams": model.hparams(),
+        "num_params": model.num_params,
+        "latent_sites": list(model.latent_sites),
+        "sample_from": model.sample_from,
+    }
+
+
+def fit(
+    config: FitConfig,
+    *,
+    callbacks: FitCallbacks | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    checkpoint_every: int | None = None,
+    pictures: bool = True,
+) -> Path:
+    """Train ``config.model`` on ``config.data`` and write the run folder ``config.out``.
+
+    With ``resume=True`` the run in ``config.out`` continues from its checkpoint
+    (its saved config is used; only ``epochs`` may be raised). ``checkpoint_every``
+    also checkpoints every that many steps; ``pictures=False`` skips the PNGs.
+    Returns the run folder.
+    """
+    cb = callbacks or FitCallbacks()
+    out = prepare_run_dir(config.out, resume=resume, overwrite=overwrite)
+    if resume:
+        doc = load_config_json(out / CONFIG)
+        saved = FitConfig.from_dict(doc["fit"])
+        config = replace(saved, epochs=max(config.epochs, saved.epochs) if config.epochs else saved.epochs, out=str(out))
+    config.validate()
+    device = resolve_device(config.device)
+
+    pyro.clear_param_store()  # a stale store would shadow freshly built networks
+    pyro.set_rng_seed(config.seed)  # torch, numpy and random
+    model = build_model(config.model, image_size=config.image_size, widths=config.widths, **config.model_args).to(device)
+
+    data = load_source(
+        config.data,
+        config.image_size,
+        seed=config.seed,
+        synthetic_patients=config.synthetic_patients,
+        synthetic_slices=config.synthetic_slices,
+        cache_dir=config.cache_dir,
+        progress=cb.on_load_progress,
+    )
+    split = split_patients(data.patient_ids, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed)
+    train_data, val_data = data.subset(split["train"]), data.subset(split["val"])
+    cb.on_data({**data.summary(), "train_slices": len(train_data), "val_slices": len(val_data),
+                "train_patients": len(split["train"]), "val_patients": len(split["val"]), "test_patients": len(split["test"])})
+
+    trainer = Trainer(model, lr=config.lr, elbo=config.elbo, clip_norm=config.clip_norm, max_nonfinite=config.max_nonfinite)
+    dataset = SegDataset(train_data, random_annotator=True)
+    sampler = EpochSampler(dataset, seed=config.seed)
+    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=collate_batch)
+    steps_per_epoch = math.ceil(len(dataset) / config.batch_size)
+
+    history: list[dict[str, Any]] = []
+    epoch, batch_in_epoch, global_step = 0, 0, 0
+    partial = {"loss_sum": 0.0, "count": 0, "train_time": 0.0}
+    if resume:
+        ckpt = load_checkpoint(out / CHECKPOINT, map_location=device)
+        if ckpt.get("model_name") != config.model:
+            raise CheckpointError(f"{out / CHECKPOINT}: checkpoint is of model {ckpt.get('model_name')!r}, config says {config.model!r}")
+        model.load_state_dict(ckpt["model_state"])
+        trainer.load_state_dict(ckpt["trainer"])
+        epoch, batch_in_epoch, global_step = int(ckpt["epoch"]), int(ckpt["batch_in_epoch"]), int(ckpt["global_step"])
+        history = list(ckpt["history"])
+        partial = dict(ckpt.get("partial", partial))
+        set_rng_state(ckpt["rng"])
+        doc.setdefault("resumed", []).append({"at_epoch": epoch, "at_batch": batch_in_epoch, "time": _now()})
+        log.info("resuming %s at epoch %d, batch %d", out, epoch, batch_in_epoch)
+    else:
+        doc = {
+            "config_version": CONFIG_VERSION,
+            "fit": config.to_dict(),
+            "model": _model_doc(model),
+            "data": data.summary(),
+            "device": str(device),
+            "versions": versions(),
+            "command": sys.argv,
+            "created": _now(),
+        }
+        write_json(out / SPLIT, {"seed": config.seed, "val_fraction": config.val_fraction,
+                                 "test_fraction": config.test_fraction, **split})
+    write_json(out / CONFIG, doc)
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            out / CHECKPOINT,
+            {
+                "model_name": model.name,
+                "hparams": model.hparams(),
+                "model_state": model.state_dict(),
+                "trainer": trainer.state_dict(),
+                "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch,
+                "global_step": global_step,
+                "history": history,
+                "partial": partial,
+                "rng": get_rng_state(),
+                "config": config.to_dict(),
+            },
+        )
+
+    model.train()
+    while epoch < config.epochs:
+        sampler.set_position(epoch, skip=batch_in_epoch * config.batch_size)
+        cb.on_epoch_start(epoch, config.epochs, steps_per_epoch - batch_in_epoch)
+        t0 = time.perf_counter()
+        for batch in loader:
+            beta = beta_at(epoch + batch_in_epoch / steps_per_epoch, beta=config.beta, warmup=config.beta_warmup, cycle=config.beta_cycle)
+            image = batch["image"].to(device, non_blocking=True)
+            mask = batch["mask"].to(device, non_blocking=True)
+            outcome = trainer.step(image, mask, beta=beta)
+            if outcome.applied:
+                partial["loss_sum"] += outcome.loss * image.shape[0]
+                partial["count"] += image.shape[0]
+            batch_in_epoch += 1
+            global_step += 1
+            cb.on_step(outcome.loss)
+            if checkpoint_every and global_step % checkpoint_every == 0 and batch_in_epoch < steps_per_epoch:
+                partial["train_time"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                checkpoint()
+        train_time = partial["train_time"] + time.perf_counter() - t0
+        t1 = time.perf_counter()
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": global_step,
+            "beta": beta_at(epoch + 1, beta=config.beta, warmup=config.beta_warmup, cycle=config.beta_cycle),
+            "train_loss": partial["loss_sum"] / max(partial["count"], 1) if partial["count"] else float("nan"),
+        }
+        row.update(_validate(model, val_data, config, device))
+        model.train()
+        row["nonfinite_steps"] = trainer.nonfinite_total
+        row["train_time_s"] = train_time
+        row["val_time_s"] = time.perf_counter() - t1
+        history.append(row)
+        epoch += 1
+        batch_in_epoch = 0
+        partial = {"loss_sum": 0.0, "count": 0, "train_time": 0.0}
+        checkpoint()
+        write_metrics_csv(out / METRICS, history)
+        cb.on_epoch_end(row)
+
+    write_metrics_csv(out / METRICS, history)
+    if pictures:
+        _pictures(out, model, val_data, device)
+    return out
+
+
+def _pictures(out: Path, model: SegModel, val_data: SegData, device: torch.device) -> None:
+    """Training curves and a grid of validation samples; a failure here never loses the run."""
+    try:
+        from pyroseg import plots
+
+        plots.plot_curves(out / METRICS, out / "curves.png")
+        if len(val_data):
+            plots.validation_grid(model, val_data, out / "val_samples.png", device=device)
+    except Exception as e:  # pictures are a convenience; the weights and metrics are already safe
+        log.warning("could not draw pictures in %s: %s", out, e)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

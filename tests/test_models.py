@@ -1,0 +1,196 @@
+"""The model/guide pairs: sites, shapes, the beta scaling, sampling, and learning."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+
+from pyroseg.errors import UsageError
+from pyroseg.models import MODELS, build_model
+from pyroseg.predict import elbo_terms
+
+B, C, H = 3, 3, 32  # batch, channels, image size (32: the smallest the 4-level backbone allows)
+
+#: latent site -> event shape at H = 32, for the default hyper-parameters
+EXPECTED_LATENTS = {
+    "unet": {},
+    "vae": {"z": (24,)},
+    "skip_vae": {"z": (24,)},
+    "hvae": {"z_3": (16,), "z_2": (32,), "z_1": (64,)},
+    "prob_unet": {"z": (6,)},
+    "hprob_unet": {"z_3": (2, H // 8, H // 8), "z_2": (2, H // 4, H // 4), "z_1": (2, H // 2, H // 2)},
+}
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(B, C, H, H, generator=g)
+    mask = (torch.rand(B, 1, H, H, generator=g) > 0.8).float()
+    return image, mask
+
+
+def _traces(model, image, mask, **kw):
+    guide_trace = poutine.trace(model.guide).get_trace(image, mask, **kw)
+    model_trace = poutine.trace(poutine.replay(model.model, trace=guide_trace)).get_trace(image, mask, **kw)
+    return guide_trace, model_trace
+
+
+def _samples(trace):
+    return {n: s for n, s in trace.nodes.items() if s["type"] == "sample" and not n.startswith("batch")}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_trace_has_exactly_the_expected_sites(name):
+    model = build_model(name, image_size=H)
+    image, mask = _batch()
+    guide_trace, model_trace = _traces(model, image, mask)
+    expected = EXPECTED_LATENTS[name]
+    msites = _samples(model_trace)
+    assert set(msites) == set(expected) | {"mask"}
+    assert tuple(model.latent_sites) == tuple(expected)  # declared in sampling order
+    assert set(_samples(guide_trace)) == set(expected)  # the guide covers every latent, and nothing else
+    for site, event in expected.items():
+        for tr in (model_trace, guide_trace):
+            fn = tr.nodes[site]["fn"]
+            assert fn.batch_shape == (B,), (site, fn.batch_shape)
+            assert fn.event_shape == event, (site, fn.event_shape)
+            assert tr.nodes[site]["value"].shape == (B, *event)
+    m = msites["mask"]
+    assert m["is_observed"] and torch.equal(m["value"], mask)
+    assert m["fn"].batch_shape == (B,) and m["fn"].event_shape == (1, H, H)
+    # one batch plate, over dim -1, around every site
+    for tr in (model_trace, guide_trace):
+        for s in _samples(tr).values():
+            assert [f.name for f in s["cond_indep_stack"]] == ["batch"]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("elbo", [TraceMeanField_ELBO, Trace_ELBO])
+def test_elbo_is_finite_and_has_gradients(name, elbo):
+    model = build_model(name, image_size=H)
+    image, mask = _batch()
+    loss = elbo().differentiable_loss(model.model, model.guide, image, mask)
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS if MODELS[n].latent_sites])
+def test_beta_scales_exactly_the_kl_part(name):
+    """With the noise fixed, loss(beta) = recon + beta * KL, so it is affine in beta
+    with slope equal to the sum of the per-site KLs of elbo_terms."""
+    model = build_model(name, image_size=H)
+    # move the posterior away from the prior so the KL is not ~0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    image, mask = _batch()
+    elbo = TraceMeanField_ELBO()
+
+    def loss(beta):
+        pyro.set_rng_seed(123)
+        return float(elbo.differentiable_loss(model.model, model.guide, image, mask, beta=beta).detach())
+
+    l0, l1, l03 = loss(0.0), loss(1.0), loss(0.3)  # beta = 0: poutine.mask drops the KL exactly
+    pyro.set_rng_seed(123)
+    terms = elbo_terms(model, image, mask)
+    kl = sum(float(terms[f"kl_{s}"].sum()) for s in model.latent_sites)
+    assert kl > 1e-3
+    assert l1 - l0 == pytest.approx(kl, rel=1e-4, abs=1e-3)
+    assert l03 == pytest.approx(l0 + 0.3 * kl, rel=1e-5, abs=1e-3)
+    assert l0 == pytest.approx(float(terms["recon"].sum()), rel=1e-5)
+    assert l1 == pytest.approx(float(terms["loss"].sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_recon_scale_scales_only_the_likelihood(name):
+    model = build_model(name, image_size=H)
+    image, mask = _batch()
+    elbo = TraceMeanField_ELBO()
+
+    def loss(**kw):
+        pyro.set_rng_seed(7)
+        return float(elbo.differentiable_loss(model.model, model.guide, image, mask, **kw).detach())
+
+    pyro.set_rng_seed(7)
+    terms = elbo_terms(model, image, mask)
+    recon, kl = float(terms["recon"].sum()), float((terms["loss"] - terms["recon"]).sum())
+    assert loss(recon_scale=2.5) == pytest.approx(2.5 * recon + kl, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_sample_is_the_models_test_time_predictive(name):
+    """``sample`` draws z from the model's test-time source (the guide for the VAE
+    family, the prior for the Probabilistic U-Nets) and returns the mask site's
+    probabilities: with the same seed, exactly those of a Pyro trace."""
+    model = build_model(name, image_size=H).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    image, _ = _batch()
+    pyro.set_rng_seed(11)
+    with torch.no_grad():
+        if model.sample_from == "q(z|x)":
+            guide_trace = poutine.trace(model.guide).get_trace(image, None)
+            trace = poutine.trace(poutine.replay(model.model, trace=guide_trace)).get_trace(image, None)
+        else:
+            trace = poutine.trace(model.model).get_trace(image, None)
+        fn = trace.nodes["mask"]["fn"]
+        expected = fn.base_dist.probs  # (B, 1, H, W)
+        pyro.set_rng_seed(11)
+        got = model.sample(image, 1)
+    assert got.shape == (1, B, 1, H, H)
+    torch.testing.assert_close(got[0], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_sample_shapes_and_diversity(name):
+    model = build_model(name, image_size=H).eval()
+    with torch.no_grad():  # a random, non-degenerate posterior/prior
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        image, _ = _batch()
+        s = model.sample(image, 5)
+    assert s.shape == (5, B, 1, H, H)
+    assert ((s >= 0) & (s <= 1)).all()
+    spread = (s - s[:1]).abs().max()
+    if model.has_latent:
+        assert spread > 1e-4, "samples of a latent model must differ"
+    else:
+        assert spread == 0, "a model without a latent gives one answer"
+    assert model.predict(image, 4).shape == (B, 1, H, H)
+
+
+@pytest.mark.parametrize("name", ["prob_unet", "hprob_unet"])
+def test_guide_needs_the_mask(name):
+    model = build_model(name, image_size=H)
+    with pytest.raises(ValueError, match="needs the mask"):
+        model.guide(*_batch()[:1])
+
+
+def test_unknown_model_and_bad_sizes_are_usage_errors():
+    with pytest.raises(UsageError, match="unknown model"):
+        build_model("resnet")
+    with pytest.raises(UsageError, match="power of two"):
+        build_model("unet", image_size=48)
+    with pytest.raises(UsageError, match="too small"):
+        build_model("unet", image_size=16)
+
+
+def test_hparams_rebuild_the_same_architecture():
+    for name in MODELS:
+        m = build_model(name, image_size=H)
+        m2 = build_model(name, **m.hparams())
+        assert m.num_params == m2.num_params
+        m2.load_state_dict(m.state_dict())
+
+
+def test_models_share_the_backbone_size():
+    """Fair comparison: every model's size is within a small factor of the U-Net's."""
+    sizes = {n: build_model(n, image_size=64).num_params for n in MODELS}
+    assert max(sizes.values()) < 4 * sizes["unet"], sizes
