@@ -90,8 +90,8 @@ def _parse_model_args(items: tuple[str, ...]) -> dict:
               help="Continue the run in this folder from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace the run already in --out.")
 @click.option("--beta", type=float, default=_DEFAULTS.beta, show_default=True, help="Final KL weight.")
-@click.option("--beta-warmup", type=float, default=_DEFAULTS.beta_warmup, show_default=True,
-              help="Epochs of linear KL warm-up from 0 to --beta (0: constant).")
+@click.option("--beta-warmup", type=float, default=None,
+              help="Epochs of linear KL warm-up from 0 to --beta (0: constant) [default: a quarter of --epochs].")
 @click.option("--beta-cycle", type=float, default=_DEFAULTS.beta_cycle, show_default=True,
               help="Cyclical KL annealing period in epochs (0: off).")
 @click.option("--elbo", type=click.Choice(["meanfield", "trace"]), default=_DEFAULTS.elbo, show_default=True,

@@ -106,10 +106,14 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's text opens with advice to retry with weights_only=False: never echo that, only the reason
+        tail = str(e).split("WeightsUnpickler error:", 1)[-1]
+        boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        reasons = [s.strip() for s in tail.splitlines() if s.strip() and not s.strip().startswith(boiler)]
+        first = reasons[0] if reasons else type(e).__name__
         raise CheckpointError(
-            f"{path}: refused: the file holds objects other than tensors and plain containers "
-            f"(it could run code when loaded): {first}"
+            f"{path}: refused: holds something other than tensors and plain containers (corrupted, "
+            f"or objects that could run code when loaded): {first}"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({type(e).__name__})") from None

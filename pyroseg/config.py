@@ -32,7 +32,7 @@ class FitConfig:
     data: str = "synthetic"  # "synthetic", "synthetic-ambiguous" or a folder in the LGG layout
     out: str = "runs/unet"
     image_size: int = 64
-    epochs: int = 10
+    epochs: int = 20
     batch_size: int = 32
     lr: float = 1e-3
     device: str = "auto"
@@ -43,7 +43,7 @@ class FitConfig:
     # objective
     elbo: str = "meanfield"  # "meanfield" (analytic KL) or "trace" (Monte Carlo KL)
     beta: float = 1.0
-    beta_warmup: float = 0.0
+    beta_warmup: float | None = None  # None: a quarter of the epochs (resolved by validate())
     beta_cycle: float = 0.0
     clip_norm: float | None = None
     max_nonfinite: int = 20
@@ -59,7 +59,10 @@ class FitConfig:
     num_workers: int = 0
 
     def validate(self) -> "FitConfig":
-        """Refuse values that cannot work, naming the option (UsageError, exit 2)."""
+        """Refuse values that cannot work, naming the option (UsageError, exit 2),
+        and resolve defaults that depend on other fields (``beta_warmup``)."""
+        if self.beta_warmup is None:
+            self.beta_warmup = round(0.25 * self.epochs, 4) if self.beta_cycle == 0 else 0.0
         checks = [
             (self.epochs >= 1, f"--epochs {self.epochs}: expected at least 1"),
             (self.batch_size >= 1, f"--batch-size {self.batch_size}: expected at least 1"),

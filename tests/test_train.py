@@ -180,8 +180,8 @@ def test_fit_refuses_an_existing_run_unless_told(tmp_path):
 
 def test_resume_continues_to_the_same_weights(tmp_path):
     """2 epochs, then resume to 3, equals 3 epochs straight (CPU, fixed seed)."""
-    straight = fit(_tiny_config(tmp_path, model="prob_unet", epochs=3, out=str(tmp_path / "straight")), pictures=False)
-    part = fit(_tiny_config(tmp_path, model="prob_unet", epochs=2, out=str(tmp_path / "part")), pictures=False)
+    straight = fit(_tiny_config(tmp_path, model="prob_unet", epochs=3, beta_warmup=1.0, out=str(tmp_path / "straight")), pictures=False)
+    part = fit(_tiny_config(tmp_path, model="prob_unet", epochs=2, beta_warmup=1.0, out=str(tmp_path / "part")), pictures=False)
     fit(FitConfig(out=str(part), epochs=3), resume=True, pictures=False)
     s1 = torch.load(straight / "checkpoint.pt", weights_only=True)
     s2 = torch.load(part / "checkpoint.pt", weights_only=True)

@@ -66,7 +66,9 @@ class SegData:
 
     def subset(self, patients: Sequence[str]) -> "SegData":
         """The slices of the given patients, in this dataset's order."""
-        keep = np.isin(self.patients, np.asarray(list(patients), dtype=self.patients.dtype))
+        # a set, not np.isin(..., dtype=self.patients.dtype): '<U2' would cut 'p1_x' to 'p1', a false match
+        wanted = set(patients)
+        keep = np.fromiter((p in wanted for p in self.patients.tolist()), dtype=bool, count=len(self.patients))
         return SegData(
             images=self.images[keep],
             masks=self.masks[keep],
@@ -78,7 +80,7 @@ class SegData:
 
     def summary(self) -> dict:
         """Counts a person wants to see before training on this data."""
-        lesion = self.masks.reshape(len(self), self.num_annotators, -1).any(-1)  # (N, A)
+        lesion = self.masks.any(axis=(2, 3))  # (N, A); a reshape(N, A, -1) fails when N = 0
         return {
             "source": self.source,
             "n_patients": len(self.patient_ids),

@@ -29,4 +29,10 @@ def build_model(name: str, **hparams) -> SegModel:
         cls = MODELS[name]
     except KeyError:
         raise UsageError(f"--model {name!r}: unknown model; expected one of {', '.join(MODELS)}") from None
-    return cls(**hparams)
+    try:
+        return cls(**hparams)
+    except TypeError as e:  # an unknown --model-arg: one line, not a traceback
+        if "unexpected keyword argument" not in str(e):
+            raise
+        bad = str(e).rsplit("argument", 1)[-1].strip()
+        raise UsageError(f"--model-arg {bad}: model {name!r} has no such hyper-parameter") from None

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyroseg.models.base import SegModel, beta_scale, mask_likelihood
-from pyroseg.nets import init_mask_logits, ConvBlock, DiagGaussianHead, Encoder
+from pyroseg.nets import POSTERIOR_INIT_SCALE, init_mask_logits, ConvBlock, DiagGaussianHead, Encoder
 
 __all__ = ["HProbUNetModel", "HierarchicalCore"]
 
@@ -55,7 +55,7 @@ class HierarchicalCore(nn.Module):
     and returns the features after the last scale, ``(B, w, h', w')``.
     """
 
-    def __init__(self, in_ch: int, widths, latent_channels: int):
+    def __init__(self, in_ch: int, widths, latent_channels: int, *, init_scale: float | None = None):
         super().__init__()
         levels = len(widths)
         if levels < NUM_SCALES + 1:
@@ -66,7 +66,7 @@ class HierarchicalCore(nn.Module):
         self.blocks = nn.ModuleList()
         for k in range(NUM_SCALES):
             lvl = levels - 1 - k  # resolution level of this scale
-            self.heads.append(DiagGaussianHead(widths[lvl], latent_channels, spatial=True))
+            self.heads.append(DiagGaussianHead(widths[lvl], latent_channels, spatial=True, init_scale=init_scale))
             self.blocks.append(ConvBlock(widths[lvl] + latent_channels + widths[lvl - 1], widths[lvl - 1]))
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -115,7 +115,9 @@ class HProbUNetModel(SegModel):
         super().__init__(**kw)
         self.latent_channels = int(latent_channels)
         self.prior_core = HierarchicalCore(self.in_channels, self.widths, self.latent_channels)
-        self.posterior_core = HierarchicalCore(self.in_channels + 1, self.widths, self.latent_channels)
+        self.posterior_core = HierarchicalCore(
+            self.in_channels + 1, self.widths, self.latent_channels, init_scale=POSTERIOR_INIT_SCALE
+        )
         self.stitch = Stitch(self.widths)
 
     def hparams(self):

@@ -30,7 +30,7 @@ from torch import nn
 
 from pyroseg.models.base import SegModel, beta_scale, mask_likelihood
 from pyroseg.models.vae import FlatDecoderStem, FlatEncoderHead
-from pyroseg.nets import init_mask_logits, Decoder, DiagGaussianHead, Encoder, ResBlock
+from pyroseg.nets import POSTERIOR_INIT_SCALE, init_mask_logits, Decoder, DiagGaussianHead, Encoder, ResBlock
 
 __all__ = ["HVAEModel"]
 
@@ -53,9 +53,9 @@ class HVAEModel(SegModel):
         # bottom-up (guide only)
         self.encoder = Encoder(self.in_channels, self.widths)
         self.enc_head = FlatEncoderHead(self.widths[-1], spatial, hd)
-        self.q_3 = DiagGaussianHead(hd, d3)
-        self.q_2 = DiagGaussianHead(2 * hd, d2)
-        self.q_1 = DiagGaussianHead(2 * hd, d1)
+        self.q_3 = DiagGaussianHead(hd, d3, init_scale=POSTERIOR_INIT_SCALE)
+        self.q_2 = DiagGaussianHead(2 * hd, d2, init_scale=POSTERIOR_INIT_SCALE)
+        self.q_1 = DiagGaussianHead(2 * hd, d1, init_scale=POSTERIOR_INIT_SCALE)
         # top-down path (model and guide)
         self.top_down = nn.ModuleDict(
             {

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyroseg.models.base import SegModel, beta_scale, mask_likelihood
-from pyroseg.nets import init_mask_logits, DiagGaussianHead, Encoder, UNet
+from pyroseg.nets import POSTERIOR_INIT_SCALE, init_mask_logits, DiagGaussianHead, Encoder, UNet
 
 __all__ = ["ProbUNetModel", "GaussianEncoder", "FComb"]
 
@@ -33,10 +33,10 @@ __all__ = ["ProbUNetModel", "GaussianEncoder", "FComb"]
 class GaussianEncoder(nn.Module):
     """Conv encoder, global mean pool, Gaussian head: ``(B, C, H, W) -> loc, scale (B, D)``."""
 
-    def __init__(self, in_ch: int, widths, latent_dim: int):
+    def __init__(self, in_ch: int, widths, latent_dim: int, *, init_scale: float | None = None):
         super().__init__()
         self.encoder = Encoder(in_ch, widths)
-        self.head = DiagGaussianHead(widths[-1], latent_dim)
+        self.head = DiagGaussianHead(widths[-1], latent_dim, init_scale=init_scale)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.head(self.encoder(x)[-1].mean(dim=(-2, -1)))
@@ -74,7 +74,9 @@ class ProbUNetModel(SegModel):
         self.comb_hidden = int(comb_hidden)
         self.unet = UNet(self.in_channels, self.widths, out_ch=0)
         self.prior_net = GaussianEncoder(self.in_channels, self.widths, self.latent_dim)
-        self.posterior_net = GaussianEncoder(self.in_channels + 1, self.widths, self.latent_dim)
+        self.posterior_net = GaussianEncoder(
+            self.in_channels + 1, self.widths, self.latent_dim, init_scale=POSTERIOR_INIT_SCALE
+        )
         self.fcomb = FComb(self.widths[0], self.latent_dim, self.comb_hidden)
 
     def hparams(self):

@@ -25,7 +25,7 @@ from torch import nn
 
 from pyroseg.models.base import SegModel, beta_scale, mask_likelihood
 from pyroseg.models.vae import FlatDecoderStem, FlatEncoderHead
-from pyroseg.nets import init_mask_logits, Decoder, DiagGaussianHead, Encoder
+from pyroseg.nets import POSTERIOR_INIT_SCALE, init_mask_logits, Decoder, DiagGaussianHead, Encoder
 
 __all__ = ["SkipVAEModel"]
 
@@ -42,7 +42,7 @@ class SkipVAEModel(SegModel):
         spatial = self.image_size // 2 ** (len(self.widths) - 1)
         self.encoder = Encoder(self.in_channels, self.widths)  # used by the guide (q) and the model (skips)
         self.enc_head = FlatEncoderHead(self.widths[-1], spatial, self.hidden)
-        self.q_z = DiagGaussianHead(self.hidden, self.latent_dim)
+        self.q_z = DiagGaussianHead(self.hidden, self.latent_dim, init_scale=POSTERIOR_INIT_SCALE)
         self.stem = FlatDecoderStem(self.latent_dim, self.widths[-1], spatial)
         self.decoder = Decoder(self.widths, skips=True, extra_ch=self.latent_dim)
         self.out = init_mask_logits(nn.Conv2d(self.widths[0] + self.latent_dim, 1, 1))

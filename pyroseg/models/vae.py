@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from pyroseg.models.base import SegModel, beta_scale, mask_likelihood
-from pyroseg.nets import init_mask_logits, Decoder, DiagGaussianHead, Encoder
+from pyroseg.nets import POSTERIOR_INIT_SCALE, init_mask_logits, Decoder, DiagGaussianHead, Encoder
 
 __all__ = ["VAEModel", "FlatEncoderHead", "FlatDecoderStem"]
 
@@ -80,7 +80,7 @@ class VAEModel(SegModel):
         # guide side: q(z | x)
         self.encoder = Encoder(self.in_channels, self.widths)
         self.enc_head = FlatEncoderHead(self.widths[-1], spatial, self.hidden)
-        self.q_z = DiagGaussianHead(self.hidden, self.latent_dim)
+        self.q_z = DiagGaussianHead(self.hidden, self.latent_dim, init_scale=POSTERIOR_INIT_SCALE)
         # model side: p(y | z)
         self.stem = FlatDecoderStem(self.latent_dim, self.widths[-1], spatial)
         self.decoder = Decoder(self.widths, skips=False)

@@ -1,6 +1,7 @@
 """Plain PyTorch building blocks shared by every model (no Pyro in here)."""
 
 from pyroseg.nets.blocks import (
+    POSTERIOR_INIT_SCALE,
     ConvBlock,
     Decoder,
     DiagGaussianHead,
@@ -13,6 +14,7 @@ from pyroseg.nets.blocks import (
 )
 
 __all__ = [
+    "POSTERIOR_INIT_SCALE",
     "ConvBlock",
     "Decoder",
     "DiagGaussianHead",
