@@ -1,0 +1,57 @@
+"""``compare_models``: one protocol for every model, one table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cli.main import cli
+from pyroseg.compare import COLUMNS, compare_models
+from pyroseg.config import FitConfig
+from pyroseg.errors import UsageError
+
+
+def _base(**kw):
+    d = dict(data="synthetic", image_size=32, epochs=1, batch_size=16, synthetic_patients=6, synthetic_slices=8,
+             val_samples=2, widths=(8, 16, 32, 64))
+    d.update(kw)
+    return FitConfig(**d)
+
+
+def test_compare_trains_each_model_with_one_protocol(tmp_path):
+    rows = compare_models(_base(), tmp_path, models=["unet", "vae"], num_samples=2)
+    assert [r["model"] for r in rows] == ["unet", "vae"]
+    md = (tmp_path / "comparison.md").read_text()
+    for _, header in COLUMNS:
+        assert header in md
+    assert md.count("\n| unet") == 1 and md.count("\n| vae") == 1
+    doc = json.loads((tmp_path / "comparison.json").read_text())
+    assert doc["config"]["epochs"] == 1 and len(doc["rows"]) == 2
+    # identical protocol: the same split file for both models
+    assert (tmp_path / "unet" / "split.json").read_text() == (tmp_path / "vae" / "split.json").read_text()
+    cu = json.loads((tmp_path / "unet" / "config.json").read_text())["fit"]
+    cv = json.loads((tmp_path / "vae" / "config.json").read_text())["fit"]
+    assert {k: v for k, v in cu.items() if k not in ("model", "out")} == {k: v for k, v in cv.items() if k not in ("model", "out")}
+    assert "elbo" in rows[1] and "elbo" not in rows[0]
+    assert rows[0]["collapsed_sites"] == "n/a"
+
+
+def test_compare_reuses_finished_runs(tmp_path):
+    compare_models(_base(), tmp_path, models=["unet"], num_samples=1)
+    before = (tmp_path / "unet" / "checkpoint.pt").stat().st_mtime_ns
+    compare_models(_base(), tmp_path, models=["unet"], num_samples=1)
+    assert (tmp_path / "unet" / "checkpoint.pt").stat().st_mtime_ns == before
+
+
+def test_compare_rejects_unknown_models(tmp_path):
+    with pytest.raises(UsageError, match="unknown"):
+        compare_models(_base(), tmp_path, models=["unet", "gan"])
+
+
+def test_compare_cli(tmp_path):
+    res = CliRunner().invoke(cli, ["compare", "--data", "synthetic", "--image-size", "32", "--epochs", "1",
+                                   "--models", "unet", "--num-samples", "1", "--out", str(tmp_path), "-q"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "comparison.md").is_file()
