@@ -182,13 +182,16 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         tail = str(e).split("WeightsUnpickler error:", 1)[-1]
         boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
         reasons = [s.strip() for s in tail.splitlines() if s.strip() and not s.strip().startswith(boiler)]
-        first = reasons[0] if reasons else type(e).__name__
+        # and never torch's advice to allowlist the offending global either
+        first = reasons[0].split(" Please use", 1)[0].strip() if reasons else type(e).__name__
         raise CheckpointError(
             f"{path}: refused: holds something other than tensors and plain containers (corrupted, "
             f"or objects that could run code when loaded): {first}"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({type(e).__name__})") from None
+        lines = str(e).strip().splitlines()
+        why = f"{type(e).__name__}: {lines[0].split('. ')[0][:120]}" if lines else type(e).__name__
+        raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({why})") from None
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path}: not a pyroseg checkpoint")
     ver = state["format_version"]

@@ -199,7 +199,8 @@ def check_checkpoint(ckpt: dict, doc: dict, *, source: Path) -> None:
     if ckpt.get("model_name") != name:
         diffs.append(f"model {ckpt.get('model_name')!r} (config.json: {name!r})")
     mine, theirs = _jsonable(ckpt.get("hparams", {})), _jsonable(doc["model"]["hparams"])
-    for k in sorted(set(mine) | set(theirs)):
+    keys = set(mine) | set(theirs) if not diffs else set(mine) & set(theirs)  # another model: shared ones only
+    for k in sorted(keys):
         if mine.get(k) != theirs.get(k):
             diffs.append(f"{k} {mine.get(k, 'unset')} (config.json: {theirs.get(k, 'unset')})")
     if isinstance(ckpt.get("config"), dict):
