@@ -18,7 +18,7 @@ import) makes the ``N``-th atomic write, in this process, of a file called
 can SIGKILL the process at that exact instant. Phases: ``partial`` (the
 temporary file holds half of the new bytes, as if the kill came mid-write),
 ``before_rename`` (the temporary file is complete and fsynced, the target still
-the old file) and ``after_rename``. Unset, it costs one ``is None`` test per
+the old file) and ``after_rename``. Unset, it costs four ``is None`` tests per
 write. See ``tests/test_kill_resume.py``.
 """
 

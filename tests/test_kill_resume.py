@@ -75,8 +75,11 @@ def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def _start(tmp_path: Path, *args: str, pause: str | None = None) -> subprocess.Popen:
-    log = open(tmp_path / f"stderr-{time.monotonic_ns()}.txt", "w")
-    return subprocess.Popen(_cmd(*args), cwd=REPO, env=_env(tmp_path, pause), stdout=subprocess.DEVNULL, stderr=log)
+    path = tmp_path / f"stderr-{time.monotonic_ns()}.txt"
+    with open(path, "w") as log:  # the child keeps its own copy
+        proc = subprocess.Popen(_cmd(*args), cwd=REPO, env=_env(tmp_path, pause), stdout=subprocess.DEVNULL, stderr=log)
+    proc.stderr_path = path
+    return proc
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -89,7 +92,8 @@ def _wait_for(proc: subprocess.Popen, condition, what: str) -> None:
     deadline = time.monotonic() + TIMEOUT
     while not condition():
         if proc.poll() is not None:
-            raise AssertionError(f"the process ended (exit {proc.returncode}) before {what}: {proc.args}")
+            tail = proc.stderr_path.read_text()[-3000:]
+            raise AssertionError(f"the process ended (exit {proc.returncode}) before {what}: {proc.args}\n{tail}")
         if time.monotonic() > deadline:
             _kill(proc)
             raise AssertionError(f"timed out waiting for {what}")
