@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 from tqdm.auto import tqdm
 
 from cli.common import CONTEXT, LoadBar, handle_errors
@@ -124,6 +125,7 @@ def fit_cmd(model, data, image_size, epochs, batch_size, lr, device, seed, out, 
     if checkpoint_every is not None and checkpoint_every < 1:
         raise UsageError(f"--checkpoint-every {checkpoint_every}: expected at least 1")
     if resume_dir:
+        _refuse_options_on_resume(resume_dir)
         config = FitConfig(out=resume_dir, epochs=epochs or 0)
     else:
         config = FitConfig(
@@ -137,6 +139,21 @@ def fit_cmd(model, data, image_size, epochs, batch_size, lr, device, seed, out, 
     run = fit(config, callbacks=BarCallbacks(quiet), resume=bool(resume_dir), overwrite=overwrite,
               checkpoint_every=checkpoint_every)
     _report(Path(run))
+
+
+#: What ``--resume`` accepts beside itself; every other option is the saved run's.
+_RESUME_OPTIONS = {"resume_dir", "epochs", "checkpoint_every", "quiet", "overwrite"}
+
+
+def _refuse_options_on_resume(resume_dir: str) -> None:
+    """``--resume`` continues a run with its saved options: refuse others given
+    on the command line rather than silently ignore them."""
+    ctx = click.get_current_context()
+    given = [p.opts[0] for p in ctx.command.params
+             if p.name not in _RESUME_OPTIONS and ctx.get_parameter_source(p.name) is ParameterSource.COMMANDLINE]
+    if given:
+        raise UsageError(f"{', '.join(given)} with --resume {resume_dir}: a resumed run keeps its saved options; "
+                         "only --epochs and --checkpoint-every may be given")
 
 
 def _report(run: Path) -> None:

@@ -8,6 +8,18 @@
 * Checkpoints are read with ``torch.load(..., weights_only=True)``: only
   tensors and plain containers are accepted, so opening a checkpoint can never
   run code.
+* A kill between writing the temporary file and the rename leaves that file
+  behind (``.checkpoint.pt.<random>.tmp``): nothing ever reads such a file, and
+  :func:`pyroseg.runs.prepare_run_dir` removes those of a run folder.
+
+Test hook: ``PYROSEG_TEST_PAUSE_WRITE="NAME:N:PHASE:SIGNAL"`` (read once, at
+import) makes the ``N``-th atomic write, in this process, of a file called
+``NAME`` stop at ``PHASE``, create the file ``SIGNAL`` and sleep, so that a test
+can SIGKILL the process at that exact instant. Phases: ``partial`` (the
+temporary file holds half of the new bytes, as if the kill came mid-write),
+``before_rename`` (the temporary file is complete and fsynced, the target still
+the old file) and ``after_rename``. Unset, it costs four ``is None`` tests per
+write. See ``tests/test_kill_resume.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ import io
 import os
 import random
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,23 +66,82 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write ``path`` through ``write(fileobj)`` atomically (temp file, fsync, rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _parse_pause(spec: str | None) -> tuple[str, int, str, str] | None:
+    if not spec:
+        return None
     try:
+        name, n, phase, signal = spec.split(":", 3)
+        if phase not in ("partial", "before_rename", "after_rename"):
+            raise ValueError(phase)
+        return name, int(n), phase, signal
+    except ValueError:
+        raise ValueError(f"PYROSEG_TEST_PAUSE_WRITE={spec!r}: expected NAME:N:PHASE:SIGNAL_FILE") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: Files are created ``0o666 & ~umask``, like ``open()`` would (``mkstemp`` makes them 0600).
+_FILE_MODE = 0o666 & ~_umask()
+
+_PAUSE = _parse_pause(os.environ.get("PYROSEG_TEST_PAUSE_WRITE"))
+_pause_count = 0
+
+
+def _pause(path: Path, phase: str, f: io.BufferedWriter | None = None) -> None:
+    """The test hook of the module docs: called only when ``_PAUSE`` is set."""
+    name, n, at, signal = _PAUSE
+    if path.name != name or phase != at or _pause_count != n:
+        return
+    if f is not None:  # "partial": keep only the first half of what was written
+        f.flush()
+        f.truncate(f.tell() // 2)
+        f.flush()
+        os.fsync(f.fileno())
+    Path(signal).write_text(f"{os.getpid()} {path} {phase}\n")
+    deadline = time.monotonic() + 600  # never hang forever if nobody kills us
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write ``path`` through ``write(fileobj)`` atomically (temp file, fsync, rename).
+
+    An ``OSError`` (disk full, read-only folder) propagates with ``filename``
+    set to ``path``, after the temporary file is removed.
+    """
+    global _pause_count
+    path = Path(path)
+    if _PAUSE is not None and path.name == _PAUSE[0]:
+        _pause_count += 1
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(fd, _FILE_MODE)
             write(f)
+            if _PAUSE is not None:
+                _pause(path, "partial", f)
             f.flush()
             os.fsync(f.fileno())
+        if _PAUSE is not None:
+            _pause(path, "before_rename")
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if isinstance(e, OSError) and not e.filename:
+            e.filename = str(path)
         raise
     _fsync_dir(path.parent)
+    if _PAUSE is not None:
+        _pause(path, "after_rename")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -110,13 +182,16 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         tail = str(e).split("WeightsUnpickler error:", 1)[-1]
         boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
         reasons = [s.strip() for s in tail.splitlines() if s.strip() and not s.strip().startswith(boiler)]
-        first = reasons[0] if reasons else type(e).__name__
+        # and never torch's advice to allowlist the offending global either
+        first = reasons[0].split(" Please use", 1)[0].strip() if reasons else type(e).__name__
         raise CheckpointError(
             f"{path}: refused: holds something other than tensors and plain containers (corrupted, "
             f"or objects that could run code when loaded): {first}"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({type(e).__name__})") from None
+        lines = str(e).strip().splitlines()
+        why = f"{type(e).__name__}: {lines[0].split('. ')[0][:120]}" if lines else type(e).__name__
+        raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({why})") from None
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path}: not a pyroseg checkpoint")
     ver = state["format_version"]

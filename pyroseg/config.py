@@ -131,11 +131,20 @@ def load_config_json(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no config.json here; is this a pyroseg run folder?") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable config ({e})") from None
-    if not isinstance(doc, dict) or "fit" not in doc:
+    if not isinstance(doc, dict) or not isinstance(doc.get("fit"), dict):
         raise CheckpointError(f"{path}: not a pyroseg config (no 'fit' section)")
     ver = doc.get("config_version")
     if not isinstance(ver, int) or ver > CONFIG_VERSION:
         raise CheckpointError(
             f"{path}: config version {ver!r}, this pyroseg reads up to version {CONFIG_VERSION}; upgrade pyroseg"
         )
+    model = doc.get("model")
+    if not (isinstance(model, dict) and isinstance(model.get("name"), str) and isinstance(model.get("hparams"), dict)):
+        raise CheckpointError(f"{path}: not a pyroseg config (no 'model' section with name and hparams)")
+    try:
+        FitConfig.from_dict(doc["fit"])
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except TypeError as e:
+        raise CheckpointError(f"{path}: unreadable 'fit' section ({e})") from None
     return doc

@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from pyroseg.checkpoint import atomic_write  # noqa: E402
 from pyroseg.runs import read_metrics_csv  # noqa: E402
 
 __all__ = ["plot_curves", "sample_grid", "validation_grid", "uncertainty"]
@@ -64,7 +65,7 @@ def plot_curves(metrics_csv: str | Path, png: str | Path) -> Path:
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=110))  # a kill never leaves half a PNG
     plt.close(fig)
     return png
 
@@ -133,7 +134,7 @@ def sample_grid(
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=110))  # a kill never leaves half a PNG
     plt.close(fig)
     return png
 

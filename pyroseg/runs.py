@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,10 @@ __all__ = [
     "CHECKPOINT",
     "RUN_FILES",
     "prepare_run_dir",
+    "clear_run_files",
+    "stray_temp_files",
+    "check_checkpoint",
+    "load_weights",
     "write_json",
     "write_metrics_csv",
     "read_metrics_csv",
@@ -45,23 +50,45 @@ METRICS = "metrics.csv"
 CHECKPOINT = "checkpoint.pt"
 RUN_FILES = (CONFIG, SPLIT, METRICS, CHECKPOINT, "curves.png", "val_samples.png")
 
+#: Fields of a FitConfig that may differ between a run's config.json and its
+#: checkpoint (``--resume`` may raise ``epochs``; the rest do not change results).
+_FREE_FIELDS = {"out", "epochs", "device", "cache_dir", "num_workers"}
+
+log = logging.getLogger(__name__)
+
+
+def stray_temp_files(out: str | Path) -> list[Path]:
+    """Temporary files that a killed :func:`~pyroseg.checkpoint.atomic_write` of a
+    run file left in ``out`` (``.checkpoint.pt.<random>.tmp`` and the like)."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    return sorted(p for name in RUN_FILES for p in out.glob(f".{name}.*.tmp") if p.is_file())
+
 
 def prepare_run_dir(out: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Make sure ``out`` can hold a new run (or holds one to resume).
 
     A folder that already holds a run is refused unless ``resume`` or
-    ``overwrite``; ``overwrite`` removes only the files a run writes
-    (:data:`RUN_FILES`), nothing else of the user's.
+    ``overwrite``. Nothing of an existing run is removed here (``overwrite``
+    removes its files later, with :func:`clear_run_files`, once the new run's
+    data and model are known to be good); only the temporary files of a killed
+    write (:func:`stray_temp_files`) are deleted.
+
+    ``resume`` accepts a folder with a ``config.json`` but no checkpoint yet
+    (a run killed during its first epoch): :func:`pyroseg.train.fit` then starts
+    it from the beginning with its saved config.
     """
     out = Path(out)
     if resume and overwrite:
         raise UsageError("--resume and --overwrite: give one or the other")
     has_run = (out / CONFIG).exists() or (out / CHECKPOINT).exists()
     if resume:
-        if not (out / CHECKPOINT).exists():
+        if not out.is_dir():
+            raise UsageError(f"--resume {out}: no such run folder")
+        if not (out / CHECKPOINT).exists() and ((out / METRICS).exists() or not (out / CONFIG).exists()):
             raise UsageError(f"--resume {out}: no checkpoint.pt there to resume from")
-        return out
-    if has_run and not overwrite:
+    elif has_run and not overwrite:
         raise UsageError(f"--out {out}: already holds a run; pass --resume to continue it or --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
@@ -71,11 +98,18 @@ def prepare_run_dir(out: str | Path, *, resume: bool = False, overwrite: bool = 
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise UsageError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-    if overwrite:
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
+        flag = "--resume" if resume else "--out"
+        raise UsageError(f"{flag} {out}: cannot write there ({e.strerror or e})") from None
+    for tmp in stray_temp_files(out):
+        log.warning("removing %s, left by a write that was interrupted", tmp)
+        tmp.unlink(missing_ok=True)
     return out
+
+
+def clear_run_files(out: str | Path) -> None:
+    """Remove the files a run writes (:data:`RUN_FILES`), nothing else of the user's."""
+    for name in RUN_FILES:
+        (Path(out) / name).unlink(missing_ok=True)
 
 
 def write_json(path: str | Path, doc: Any) -> None:
@@ -150,19 +184,48 @@ def load_run(run_dir: str | Path, *, device: torch.device | str = "cpu") -> Load
     return LoadedRun(run_dir, doc, split, model, ckpt)
 
 
-def model_from_checkpoint(ckpt: dict, doc: dict, *, source: Path) -> SegModel:
-    """Rebuild the model named in the config and load the checkpoint's weights,
-    refusing a checkpoint of another model or another image size."""
-    name, hparams = doc["model"]["name"], doc["model"]["hparams"]
+def _jsonable(x: Any) -> Any:
+    """Tuples as lists, so a value from a checkpoint compares equal to its JSON twin."""
+    return json.loads(json.dumps(x, default=str))
+
+
+def check_checkpoint(ckpt: dict, doc: dict, *, source: Path) -> None:
+    """Refuse a checkpoint that is not the one of the run described by ``doc``
+    (its config.json), naming every difference: the model, each hyper-parameter
+    (image size, widths, latent sizes, ...), and the run's settings (data,
+    seed, ...) where the checkpoint records them."""
+    diffs = []
+    name = doc["model"]["name"]
     if ckpt.get("model_name") != name:
-        raise CheckpointError(f"{source}: checkpoint is of model {ckpt.get('model_name')!r} but config.json says {name!r}")
-    ck_size = ckpt.get("hparams", {}).get("image_size")
-    if ck_size != hparams.get("image_size"):
-        raise CheckpointError(f"{source}: checkpoint was trained at image size {ck_size}, config.json says {hparams.get('image_size')}")
-    model = build_model(name, **hparams)
+        diffs.append(f"model {ckpt.get('model_name')!r} (config.json: {name!r})")
+    mine, theirs = _jsonable(ckpt.get("hparams", {})), _jsonable(doc["model"]["hparams"])
+    keys = set(mine) | set(theirs) if not diffs else set(mine) & set(theirs)  # another model: shared ones only
+    for k in sorted(keys):
+        if mine.get(k) != theirs.get(k):
+            diffs.append(f"{k} {mine.get(k, 'unset')} (config.json: {theirs.get(k, 'unset')})")
+    if isinstance(ckpt.get("config"), dict):
+        mine, theirs = _jsonable(ckpt["config"]), _jsonable(doc["fit"])
+        # fields only one side has come from another pyroseg version: not a difference
+        for k in sorted((set(mine) & set(theirs)) - _FREE_FIELDS - {"model", "image_size", "widths", "model_args"}):
+            if mine[k] != theirs[k]:
+                diffs.append(f"{k} {mine[k]!r} (config.json: {theirs[k]!r})")
+    if diffs:
+        raise CheckpointError(f"{source}: refused: not the checkpoint of this run; it has " + ", ".join(diffs))
+
+
+def load_weights(model: SegModel, ckpt: dict, *, source: Path) -> None:
+    """``model.load_state_dict`` with a one-line error naming ``source``."""
     try:
         model.load_state_dict(ckpt["model_state"])
-    except (RuntimeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{source}: weights do not fit model {name!r} ({first})") from None
+    except (RuntimeError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{source}: weights do not fit model {model.name!r} ({first})") from None
+
+
+def model_from_checkpoint(ckpt: dict, doc: dict, *, source: Path) -> SegModel:
+    """Rebuild the model named in the config and load the checkpoint's weights,
+    refusing a checkpoint of another model, image size or run (:func:`check_checkpoint`)."""
+    check_checkpoint(ckpt, doc, source=source)
+    model = build_model(doc["model"]["name"], **doc["model"]["hparams"])
+    load_weights(model, ckpt, source=source)
     return model

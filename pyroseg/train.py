@@ -50,6 +50,7 @@ from pyroseg.metrics import segmentation_report
 from pyroseg.models import SegModel, build_model
 from pyroseg.predict import predict_dataset
 from pyroseg.runs import CHECKPOINT, CONFIG, METRICS, SPLIT, prepare_run_dir, write_json, write_metrics_csv
+from pyroseg.runs import check_checkpoint, clear_run_files, load_weights
 from pyroseg.schedules import beta_at
 
 __all__ = ["ELBOLoss", "Trainer", "StepOutcome", "EpochSampler", "FitCallbacks", "fit", "resolve_device", "make_elbo"]
@@ -162,8 +163,8 @@ class Trainer:
                     value, grad_norm, self.nonfinite_streak)
         if self.nonfinite_streak >= self.max_nonfinite:
             raise TrainingError(
-                f"{self.nonfinite_streak} non-finite steps in a row (loss={value}): training stopped; "
-                "the last good checkpoint is intact. Try a lower --lr or --clip-norm."
+                f"{self.nonfinite_streak} non-finite steps in a row (loss={value}, --max-nonfinite {self.max_nonfinite}): "
+                "training stopped; the last good checkpoint is intact. Try a lower --lr or --clip-norm."
             )
         return StepOutcome(value, grad_norm, applied=False)
 
@@ -286,25 +287,35 @@ def fit(
     trainer = Trainer(model, lr=config.lr, elbo=config.elbo, clip_norm=config.clip_norm, max_nonfinite=config.max_nonfinite)
     dataset = SegDataset(train_data, random_annotator=True)
     sampler = EpochSampler(dataset, seed=config.seed)
-    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=collate_batch)
+    # its own generator: starting an iterator draws a seed from it, and drawing from the global RNG
+    # instead would make a mid-epoch resume (a new iterator) shift every later draw
+    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=collate_batch,
+                        generator=torch.Generator().manual_seed(config.seed))
     steps_per_epoch = math.ceil(len(dataset) / config.batch_size)
 
     history: list[dict[str, Any]] = []
     epoch, batch_in_epoch, global_step = 0, 0, 0
     partial = {"loss_sum": 0.0, "count": 0, "train_time": 0.0}
-    if resume:
+    if resume and (out / CHECKPOINT).exists():
         ckpt = load_checkpoint(out / CHECKPOINT, map_location=device)
-        if ckpt.get("model_name") != config.model:
-            raise CheckpointError(f"{out / CHECKPOINT}: checkpoint is of model {ckpt.get('model_name')!r}, config says {config.model!r}")
-        model.load_state_dict(ckpt["model_state"])
-        trainer.load_state_dict(ckpt["trainer"])
-        epoch, batch_in_epoch, global_step = int(ckpt["epoch"]), int(ckpt["batch_in_epoch"]), int(ckpt["global_step"])
-        history = list(ckpt["history"])
-        partial = dict(ckpt.get("partial", partial))
-        set_rng_state(ckpt["rng"])
+        check_checkpoint(ckpt, doc, source=out / CHECKPOINT)  # another model, size or run: refused, naming what differs
+        load_weights(model, ckpt, source=out / CHECKPOINT)
+        try:
+            trainer.load_state_dict(ckpt["trainer"])
+            epoch, batch_in_epoch, global_step = int(ckpt["epoch"]), int(ckpt["batch_in_epoch"]), int(ckpt["global_step"])
+            history = list(ckpt["history"])
+            partial = dict(ckpt.get("partial", partial))
+            set_rng_state(ckpt["rng"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"{out / CHECKPOINT}: incomplete training state ({type(e).__name__}: {e})") from None
         doc.setdefault("resumed", []).append({"at_epoch": epoch, "at_batch": batch_in_epoch, "time": _now()})
         log.info("resuming %s at epoch %d, batch %d", out, epoch, batch_in_epoch)
+    elif resume:  # killed before its first checkpoint: start again, with the saved config
+        log.warning("%s has no checkpoint yet (stopped during its first epoch): starting it from the beginning", out)
+        doc.setdefault("resumed", []).append({"at_epoch": 0, "at_batch": 0, "time": _now()})
     else:
+        if overwrite:  # only now: a bad --data or --model-arg must not cost the previous run
+            clear_run_files(out)
         doc = {
             "config_version": CONFIG_VERSION,
             "fit": config.to_dict(),

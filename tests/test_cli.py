@@ -1,6 +1,7 @@
-"""The command line end to end on tiny synthetic data, and its error contract:
-a bad option exits 2, a failure while running exits 1, each with one line
-``Error: ...`` naming the option or file and no traceback (unless --debug)."""
+"""The command line end to end on tiny synthetic data. Its error contract (a bad
+option exits 2, a failure while running exits 1, each with one line ``Error: ...``
+naming the option or file and no traceback unless --debug) is tested in
+tests/test_bad_inputs.py."""
 
 from __future__ import annotations
 
@@ -13,12 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
 
 from cli.main import cli
-from pyroseg.errors import UsageError
 
 SIZE = 32  # training size of the runs
 PATIENTS, SLICES = 6, 8  # synthetic cohort: split 4 train / 1 val / 1 test
@@ -184,100 +183,5 @@ def test_console_script_entry_point():
 
 
 # ------------------------------------------------------------------ errors
-
-
-def _one_line_error(result, code: int, *names: str) -> str:
-    """Exit ``code``, exactly one ``Error: ...`` line naming every one of ``names``, no traceback."""
-    assert result.exit_code == code, f"exit {result.exit_code}, expected {code}\n{result.output}\n{result.exception!r}"
-    assert isinstance(result.exception, SystemExit), repr(result.exception)  # nothing escaped uncaught
-    assert "Traceback" not in result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.stderr
-    for name in names:
-        assert name in errors[0], errors[0]
-    return errors[0]
-
-
-@pytest.mark.parametrize(
-    "args, code, names",
-    [
-        (["--model", "nope"], 2, ["--model", "nope"]),
-        (["--epochs", "0"], 2, ["--epochs"]),
-        (["--image-size", "48"], 2, ["--image-size", "48", "power of two"]),
-        (["--image-size", "8"], 2, ["--image-size", "8", "too small"]),
-        (["--batch-size", "0"], 2, ["--batch-size"]),
-        (["--model-arg", "nonsense"], 2, ["--model-arg", "nonsense"]),
-        (["--model-arg", "no_such_knob=3"], 2, ["--model-arg", "no_such_knob"]),
-        (["--widths", "8,x"], 2, ["--widths"]),
-        (["--data", "/nonexistent/lgg"], 1, ["/nonexistent/lgg"]),  # a data error (DataError), not an option error
-    ],
-)
-def test_fit_errors(tmp_path, args, code, names):
-    out = tmp_path / "run"
-    res = invoke("fit", "--out", str(out), *TINY, *args)
-    _one_line_error(res, code, *names)
-    assert not (out / "checkpoint.pt").exists() and not (out / "config.json").exists()
-
-
-def test_fit_device_cuda_without_gpu(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA GPU is available here")
-    res = invoke("fit", "--out", str(tmp_path / "run"), *TINY[:-3], "--device", "cuda", "--quiet")
-    _one_line_error(res, 2, "--device cuda")
-
-
-def test_fit_refuses_an_existing_run_and_leaves_it_untouched(runs):
-    run = runs["unet"]
-    before = {name: (run / name).read_bytes() for name in ("checkpoint.pt", "config.json", "metrics.csv")}
-    res = invoke("fit", "--model", "unet", "--out", str(run), *TINY)
-    _one_line_error(res, 2, "--out", str(run), "--resume", "--overwrite")
-    for name, data in before.items():
-        assert (run / name).read_bytes() == data, name
-
-
-def test_resume_without_checkpoint(tmp_path):
-    (tmp_path / "empty").mkdir()
-    _one_line_error(invoke("fit", "--resume", str(tmp_path / "empty")), 2, "--resume", "checkpoint.pt")
-
-
-def test_evaluate_errors(runs, tmp_path):
-    not_a_run = tmp_path / "not_a_run"
-    not_a_run.mkdir()
-    (not_a_run / "notes.txt").write_text("hello")
-    _one_line_error(invoke("evaluate", str(not_a_run)), 1, "config.json")
-    _one_line_error(invoke("evaluate", str(tmp_path / "missing")), 2, "missing")
-    _one_line_error(invoke("evaluate", str(runs["unet"]), "--num-samples", "0"), 2, "--num-samples")
-    _one_line_error(invoke("evaluate", str(runs["unet"]), "--batch-size", "0"), 2, "--batch-size")
-    _one_line_error(invoke("evaluate", str(runs["unet"]), "--split", "nope"), 2, "--split")
-
-
-def test_evaluate_refuses_a_corrupted_checkpoint(runs, tmp_path):
-    broken = tmp_path / "broken"
-    shutil.copytree(runs["unet"], broken)
-    data = (broken / "checkpoint.pt").read_bytes()
-    (broken / "checkpoint.pt").write_bytes(data[: len(data) // 2])
-    _one_line_error(invoke("evaluate", str(broken), "--device", "cpu"), 1, "checkpoint.pt")
-
-
-def test_sample_errors(runs, tmp_path):
-    _one_line_error(invoke("sample", str(runs["unet"]), "--input", str(tmp_path / "missing.png"), "--out",
-                           str(tmp_path / "o")), 2, "--input", "missing.png")
-    (tmp_path / "notes.txt").write_text("x")
-    _one_line_error(invoke("sample", str(runs["unet"]), "--input", str(tmp_path / "notes.txt"), "--out",
-                           str(tmp_path / "o")), 2, "--input")
-    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
-
-
-def test_plot_on_a_folder_that_is_not_a_run(tmp_path):
-    _one_line_error(invoke("plot", str(tmp_path)), 1, "metrics.csv")
-
-
-def test_debug_shows_the_traceback(tmp_path):
-    """With --debug the library error propagates (click prints its traceback) instead of one line."""
-    args = ["fit", "--out", str(tmp_path / "run"), *TINY, "--epochs", "0"]
-    plain = invoke(*args)
-    _one_line_error(plain, 2, "--epochs")
-    debug = invoke("--debug", *args)
-    assert isinstance(debug.exception, UsageError) and "--epochs" in str(debug.exception)
-    assert debug.exit_code != 0 and debug.exc_info is not None
-    assert "Error: --epochs" not in debug.stderr  # not swallowed into the one-line form
+# The bad options, bad data, damaged runs and full disks of every command are one
+# table in tests/test_bad_inputs.py (with --debug, and the README's Troubleshooting table).
