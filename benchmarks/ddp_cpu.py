@@ -13,9 +13,11 @@ over the ranks) on random images, alternating blocks of
   all-reduce, so no communication at all (the ranks drift apart: timing only).
 
 Reported (rank 0, medians over blocks): images/s of the global batch for
-``sync``, and ``comm share = 1 - t_nosync / t_sync`` per step. With one process
-there is no process group (the plain ``fit`` path) and the share is 0 by
-definition. Pin it (``taskset``) and set ``OMP_NUM_THREADS`` yourself: the
+``sync`` (wall clock, the slowest rank), ``comm share = 1 - t_nosync / t_sync``
+per step, and the same from CPU time summed over the ranks (images per
+CPU-second: what a step costs in compute, which a machine shared with other
+jobs distorts far less than wall time). With one process there is no process
+group (the plain ``fit`` path) and the shares are 0 by definition. Pin it (``taskset``) and set ``OMP_NUM_THREADS`` yourself: the
 script prints the CPUs each rank may use, so a table made with too few cores
 says so.
 """
@@ -58,30 +60,37 @@ def _worker(args) -> None:
     image = torch.rand(local, 3, args.image_size, args.image_size, generator=g)
     mask = (torch.rand(local, 1, args.image_size, args.image_size, generator=g) > 0.9).float()
 
-    def block(mode: str) -> float:
-        """Seconds per step over ``args.steps`` steps."""
+    def block(mode: str) -> tuple[float, float]:
+        """Wall seconds per step (the slowest rank's) and CPU seconds per step
+        (summed over ranks) over ``args.steps`` steps."""
         reduce = trainer.reduce
         if mode == "nosync":
             trainer.reduce = None
         ctx.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(args.steps):
             with ddp.no_sync() if (mode == "nosync" and ddp is not None) else nullcontext():
                 trainer.step(image, mask, beta=1.0)
-        dt = (time.perf_counter() - t0) / args.steps
+        dt, dc = (time.perf_counter() - t0) / args.steps, (time.process_time() - c0) / args.steps
         trainer.reduce = reduce
         ctx.barrier()
-        return float(max(ctx.gather(dt)))  # the slowest rank sets the pace
+        seen = ctx.gather((dt, dc))
+        return float(max(w for w, _ in seen)), float(sum(c for _, c in seen))
 
     for _ in range(args.warmup):
         trainer.step(image, mask, beta=1.0)
     times: dict[str, list[float]] = {"sync": [], "nosync": []}
+    cpu: dict[str, list[float]] = {"sync": [], "nosync": []}
     for _ in range(args.blocks):
         for mode in ("sync", "nosync") if ctx.enabled else ("sync",):
-            times[mode].append(block(mode))
+            wall, used = block(mode)
+            times[mode].append(wall)
+            cpu[mode].append(used)
     if ctx.is_main:
         t_sync = statistics.median(times["sync"])
         t_nosync = statistics.median(times["nosync"]) if times["nosync"] else t_sync
+        c_sync = statistics.median(cpu["sync"])
+        c_nosync = statistics.median(cpu["nosync"]) if cpu["nosync"] else c_sync
         out = {
             "processes": ctx.world_size,
             "model": args.model,
@@ -94,7 +103,11 @@ def _worker(args) -> None:
             "step_nosync_s": t_nosync,
             "images_per_s": args.batch_size / t_sync,
             "comm_share": max(0.0, 1.0 - t_nosync / t_sync),
+            "cpu_s_per_step": c_sync,
+            "images_per_cpu_s": args.batch_size / c_sync,
+            "comm_share_cpu": max(0.0, 1.0 - c_nosync / c_sync),
             "blocks": times,
+            "blocks_cpu": cpu,
         }
         Path(args.result).write_text(json.dumps(out))
     ctx.close()
@@ -133,10 +146,14 @@ def main() -> None:
             subprocess.run(cmd, check=True)
             rows.append(json.loads(result.read_text()))
     base = rows[0]["images_per_s"]
-    print(f"{'processes':>9} {'batch/proc':>10} {'images/s':>9} {'vs first':>8} {'step ms':>8} {'no-comm ms':>10} {'comm share':>10}  cpus")
+    cbase = rows[0]["images_per_cpu_s"]
+    print(f"{'processes':>9} {'batch/proc':>10} {'images/s':>9} {'vs first':>8} {'step ms':>8} {'no-comm ms':>10} "
+          f"{'comm share':>10} {'img/cpu-s':>9} {'vs first':>8} {'comm (cpu)':>10}  cpus")
     for r in rows:
         print(f"{r['processes']:>9} {r['batch_per_process']:>10} {r['images_per_s']:>9.1f} {r['images_per_s'] / base:>7.2f}x "
-              f"{1000 * r['step_s']:>8.1f} {1000 * r['step_nosync_s']:>10.1f} {100 * r['comm_share']:>9.1f}%  {r['cpus_allowed']}")
+              f"{1000 * r['step_s']:>8.1f} {1000 * r['step_nosync_s']:>10.1f} {100 * r['comm_share']:>9.1f}% "
+              f"{r['images_per_cpu_s']:>9.1f} {r['images_per_cpu_s'] / cbase:>7.2f}x {100 * r['comm_share_cpu']:>9.1f}%  "
+              f"{r['cpus_allowed']}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

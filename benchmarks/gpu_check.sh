@@ -18,6 +18,7 @@ step "machine"
 nvidia-smi -L
 $py -c "import torch, pyro; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'pyro', pyro.__version__, torch.cuda.get_device_name(0))"
 
+if [ -z "${SKIP_BENCH:-}" ]; then  # SKIP_BENCH=1: only the fit checks (section 3)
 step "1. throughput, batch 32"
 $py benchmarks/gpu_ddp_bf16.py --batch-size 32 --json "$out/gpu_bf16_b32.json"
 step "1. throughput, batch 128"
@@ -26,6 +27,8 @@ $py benchmarks/gpu_ddp_bf16.py --batch-size 128 --json "$out/gpu_bf16_b128.json"
 step "2. the same inside DDP, one nccl rank, batch 32"
 $py -m torch.distributed.run --standalone --nproc_per_node 1 benchmarks/gpu_ddp_bf16.py --ddp \
   --models unet,prob_unet --precisions fp32,bf16 --batch-size 32 --json "$out/gpu_ddp1_b32.json"
+
+fi
 
 step "3. fit under torchrun on the GPU (nccl), resume under torchrun and on one process, evaluate"
 $py -m torch.distributed.run --standalone --nproc_per_node 1 -m pyroseg -v fit --model prob_unet --epochs 2 \
@@ -39,10 +42,12 @@ $py -c "import json; print(json.load(open('$runs/pu/config.json'))['distributed'
 step "3. unet: plain fit vs torchrun fit on the GPU"
 $py -m pyroseg fit --model unet --epochs 2 --out "$runs/u1" "${tiny[@]}"
 $py -m torch.distributed.run --standalone --nproc_per_node 1 -m pyroseg fit --model unet --epochs 2 --out "$runs/u2" "${tiny[@]}"
-$py - "$runs/u1" "$runs/u2" <<'EOF'
+$py -m pyroseg fit --model unet --epochs 2 --out "$runs/u3" "${tiny[@]}"  # plain again: the GPU's own run-to-run spread
+$py - "$runs/u1" "$runs/u2" "$runs/u3" <<'EOF'
 import sys, torch
-a, b = (torch.load(f"{d}/checkpoint.pt", weights_only=True, map_location="cpu")["model_state"] for d in sys.argv[1:])
-print("unet plain vs torchrun(1): max |diff| =", max(float((a[k].float() - b[k].float()).abs().max()) for k in a))
+u1, u2, u3 = (torch.load(f"{d}/checkpoint.pt", weights_only=True, map_location="cpu")["model_state"] for d in sys.argv[1:])
+diff = lambda a, b: max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+print(f"unet max |diff|: plain vs torchrun(1) {diff(u1, u2):.3g}; plain vs plain again {diff(u1, u3):.3g}")
 EOF
 cp "$runs/pu/metrics.csv" "$out/prob_unet_ddp_metrics.csv" 2>/dev/null
 echo; echo "== done"
