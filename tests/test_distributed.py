@@ -145,6 +145,30 @@ def test_launcher_errors(monkeypatch, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("rank, mirrored, shown", [
+    ("0", True, "Error: [rank 0/2] --out x: already holds a run\n"),  # rank 0 prints what it shared
+    ("1", True, ""),  # the same error, re-raised on rank 1 from rank 0's: not printed twice
+    ("1", False, "Error: [rank 1/2] --out x: already holds a run\n"),  # rank 1's own error
+])
+def test_errors_under_torchrun_name_the_rank_and_print_once(monkeypatch, rank, mirrored, shown):
+    import click
+
+    from cli.common import handle_errors
+
+    @click.command()
+    @handle_errors
+    def cmd():
+        err = UsageError("--out x: already holds a run")
+        if mirrored:
+            err.mirrored = True
+        raise err
+
+    for k, v in {"RANK": rank, "WORLD_SIZE": "2", "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    r = CliRunner().invoke(cmd, [])
+    assert r.exit_code == 2 and r.output == shown
+
+
 # ------------------------------------------------------------------ 2 ranks in child processes
 
 
