@@ -20,7 +20,19 @@ def _load(name: str):
     return mod
 
 
-def test_gpu_bf16_script_dry_run_on_cpu(tmp_path, monkeypatch):
+@pytest.fixture()
+def torch_globals():
+    """The script sets torch's thread count and TF32 flags, as a script may; give
+    them back, or later tests run with other float reduction orders."""
+    import torch
+
+    saved = (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    yield
+    torch.set_num_threads(saved[0])
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1], saved[2]
+
+
+def test_gpu_bf16_script_dry_run_on_cpu(tmp_path, monkeypatch, torch_globals):
     out = tmp_path / "rows.json"
     monkeypatch.setattr(sys, "argv", ["gpu_ddp_bf16.py", "--device", "cpu", "--dry-run", "--json", str(out)])
     _load("gpu_ddp_bf16").main()
