@@ -9,6 +9,7 @@ import sys
 import click
 from tqdm.auto import tqdm
 
+from pyroseg.distributed import env_rank, launched_by_torchrun
 from pyroseg.errors import PyrosegError
 
 __all__ = ["CONTEXT", "handle_errors", "LoadBar", "format_table"]
@@ -16,7 +17,15 @@ __all__ = ["CONTEXT", "handle_errors", "LoadBar", "format_table"]
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-def _fail(msg: str, code: int) -> None:
+def _fail(msg: str, code: int, *, mirrored: bool = False) -> None:
+    """Print ``Error: msg`` and exit. Under torchrun the line names the rank, and an
+    error that rank 0 raised and shared with the others (``mirrored``) is
+    printed by rank 0 alone."""
+    rank, world = env_rank()
+    if launched_by_torchrun():
+        if mirrored and rank != 0:
+            sys.exit(code)
+        msg = f"[rank {rank}/{world}] {msg}"
     click.echo(f"Error: {msg}", err=True)
     sys.exit(code)
 
@@ -32,7 +41,7 @@ def handle_errors(fn):
         except PyrosegError as e:
             if debug:
                 raise
-            _fail(str(e), e.exit_code)
+            _fail(str(e), e.exit_code, mirrored=getattr(e, "mirrored", False))
         except KeyboardInterrupt:
             _fail("interrupted; the last checkpoint (end of the last finished epoch) is intact", 130)
         except MemoryError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from click.core import ParameterSource
 from tqdm.auto import tqdm
 
 from cli.common import CONTEXT, LoadBar, handle_errors
+from pyroseg import distributed
 from pyroseg.config import FitConfig
 from pyroseg.errors import UsageError
 from pyroseg.models import MODELS
@@ -112,12 +114,23 @@ def _parse_model_args(items: tuple[str, ...]) -> dict:
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where decoded LGG data is cached [default: $PYROSEG_CACHE_DIR or ~/.cache/pyroseg].")
 @click.option("--checkpoint-every", type=int, default=None, help="Also checkpoint every N steps (always at epoch ends).")
+@click.option("--launcher", type=click.Choice(["none", "torchrun"]), default="none", show_default=True,
+              help="torchrun: start --nproc-per-node data-parallel processes on this machine (torchrun --standalone).")
+@click.option("--nproc-per-node", type=int, default=None, help="Processes for --launcher torchrun (one per GPU, or CPU processes).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
 def fit_cmd(model, data, image_size, epochs, batch_size, lr, device, seed, out, resume_dir, overwrite, beta, beta_warmup,
             beta_cycle, elbo, clip_norm, max_nonfinite, val_fraction, test_fraction, val_samples, model_args, widths,
-            synthetic_patients, synthetic_slices, cache_dir, checkpoint_every, quiet):
-    """Train a model; write config, split, metrics, checkpoint and pictures to a run folder."""
+            synthetic_patients, synthetic_slices, cache_dir, checkpoint_every, launcher, nproc_per_node, quiet):
+    """Train a model; write config, split, metrics, checkpoint and pictures to a run folder.
+
+    Data-parallel: `torchrun --nproc_per_node N -m pyroseg fit ...` (or `--launcher torchrun
+    --nproc-per-node N`); --batch-size is then the global batch, split evenly over the processes.
+    """
+    if launcher == "torchrun":
+        _exec_torchrun(nproc_per_node)
+    elif nproc_per_node is not None:
+        raise UsageError("--nproc-per-node: only with --launcher torchrun")
     try:
         widths_t = tuple(int(w) for w in widths.split(","))
     except ValueError:
@@ -136,9 +149,38 @@ def fit_cmd(model, data, image_size, epochs, batch_size, lr, device, seed, out, 
             val_samples=val_samples, model_args=_parse_model_args(model_args), widths=widths_t,
             synthetic_patients=synthetic_patients, synthetic_slices=synthetic_slices, cache_dir=cache_dir,
         ).validate()
-    run = fit(config, callbacks=BarCallbacks(quiet), resume=bool(resume_dir), overwrite=overwrite,
-              checkpoint_every=checkpoint_every)
-    _report(Path(run))
+    rank, _ = distributed.env_rank()
+    with distributed.collective_errors():
+        run = fit(config, callbacks=BarCallbacks(quiet or rank != 0), resume=bool(resume_dir), overwrite=overwrite,
+                  checkpoint_every=checkpoint_every)
+    if rank == 0:
+        _report(Path(run))
+
+
+def _strip_launcher(args: list[str]) -> list[str]:
+    """The command line without --launcher / --nproc-per-node (each with its value)."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in ("--launcher", "--nproc-per-node"):
+            skip = True
+        elif not a.startswith(("--launcher=", "--nproc-per-node=")):
+            out.append(a)
+    return out
+
+
+def _exec_torchrun(nproc_per_node: int | None) -> None:
+    """Replace this process with ``torchrun --standalone --nproc_per_node N -m pyroseg <same arguments>``."""
+    if distributed.launched_by_torchrun():
+        raise UsageError("--launcher torchrun: this process was already started by torchrun; drop --launcher")
+    if nproc_per_node is None or nproc_per_node < 1:
+        raise UsageError(f"--nproc-per-node {nproc_per_node}: give the number of processes (at least 1) for --launcher torchrun")
+    cmd = distributed.torchrun_command(nproc_per_node, _strip_launcher(sys.argv[1:]))
+    click.echo("starting: " + " ".join(cmd), err=True)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os.execv(cmd[0], cmd)
 
 
 #: What ``--resume`` accepts beside itself; every other option is the saved run's.

@@ -27,6 +27,7 @@ that a step equals ``pyro.infer.SVI`` + ``pyro.optim.Adam`` numerically.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import logging
 import math
 import sys
@@ -42,6 +43,7 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from pyroseg import distributed
 from pyroseg.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from pyroseg.config import CONFIG_VERSION, FitConfig, load_config_json, versions
 from pyroseg.data import SegData, SegDataset, collate_batch, load_source, split_patients
@@ -128,6 +130,12 @@ class Trainer:
         self.max_nonfinite = max_nonfinite
         self.nonfinite_streak = 0
         self.nonfinite_total = 0
+        #: Data-parallel hook: the mean over ranks of a tensor (``None``: one
+        #: process). Set by ``fit`` with ``loss_fn`` wrapped in DDP; the loss
+        #: reported and the non-finite decision then use the global batch's
+        #: loss, so every rank skips the same steps. Any other training state
+        #: (GECO) must update from values passed through it.
+        self.reduce = None
 
     def step(self, image: torch.Tensor, mask: torch.Tensor, *, beta: float = 1.0, recon_scale: float = 1.0) -> StepOutcome:
         """Loss, backward, (guard, clip), optimizer step. A non-finite loss or
@@ -147,7 +155,7 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.clip_norm if self.clip_norm is not None else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
-        value = float(loss.detach())
+        value = float(loss.detach() if self.reduce is None else self.reduce(loss.detach()))
         if not (math.isfinite(value) and math.isfinite(grad_norm)):
             return self._skip(value, grad_norm)
         self.optimizer.step()
@@ -258,19 +266,25 @@ def fit(
     Returns the run folder.
     """
     cb = callbacks or FitCallbacks()
-    out = prepare_run_dir(config.out, resume=resume, overwrite=overwrite)
-    if resume:
+    if resume:  # reads only, so every process of a data-parallel run does it
+        out = prepare_run_dir(config.out, resume=resume, overwrite=overwrite)
         doc = load_config_json(out / CONFIG)
         saved = FitConfig.from_dict(doc["fit"])
         config = replace(saved, epochs=max(config.epochs, saved.epochs) if config.epochs else saved.epochs, out=str(out))
     config.validate()
-    device = resolve_device(config.device)
+    # One process unless torchrun started us; then rank 0 alone writes the run folder.
+    ctx = distributed.setup(resolve_device(config.device))
+    device, local_batch = ctx.device, _local_batch(config.batch_size, ctx.world_size)
+    if not resume:
+        out = ctx.on_main(lambda: prepare_run_dir(config.out, resume=resume, overwrite=overwrite))
+    if not ctx.is_main:
+        cb = FitCallbacks()
 
     pyro.clear_param_store()  # a stale store would shadow freshly built networks
     pyro.set_rng_seed(config.seed)  # torch, numpy and random
     model = build_model(config.model, image_size=config.image_size, widths=config.widths, **config.model_args).to(device)
 
-    data = load_source(
+    data = ctx.main_first(lambda: load_source(  # rank 0 first: it fills the cache the others read
         config.data,
         config.image_size,
         seed=config.seed,
@@ -278,20 +292,25 @@ def fit(
         synthetic_slices=config.synthetic_slices,
         cache_dir=config.cache_dir,
         progress=cb.on_load_progress,
-    )
+    ))
     split = split_patients(data.patient_ids, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed)
     train_data, val_data = data.subset(split["train"]), data.subset(split["val"])
     cb.on_data({**data.summary(), "train_slices": len(train_data), "val_slices": len(val_data),
                 "train_patients": len(split["train"]), "val_patients": len(split["val"]), "test_patients": len(split["test"])})
+    ctx.check_consistent(lambda: _data_fingerprint(train_data, val_data),
+                         what="after loading --data", hint="every process must read the same data (shared storage, same files)")
 
     trainer = Trainer(model, lr=config.lr, elbo=config.elbo, clip_norm=config.clip_norm, max_nonfinite=config.max_nonfinite)
+    if ctx.enabled:  # DDP averages gradients in backward; beta = 0 leaves a prior net unused
+        trainer.loss_fn = ctx.wrap(trainer.loss_fn, find_unused_parameters=model.has_latent)
+        trainer.reduce = ctx.mean
     dataset = SegDataset(train_data, random_annotator=True)
-    sampler = EpochSampler(dataset, seed=config.seed)
+    sampler = EpochSampler(dataset, seed=config.seed, num_replicas=ctx.world_size, rank=ctx.rank)
     # its own generator: starting an iterator draws a seed from it, and drawing from the global RNG
     # instead would make a mid-epoch resume (a new iterator) shift every later draw
-    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=collate_batch,
+    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, collate_fn=collate_batch,
                         generator=torch.Generator().manual_seed(config.seed))
-    steps_per_epoch = math.ceil(len(dataset) / config.batch_size)
+    steps_per_epoch = math.ceil(sampler.num_samples / local_batch)
 
     history: list[dict[str, Any]] = []
     epoch, batch_in_epoch, global_step = 0, 0, 0
@@ -305,16 +324,18 @@ def fit(
             epoch, batch_in_epoch, global_step = int(ckpt["epoch"]), int(ckpt["batch_in_epoch"]), int(ckpt["global_step"])
             history = list(ckpt["history"])
             partial = dict(ckpt.get("partial", partial))
-            set_rng_state(ckpt["rng"])
+            _restore_rng(ckpt, ctx, config.seed, global_step)
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"{out / CHECKPOINT}: incomplete training state ({type(e).__name__}: {e})") from None
-        doc.setdefault("resumed", []).append({"at_epoch": epoch, "at_batch": batch_in_epoch, "time": _now()})
+        doc.setdefault("resumed", []).append({"at_epoch": epoch, "at_batch": batch_in_epoch, "time": _now(),
+                                              **({"world_size": ctx.world_size} if ctx.enabled else {})})
         log.info("resuming %s at epoch %d, batch %d", out, epoch, batch_in_epoch)
     elif resume:  # killed before its first checkpoint: start again, with the saved config
         log.warning("%s has no checkpoint yet (stopped during its first epoch): starting it from the beginning", out)
         doc.setdefault("resumed", []).append({"at_epoch": 0, "at_batch": 0, "time": _now()})
+        ctx.seed(config.seed)  # as for a new run: each rank its own z noise
     else:
-        if overwrite:  # only now: a bad --data or --model-arg must not cost the previous run
+        if overwrite and ctx.is_main:  # only now: a bad --data or --model-arg must not cost the previous run
             clear_run_files(out)
         doc = {
             "config_version": CONFIG_VERSION,
@@ -326,14 +347,24 @@ def fit(
             "command": sys.argv,
             "created": _now(),
         }
-        write_json(out / SPLIT, {"seed": config.seed, "val_fraction": config.val_fraction,
-                                 "test_fraction": config.test_fraction, **split})
-    write_json(out / CONFIG, doc)
+        if ctx.enabled:
+            doc["distributed"] = {**ctx.describe(), "batch_per_process": local_batch}
+        ctx.seed(config.seed)  # after the model is built: each rank its own z noise
+        if ctx.is_main:
+            write_json(out / SPLIT, {"seed": config.seed, "val_fraction": config.val_fraction,
+                                     "test_fraction": config.test_fraction, **split})
+    if ctx.is_main:
+        write_json(out / CONFIG, doc)
 
     def checkpoint() -> None:
+        rng_by_rank = ctx.gather(get_rng_state()) if ctx.enabled else None  # every rank takes part
+        if not ctx.is_main:
+            return
+        extra = {"world_size": ctx.world_size, "rng_by_rank": rng_by_rank} if ctx.enabled else {}
         save_checkpoint(
             out / CHECKPOINT,
             {
+                **extra,
                 "model_name": model.name,
                 "hparams": model.hparams(),
                 "model_state": model.state_dict(),
@@ -350,7 +381,7 @@ def fit(
 
     model.train()
     while epoch < config.epochs:
-        sampler.set_position(epoch, skip=batch_in_epoch * config.batch_size)
+        sampler.set_position(epoch, skip=batch_in_epoch * local_batch)
         cb.on_epoch_start(epoch, config.epochs, steps_per_epoch - batch_in_epoch)
         t0 = time.perf_counter()
         for batch in loader:
@@ -358,9 +389,9 @@ def fit(
             image = batch["image"].to(device, non_blocking=True)
             mask = batch["mask"].to(device, non_blocking=True)
             outcome = trainer.step(image, mask, beta=beta)
-            if outcome.applied:
-                partial["loss_sum"] += outcome.loss * image.shape[0]
-                partial["count"] += image.shape[0]
+            if outcome.applied:  # the loss is the global batch's: count every rank's images
+                partial["loss_sum"] += outcome.loss * (image.shape[0] * ctx.world_size)
+                partial["count"] += image.shape[0] * ctx.world_size
             batch_in_epoch += 1
             global_step += 1
             cb.on_step(outcome.loss)
@@ -376,7 +407,7 @@ def fit(
             "beta": beta_at(epoch + 1, beta=config.beta, warmup=config.beta_warmup, cycle=config.beta_cycle),
             "train_loss": partial["loss_sum"] / max(partial["count"], 1) if partial["count"] else float("nan"),
         }
-        row.update(_validate(model, val_data, config, device))
+        row.update(ctx.on_main(lambda: _validate(model, val_data, config, device)))  # rank 0's, on every rank
         model.train()
         row["nonfinite_steps"] = trainer.nonfinite_total
         row["train_time_s"] = train_time
@@ -385,14 +416,64 @@ def fit(
         epoch += 1
         batch_in_epoch = 0
         partial = {"loss_sum": 0.0, "count": 0, "train_time": 0.0}
+        ctx.check_consistent(lambda: _rank_state(model, trainer, global_step), what=f"after epoch {epoch}")
         checkpoint()
-        write_metrics_csv(out / METRICS, history)
+        if ctx.is_main:
+            write_metrics_csv(out / METRICS, history)
         cb.on_epoch_end(row)
 
-    write_metrics_csv(out / METRICS, history)
-    if pictures:
-        _pictures(out, model, val_data, device)
+    if ctx.is_main:
+        write_metrics_csv(out / METRICS, history)
+        if pictures:
+            _pictures(out, model, val_data, device)
+    ctx.close()
     return out
+
+
+def _local_batch(batch_size: int, world_size: int) -> int:
+    """The batch of one process: ``--batch-size`` is the global batch (the one
+    each gradient step averages over), split evenly over the processes."""
+    if batch_size % world_size:
+        lo = max(world_size, batch_size // world_size * world_size)
+        raise UsageError(
+            f"--batch-size {batch_size}: the global batch must split evenly over the {world_size} processes; "
+            f"give a multiple of {world_size} (e.g. {lo} or {lo + world_size})"
+        )
+    return batch_size // world_size
+
+
+def _data_fingerprint(train: SegData, val: SegData) -> dict[str, Any]:
+    """What every rank must agree on about the data (compared across ranks only)."""
+    h = hashlib.sha256()
+    for arr in (train.images, train.masks, val.images, val.masks):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return {"the number of training slices": len(train), "the number of validation slices": len(val),
+            "the data's sha256": h.hexdigest()}
+
+
+def _rank_state(model: SegModel, trainer: Trainer, global_step: int) -> dict[str, Any]:
+    """Training state that must be identical on every rank, checked after every
+    epoch of a data-parallel run. Add here any state that evolves during
+    training (GECO's multiplier and moving average), computed from
+    ``trainer.reduce``-d values."""
+    return {"the weights' sha256": distributed.state_digest(model.state_dict()), "the step": global_step,
+            "the non-finite step count": trainer.nonfinite_total}
+
+
+def _restore_rng(ckpt: dict, ctx: distributed.DistContext, seed: int, global_step: int) -> None:
+    """Random streams on resume: each rank its own saved state when the number of
+    processes is unchanged; otherwise (N processes -> M) fresh per-rank streams
+    from (seed, rank, step), so the z noise differs from an unbroken run."""
+    by_rank = ckpt.get("rng_by_rank")
+    if not ctx.enabled:
+        set_rng_state(ckpt["rng"])  # a one-process run, or an N-process run resumed on one: rank 0's stream
+    elif by_rank is not None and len(by_rank) == ctx.world_size:
+        set_rng_state(by_rank[ctx.rank])
+    else:
+        saved = len(by_rank) if by_rank is not None else 1
+        if ctx.is_main:
+            log.warning("resuming a %d-process run on %d processes: new random streams per rank from the seed", saved, ctx.world_size)
+        ctx.seed(seed, global_step)
 
 
 def _pictures(out: Path, model: SegModel, val_data: SegData, device: torch.device) -> None:
