@@ -41,6 +41,11 @@ def evaluate_cmd(run_dir, data, split, num_samples, batch_size, device, json_pat
     kl = {k: v for k, v in report.items() if k.startswith("kl_")}
     if kl:
         click.echo("KL per latent site (nats / image): " + ", ".join(f"{k[3:]} {v:.3f}" for k, v in kl.items()))
+    sites = [k[3:] for k in report if k.startswith("au_")]
+    if sites:
+        click.echo("active units (Cov_x E_q[z_u] > 0.01): " + ", ".join(f"{s} {report['au_' + s]}/{report['units_' + s]}" for s in sites))
+        click.echo("site at its prior mean, change of dice_all / 1 - Dice(prediction, changed): " + ", ".join(
+            f"{s} {report['dice_change_' + s]:+.3f} / {report['effect_' + s]:.3f}" for s in sites))
     if json_path:
         try:
             write_json(json_path, report)
