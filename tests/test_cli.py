@@ -86,6 +86,8 @@ def test_evaluate_json_report(runs, model, tmp_path):
         assert math.isfinite(rep["elbo"]) and rep["elbo"] > 0
         assert rep["elbo"] == pytest.approx(rep["recon"] + rep["kl_z"], rel=1e-4)
         assert rep["num_samples"] == 2
+        assert rep["units_z"] == 6 and 0 <= rep["au_z"] <= 6 and 0 <= rep["effect_z"] <= 1  # collapse diagnostics
+        assert f"active units (Cov_x E_q[z_u] > 0.01): z {rep['au_z']}/6" in res.stdout
     else:
         assert "elbo" not in rep and math.isfinite(rep["nll"]) and rep["num_samples"] == 1
     # the printed table shows the same numbers as the JSON
@@ -161,6 +163,15 @@ def test_plot(runs, tmp_path):
         assert im.format == "PNG" and min(im.size) > 100
 
 
+def test_plot_latents(runs, tmp_path):
+    png = tmp_path / "latents.png"
+    res = _ok(invoke("plot", str(runs["prob_unet"]), "--latents", "--num-samples", "2", "--images", "1", "--out", str(png)))
+    assert f"wrote {png}" in res.stdout
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[1] > 100
+    _one_line_error(invoke("plot", str(runs["unet"]), "--latents", "--out", str(png)), 2, "--latents", "unet")
+
+
 def test_inspect_synthetic_with_preview(tmp_path):
     png = tmp_path / "preview.png"
     res = _ok(invoke("inspect", "synthetic", "--image-size", str(SIZE), "--preview", str(png)))
@@ -209,6 +220,11 @@ def _one_line_error(result, code: int, *names: str) -> str:
         (["--model-arg", "nonsense"], 2, ["--model-arg", "nonsense"]),
         (["--model-arg", "no_such_knob=3"], 2, ["--model-arg", "no_such_knob"]),
         (["--widths", "8,x"], 2, ["--widths"]),
+        (["--objective", "vi"], 2, ["--objective"]),
+        (["--objective", "geco", "--geco-kappa", "abc"], 2, ["--geco-kappa", "abc"]),
+        (["--objective", "geco", "--geco-kappa", "-0.1"], 2, ["--geco-kappa"]),
+        (["--objective", "geco", "--geco-rate", "0"], 2, ["--geco-rate"]),
+        (["--free-bits", "-1"], 2, ["--free-bits"]),
         (["--data", "/nonexistent/lgg"], 1, ["/nonexistent/lgg"]),  # a data error (DataError), not an option error
     ],
 )
