@@ -21,18 +21,22 @@ _SHOWN = ["dice_all", "dice_tumour", "dice_volume", "iou_tumour", "bce", "false_
 @click.option("--split", type=click.Choice(EVAL_SPLITS), default=None,
               help="Which patients [default: test; 'all' with --data].")
 @click.option("--num-samples", type=int, default=16, show_default=True, help="Samples averaged into the point prediction.")
+@click.option("--collapse-samples", type=int, default=8, show_default=True,
+              help="Samples per point prediction for the per-site collapse diagnostics (0: skip them).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the report here.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
 @handle_errors
-def evaluate_cmd(run_dir, data, split, num_samples, batch_size, device, json_path, cache_dir):
+def evaluate_cmd(run_dir, data, split, num_samples, collapse_samples, batch_size, device, json_path, cache_dir):
     """Print Dice (per slice, tumour slices, per patient), IoU, BCE and the ELBO of RUN_DIR."""
+    if collapse_samples < 0:
+        raise UsageError(f"--collapse-samples {collapse_samples}: expected >= 0")
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: expected at least 1")
     bar = LoadBar("decoding data")
     report = evaluate_run(run_dir, data=data, split=split, num_samples=num_samples, batch_size=batch_size,
-                          device=device, cache_dir=cache_dir, progress=bar)
+                          device=device, cache_dir=cache_dir, progress=bar, collapse_samples=collapse_samples)
     bar.close()
     click.echo(f"{report['model']} on {report['data']} [{report['split']}]: {report['n_patients']} patients, "
                f"{report['n_slices']} slices, mean of {report['num_samples']} sample(s), z from {report['z_from']}")
@@ -41,6 +45,11 @@ def evaluate_cmd(run_dir, data, split, num_samples, batch_size, device, json_pat
     kl = {k: v for k, v in report.items() if k.startswith("kl_")}
     if kl:
         click.echo("KL per latent site (nats / image): " + ", ".join(f"{k[3:]} {v:.3f}" for k, v in kl.items()))
+    sites = [k[3:] for k in report if k.startswith("au_")]
+    if sites:
+        click.echo("active units (Cov_x E_q[z_u] > 0.01): " + ", ".join(f"{s} {report['au_' + s]}/{report['units_' + s]}" for s in sites))
+        click.echo("site at its prior mean, change of dice_all / 1 - Dice(prediction, changed): " + ", ".join(
+            f"{s} {report['dice_change_' + s]:+.3f} / {report['effect_' + s]:.3f}" for s in sites))
     if json_path:
         try:
             write_json(json_path, report)

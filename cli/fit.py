@@ -58,6 +58,8 @@ class BarCallbacks(FitCallbacks):
             if "val_loss" in row:
                 parts.append(f"val -ELBO {row['val_loss']:.1f}")
             parts += [f"{k[4:]} {v:.2f}" for k, v in row.items() if k.startswith("val_kl_")]
+            if "geco_lambda" in row:
+                parts.append(f"lambda {row['geco_lambda']:.3g}")
             if "val_dice_tumour" in row:
                 parts.append(f"val dice {row['val_dice_all']:.3f} / tumour {row['val_dice_tumour']:.3f}")
             self.bar.set_postfix_str(", ".join(parts))
@@ -99,6 +101,21 @@ def _parse_model_args(items: tuple[str, ...]) -> dict:
               help="Cyclical KL annealing period in epochs (0: off).")
 @click.option("--elbo", type=click.Choice(["meanfield", "trace"]), default=_DEFAULTS.elbo, show_default=True,
               help="meanfield: analytic KL per site (TraceMeanField_ELBO); trace: Monte Carlo KL (Trace_ELBO).")
+@click.option("--objective", type=click.Choice(["elbo", "geco"]), default=_DEFAULTS.objective, show_default=True,
+              help="elbo: beta-weighted ELBO; geco: minimise KL subject to a reconstruction target (Rezende & Viola 2018).")
+@click.option("--geco-kappa", default="auto", show_default=True,
+              help="GECO target reconstruction error, nats per pixel; auto: a quarter of the error of predicting "
+                   "the training set's lesion share everywhere.")
+@click.option("--geco-alpha", type=float, default=_DEFAULTS.geco_alpha, show_default=True,
+              help="GECO moving-average decay of the constraint.")
+@click.option("--geco-rate", type=float, default=_DEFAULTS.geco_rate, show_default=True,
+              help="GECO multiplier rate: log lambda moves by rate * C_ma per step.")
+@click.option("--geco-warmup", type=float, default=None,
+              help="Epochs with lambda fixed at 1 before GECO moves it [default: a tenth of --epochs].")
+@click.option("--geco-max-step", type=float, default=_DEFAULTS.geco_max_step, show_default=True,
+              help="Bound on |change of log lambda| per step.")
+@click.option("--free-bits", type=float, default=_DEFAULTS.free_bits, show_default=True,
+              help="Floor in nats on each latent site's batch-mean KL (Kingma et al. 2016); 0: off.")
 @click.option("--clip-norm", type=float, default=None, help="Clip the global gradient norm to this value.")
 @click.option("--max-nonfinite", type=int, default=_DEFAULTS.max_nonfinite, show_default=True,
               help="Stop after this many non-finite steps in a row.")
@@ -106,6 +123,8 @@ def _parse_model_args(items: tuple[str, ...]) -> dict:
 @click.option("--test-fraction", type=float, default=_DEFAULTS.test_fraction, show_default=True, help="Share of patients held out for test.")
 @click.option("--val-samples", type=int, default=_DEFAULTS.val_samples, show_default=True,
               help="Samples per image for the validation Dice each epoch.")
+@click.option("--collapse-diagnostics/--no-collapse-diagnostics", default=True, show_default=True,
+              help="Each epoch, active units and the effect of each latent site on the validation prediction.")
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
               help="Model hyper-parameter, e.g. latent_dim=16 (repeatable).")
 @click.option("--widths", default=",".join(map(str, _DEFAULTS.widths)), show_default=True, help="Encoder widths, comma-separated.")
@@ -120,7 +139,8 @@ def _parse_model_args(items: tuple[str, ...]) -> dict:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
 def fit_cmd(model, data, image_size, epochs, batch_size, lr, device, seed, out, resume_dir, overwrite, beta, beta_warmup,
-            beta_cycle, elbo, clip_norm, max_nonfinite, val_fraction, test_fraction, val_samples, model_args, widths,
+            beta_cycle, elbo, objective, geco_kappa, geco_alpha, geco_rate, geco_warmup, geco_max_step, free_bits,
+            clip_norm, max_nonfinite, val_fraction, test_fraction, val_samples, collapse_diagnostics, model_args, widths,
             synthetic_patients, synthetic_slices, cache_dir, checkpoint_every, launcher, nproc_per_node, quiet):
     """Train a model; write config, split, metrics, checkpoint and pictures to a run folder.
 
@@ -135,6 +155,13 @@ def fit_cmd(model, data, image_size, epochs, batch_size, lr, device, seed, out, 
         widths_t = tuple(int(w) for w in widths.split(","))
     except ValueError:
         raise UsageError(f"--widths {widths!r}: expected comma-separated integers, e.g. 16,32,64,128") from None
+    if geco_kappa == "auto":
+        kappa = None
+    else:
+        try:
+            kappa = float(geco_kappa)
+        except ValueError:
+            raise UsageError(f"--geco-kappa {geco_kappa!r}: expected nats per pixel (e.g. 0.02) or auto") from None
     if checkpoint_every is not None and checkpoint_every < 1:
         raise UsageError(f"--checkpoint-every {checkpoint_every}: expected at least 1")
     if resume_dir:
@@ -145,8 +172,9 @@ def fit_cmd(model, data, image_size, epochs, batch_size, lr, device, seed, out, 
             model=model, data=data, out=out or f"runs/{model}", image_size=image_size,
             epochs=_DEFAULTS.epochs if epochs is None else epochs, batch_size=batch_size, lr=lr, device=device,
             seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, elbo=elbo, beta=beta,
-            beta_warmup=beta_warmup, beta_cycle=beta_cycle, clip_norm=clip_norm, max_nonfinite=max_nonfinite,
-            val_samples=val_samples, model_args=_parse_model_args(model_args), widths=widths_t,
+            beta_warmup=beta_warmup, beta_cycle=beta_cycle, objective=objective, geco_kappa=kappa, geco_alpha=geco_alpha,
+            geco_rate=geco_rate, geco_warmup=geco_warmup, geco_max_step=geco_max_step, free_bits=free_bits, clip_norm=clip_norm, max_nonfinite=max_nonfinite,
+            val_samples=val_samples, collapse_diagnostics=collapse_diagnostics, model_args=_parse_model_args(model_args), widths=widths_t,
             synthetic_patients=synthetic_patients, synthetic_slices=synthetic_slices, cache_dir=cache_dir,
         ).validate()
     rank, _ = distributed.env_rank()

@@ -47,8 +47,17 @@ class FitConfig:
     beta_cycle: float = 0.0
     clip_norm: float | None = None
     max_nonfinite: int = 20
+    # "elbo" (beta-weighted ELBO) or "geco" (constrained reconstruction, pyroseg.geco)
+    objective: str = "elbo"
+    geco_kappa: float | None = None  # nats per pixel; None: auto (pyroseg.geco.auto_kappa, resolved by fit)
+    geco_alpha: float = 0.99
+    geco_rate: float = 1.0
+    geco_warmup: float | None = None  # epochs of fixed lambda; None: a tenth of the epochs (resolved by validate())
+    geco_max_step: float = 0.01  # bound on |Delta log lambda| per step
+    free_bits: float = 0.0  # nats per latent site (batch mean), 0: off
     # evaluation during training
     val_samples: int = 4
+    collapse_diagnostics: bool = True  # active units and effect of each latent site, every epoch
     # model hyper-parameters beyond the shared backbone (latent sizes, ...)
     model_args: dict = field(default_factory=dict)
     widths: tuple[int, ...] = (16, 32, 64, 128)
@@ -62,7 +71,11 @@ class FitConfig:
         """Refuse values that cannot work, naming the option (UsageError, exit 2),
         and resolve defaults that depend on other fields (``beta_warmup``)."""
         if self.beta_warmup is None:
-            self.beta_warmup = round(0.25 * self.epochs, 4) if self.beta_cycle == 0 else 0.0
+            # GECO balances the terms through lambda: no KL annealing on top by default
+            anneal = self.beta_cycle == 0 and self.objective != "geco"
+            self.beta_warmup = round(0.25 * self.epochs, 4) if anneal else 0.0
+        if self.geco_warmup is None:
+            self.geco_warmup = round(0.1 * self.epochs, 4)
         checks = [
             (self.epochs >= 1, f"--epochs {self.epochs}: expected at least 1"),
             (self.batch_size >= 1, f"--batch-size {self.batch_size}: expected at least 1"),
@@ -76,6 +89,13 @@ class FitConfig:
             (self.beta_cycle >= 0, f"--beta-cycle {self.beta_cycle}: expected >= 0 epochs"),
             (self.clip_norm is None or self.clip_norm > 0, f"--clip-norm {self.clip_norm}: expected a positive norm"),
             (self.max_nonfinite >= 1, f"--max-nonfinite {self.max_nonfinite}: expected at least 1"),
+            (self.objective in ("elbo", "geco"), f"--objective {self.objective!r}: expected elbo or geco"),
+            (self.geco_kappa is None or self.geco_kappa > 0, f"--geco-kappa {self.geco_kappa}: expected a positive number of nats per pixel (or auto)"),
+            (0 <= self.geco_alpha < 1, f"--geco-alpha {self.geco_alpha}: expected a decay in [0, 1)"),
+            (self.geco_rate > 0, f"--geco-rate {self.geco_rate}: expected a positive rate"),
+            (self.geco_warmup >= 0, f"--geco-warmup {self.geco_warmup}: expected >= 0 epochs"),
+            (self.geco_max_step > 0, f"--geco-max-step {self.geco_max_step}: expected a positive bound"),
+            (self.free_bits >= 0, f"--free-bits {self.free_bits}: expected >= 0 nats"),
             (self.val_samples >= 1, f"--val-samples {self.val_samples}: expected at least 1"),
             (self.num_workers >= 0, f"--num-workers {self.num_workers}: expected >= 0"),
         ]

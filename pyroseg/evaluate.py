@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from pyroseg.collapse import collapse_report
 from pyroseg.data import load_source
 from pyroseg.data.core import SegData
 from pyroseg.errors import UsageError
@@ -55,6 +56,7 @@ def evaluate_run(
     device: str = "auto",
     cache_dir: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    collapse_samples: int = 8,
 ) -> dict[str, Any]:
     """Evaluate the run in ``run_dir``.
 
@@ -63,7 +65,10 @@ def evaluate_run(
     run's own data), ``val``, ``train`` or ``all`` (default with ``data``).
     Returns the report dict (see :func:`pyroseg.metrics.segmentation_report`),
     plus ``elbo`` (mean negative ELBO per image, beta = 1), its ``recon`` and
-    per-site ``kl_*`` terms for generative models.
+    per-site ``kl_*`` terms for generative models, and per latent site the
+    collapse diagnostics of :func:`pyroseg.collapse.collapse_report`
+    (``au_*`` active units of ``units_*``, ``dice_change_*``, ``effect_*``;
+    point predictions there are means of ``collapse_samples`` samples, 0: skip).
     """
     if num_samples < 1:
         raise UsageError(f"--num-samples {num_samples}: expected at least 1")
@@ -92,6 +97,8 @@ def evaluate_run(
         for k, v in pred.terms.items():
             if k.startswith("kl_"):
                 report[k] = float(np.mean(v))
+        if collapse_samples > 0:
+            report.update(collapse_report(run.model, subset, num_samples=collapse_samples, batch_size=batch_size, device=dev))
     else:
         report["nll"] = float(np.mean(pred.terms["loss"]))
     report.update(

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from pyroseg.checkpoint import atomic_write  # noqa: E402
 from pyroseg.runs import read_metrics_csv  # noqa: E402
 
-__all__ = ["plot_curves", "sample_grid", "validation_grid", "uncertainty"]
+__all__ = ["plot_curves", "sample_grid", "validation_grid", "latent_scales_grid", "uncertainty"]
 
 
 def uncertainty(samples: np.ndarray) -> np.ndarray:
@@ -45,9 +45,12 @@ def plot_curves(metrics_csv: str | Path, png: str | Path) -> Path:
         panels.append(("KL per latent site (nats / image)", [(k, k[len("val_kl_"):]) for k in kl_cols]))
     panels.append(("beta", [("beta", "beta")]))
     panels.append(("validation Dice", [("val_dice_all", "dice_all"), ("val_dice_tumour", "dice_tumour")]))
+    au_cols = [k for k in rows[0] if k.startswith("val_au_")]
+    if au_cols:
+        panels.append(("active units per latent site (val)", [(k, k[len("val_au_"):]) for k in au_cols]))
     extra = [k for k in ("geco_lambda",) if k in rows[0]]
     for k in extra:
-        panels.append((k, [(k, k)]))
+        panels.append(("GECO lambda (1 = ELBO)", [(k, k)]))
     n = len(panels)
     cols = min(3, n)
     nrows = math.ceil(n / cols)
@@ -163,3 +166,63 @@ def validation_grid(model, data, png: str | Path, *, device="cpu", n_images: int
         for j, i in enumerate(pick)
     ]
     return sample_grid(rows, png, title=f"{model.name}: validation samples (z from {model.sample_from})")
+
+
+@torch.inference_mode()
+def latent_scales_grid(model, data, png: str | Path, *, device="cpu", n_images: int = 3, num_samples: int = 6, seed: int = 0) -> Path:
+    """What each latent site controls: for each of ``n_images`` validation slices
+    (lesion slices first), one row of samples with every site drawn, then one
+    row per site with only that site drawn and every other site fixed to the
+    mean of its test-time distribution (the prior net's for the Probabilistic
+    U-Nets, as in the HPU-Net paper's figures; ``q(z|x)``'s for the VAE family).
+    A row whose samples all look alike belongs to a site that controls nothing.
+    """
+    from pyroseg.collapse import predict_probs  # avoids an import cycle at module load
+
+    png = Path(png)
+    has = data.masks[:, 0].reshape(len(data), -1).any(1)
+    rng = np.random.default_rng(seed)
+    lesion = np.flatnonzero(has)
+    pick = list(rng.choice(lesion, size=min(len(lesion), n_images), replace=False)) if len(lesion) else []
+    pick += [i for i in range(len(data)) if i not in pick][: n_images - len(pick)]
+    sites = list(model.latent_sites)
+    was = model.training
+    model.eval()
+    images = torch.from_numpy(data.images[pick]).float().div(255).to(device)
+    rows_per_image = [("all sites drawn", predict_probs(model, images, num_samples=num_samples))]
+    for s in sites:
+        others = [o for o in sites if o != s]
+        rows_per_image.append((f"only {s} drawn", predict_probs(model, images, num_samples=num_samples, fix=others)))
+    model.train(was)
+    nrows = len(pick) * len(rows_per_image)
+    ncols = 2 + num_samples + 1
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.3 * ncols + 0.6, 1.35 * nrows + 0.5), squeeze=False)
+    for j, i in enumerate(pick):
+        img = images[j].cpu().numpy()
+        flair = img[1] if img.shape[0] >= 2 else img[0]
+        for k, (label, probs) in enumerate(rows_per_image):
+            r = j * len(rows_per_image) + k
+            p = probs[:, j, 0].cpu().numpy()  # (S, H, W)
+            ax = axes[r, 0]
+            ax.imshow(flair, cmap="gray", vmin=0, vmax=1)
+            ax.set_ylabel(label, fontsize=7)
+            ax = axes[r, 1]
+            ax.imshow(flair, cmap="gray", vmin=0, vmax=1)
+            ax.imshow(np.ma.masked_equal(data.masks[i, 0].astype(float), 0), cmap="autumn", alpha=0.6, vmin=0, vmax=1)
+            for s in range(num_samples):
+                ax = axes[r, 2 + s]
+                ax.imshow(flair, cmap="gray", vmin=0, vmax=1)
+                ax.imshow(np.ma.masked_equal((p[s] >= 0.5).astype(float), 0), cmap="cool", alpha=0.6, vmin=0, vmax=1)
+            ax = axes[r, -1]
+            ax.imshow(uncertainty(p), cmap="magma", vmin=0, vmax=0.5)
+            if r == 0:
+                for c, t in enumerate(["image", "truth"] + [f"sample {s + 1}" for s in range(num_samples)] + ["std"]):
+                    axes[0, c].set_title(t, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{model.name}: what each latent site controls (others at the mean of {model.sample_from})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png

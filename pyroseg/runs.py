@@ -7,7 +7,8 @@
       metrics.csv     one row per epoch (train loss, validation ELBO terms,
                       KL per latent site, beta, validation Dice, timings)
       checkpoint.pt   weights, optimizer, epoch/step, RNG states, history
-      curves.png      training curves; val_samples.png a grid of validation samples
+      curves.png      training curves; val_samples.png a grid of validation samples;
+                      latent_scales.png what each latent site controls (models with several)
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ CONFIG = "config.json"
 SPLIT = "split.json"
 METRICS = "metrics.csv"
 CHECKPOINT = "checkpoint.pt"
-RUN_FILES = (CONFIG, SPLIT, METRICS, CHECKPOINT, "curves.png", "val_samples.png")
+RUN_FILES = (CONFIG, SPLIT, METRICS, CHECKPOINT, "curves.png", "val_samples.png", "latent_scales.png")
 
 #: Fields of a FitConfig that may differ between a run's config.json and its
 #: checkpoint (``--resume`` may raise ``epochs``; the rest do not change results).

@@ -5,11 +5,16 @@ pair, per image::
 
     loss = E_q[-recon_scale * log p(y | x, z)] + beta * KL(q(z | ...) || p(z | ...))
 
-computed by :class:`pyro.infer.TraceMeanField_ELBO` (analytic KL per latent
-site, given the sites sampled before it; valid here because every guide samples
-its latents in the model's order) or :class:`pyro.infer.Trace_ELBO` (Monte
-Carlo KL), through ``differentiable_loss``. ``beta`` enters through
-``poutine.scale`` on the latent sites inside the models.
+computed by :class:`pyroseg.objective.SiteELBO`, Pyro's
+:class:`~pyro.infer.TraceMeanField_ELBO` (analytic KL per latent site, given the
+sites sampled before it; valid here because every guide samples its latents in
+the model's order) or :class:`~pyro.infer.Trace_ELBO` (Monte Carlo KL) written
+out site by site, so that a free-bits floor can act on each site's KL and the
+terms of the same forward pass come back with the loss. ``beta`` enters
+through ``poutine.scale`` on the latent sites inside the models, ``recon_scale``
+through ``poutine.scale`` on the likelihood: with ``--objective geco`` it is the
+Lagrange multiplier of :mod:`pyroseg.geco`, so one loop serves the ELBO, the
+annealed ELBO and GECO.
 
 One SVI step is what :meth:`pyro.infer.SVI.step` does (loss, backward,
 optimizer step), written out so that three things can sit between backward and
@@ -32,24 +37,26 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyro
 import torch
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from pyroseg import distributed
 from pyroseg.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
+from pyroseg.collapse import collapse_report, latent_units
 from pyroseg.config import CONFIG_VERSION, FitConfig, load_config_json, versions
 from pyroseg.data import SegData, SegDataset, collate_batch, load_source, split_patients
 from pyroseg.errors import CheckpointError, TrainingError, UsageError
+from pyroseg.geco import GECO, geco_from_config
 from pyroseg.metrics import segmentation_report
 from pyroseg.models import SegModel, build_model
+from pyroseg.objective import SiteELBO
 from pyroseg.predict import predict_dataset
 from pyroseg.runs import CHECKPOINT, CONFIG, METRICS, SPLIT, prepare_run_dir, write_json, write_metrics_csv
 from pyroseg.runs import check_checkpoint, clear_run_files, load_weights
@@ -72,13 +79,14 @@ def resolve_device(name: str) -> torch.device:
         raise UsageError(f"--device {name!r}: expected auto, cpu or cuda") from None
 
 
-def make_elbo(kind: str):
-    """``"meanfield"``: :class:`~pyro.infer.TraceMeanField_ELBO` (analytic KL); ``"trace"``: :class:`~pyro.infer.Trace_ELBO`."""
-    if kind == "meanfield":
-        return TraceMeanField_ELBO()
-    if kind == "trace":
-        return Trace_ELBO()
-    raise UsageError(f"--elbo {kind!r}: expected meanfield or trace")
+def make_elbo(kind: str, *, free_bits: float = 0.0) -> SiteELBO:
+    """The objective of :mod:`pyroseg.objective`: ``"meanfield"``: analytic KL per site
+    (as :class:`~pyro.infer.TraceMeanField_ELBO`); ``"trace"``: Monte Carlo KL (as
+    :class:`~pyro.infer.Trace_ELBO`); ``free_bits``: a floor in nats on each latent
+    site's batch-mean KL (0: off)."""
+    if kind not in ("meanfield", "trace"):
+        raise UsageError(f"--elbo {kind!r}: expected meanfield or trace")
+    return SiteELBO(analytic_kl=kind == "meanfield", free_bits=free_bits)
 
 
 class ELBOLoss(nn.Module):
@@ -87,24 +95,34 @@ class ELBOLoss(nn.Module):
 
     A module so that DistributedDataParallel can wrap it; per image (not per
     batch) so that averaging gradients over ranks gives the gradient of the
-    global batch.
+    global batch. After each call ``last_terms`` holds the batch means of the
+    unscaled terms of that same pass (``recon``, ``kl_<site>``: detached 0-dim
+    tensors; see :class:`~pyroseg.objective.SiteELBO`).
     """
 
-    def __init__(self, model: SegModel, elbo):
+    def __init__(self, model: SegModel, elbo: SiteELBO):
         super().__init__()
         self.seg = model
         self.elbo = elbo
+        self.last_terms: dict[str, torch.Tensor] = {}
 
     def forward(self, image: torch.Tensor, mask: torch.Tensor, beta: float = 1.0, recon_scale: float = 1.0) -> torch.Tensor:
-        loss = self.elbo.differentiable_loss(self.seg.model, self.seg.guide, image, mask, beta=beta, recon_scale=recon_scale)
+        loss, terms = self.elbo.differentiable_loss_and_terms(
+            self.seg.model, self.seg.guide, image, mask, beta=beta, recon_scale=recon_scale
+        )
+        self.last_terms = {k: v.mean() for k, v in terms.items()}
         return loss / image.shape[0]
 
 
 @dataclass
 class StepOutcome:
+    """``terms``: batch means of the step's unscaled ``recon`` and ``kl_<site>``
+    (0-dim tensors; empty for a step that failed before a loss existed)."""
+
     loss: float
     grad_norm: float
     applied: bool
+    terms: dict = field(default_factory=dict)
 
 
 class Trainer:
@@ -119,12 +137,16 @@ class Trainer:
         clip_norm: float | None = None,
         max_nonfinite: int = 20,
         validate: bool = False,
+        free_bits: float = 0.0,
     ):
         """``validate``: Pyro/torch argument checks during training steps (off by
-        default: they cost time every step and the guard catches what they would)."""
+        default: they cost time every step and the guard catches what they would).
+        ``free_bits``: the floor of :func:`pyroseg.objective.free_bits` (0: off)."""
         self.model = model
         self.validate = validate
-        self.loss_fn: nn.Module = ELBOLoss(model, make_elbo(elbo))
+        self.elbo_loss = ELBOLoss(model, make_elbo(elbo, free_bits=free_bits))
+        #: what a step calls: ``elbo_loss`` itself, or a wrapper of it (DDP, autocast)
+        self.loss_fn: nn.Module = self.elbo_loss
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         self.clip_norm = clip_norm
         self.max_nonfinite = max_nonfinite
@@ -160,7 +182,7 @@ class Trainer:
             return self._skip(value, grad_norm)
         self.optimizer.step()
         self.nonfinite_streak = 0
-        return StepOutcome(value, grad_norm, applied=True)
+        return StepOutcome(value, grad_norm, applied=True, terms=self.elbo_loss.last_terms)
 
     def _skip(self, value: float, grad_norm: float) -> StepOutcome:
         """Count a non-finite step without applying it; stop after too many in a row."""
@@ -228,7 +250,8 @@ class FitCallbacks:
 
 
 def _validate(model: SegModel, data: SegData, cfg: FitConfig, device: torch.device) -> dict[str, float]:
-    """Validation ELBO terms (beta = 1) and Dice of the mean of ``val_samples`` samples."""
+    """Validation ELBO terms (beta = 1), Dice of the mean of ``val_samples`` samples,
+    and the collapse diagnostics of every latent site (:mod:`pyroseg.collapse`)."""
     if len(data) == 0:
         return {}
     pred = predict_dataset(model, data, num_samples=cfg.val_samples, batch_size=max(cfg.batch_size, 32), device=device)
@@ -236,6 +259,9 @@ def _validate(model: SegModel, data: SegData, cfg: FitConfig, device: torch.devi
     rep = segmentation_report(torch.from_numpy(pred.mean), torch.from_numpy(data.masks[:, 0]), data.patients)
     row["val_dice_all"] = rep["dice_all"]
     row["val_dice_tumour"] = rep["dice_tumour"]
+    if cfg.collapse_diagnostics:
+        diag = collapse_report(model, data, num_samples=cfg.val_samples, batch_size=max(cfg.batch_size, 32), device=device)
+        row.update({f"val_{k}": v for k, v in diag.items() if not k.startswith("units_")})
     return row
 
 
@@ -245,6 +271,7 @@ def _model_doc(model: SegModel) -> dict:
         "hparams": model.hparams(),
         "num_params": model.num_params,
         "latent_sites": list(model.latent_sites),
+        "latent_units": latent_units(model),
         "sample_from": model.sample_from,
     }
 
@@ -300,7 +327,8 @@ def fit(
     ctx.check_consistent(lambda: _data_fingerprint(train_data, val_data),
                          what="after loading --data", hint="every process must read the same data (shared storage, same files)")
 
-    trainer = Trainer(model, lr=config.lr, elbo=config.elbo, clip_norm=config.clip_norm, max_nonfinite=config.max_nonfinite)
+    trainer = Trainer(model, lr=config.lr, elbo=config.elbo, clip_norm=config.clip_norm, max_nonfinite=config.max_nonfinite,
+                      free_bits=config.free_bits)
     if ctx.enabled:  # DDP averages gradients in backward; beta = 0 leaves a prior net unused
         trainer.loss_fn = ctx.wrap(trainer.loss_fn, find_unused_parameters=model.has_latent)
         trainer.reduce = ctx.mean
@@ -311,6 +339,7 @@ def fit(
     loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, collate_fn=collate_batch,
                         generator=torch.Generator().manual_seed(config.seed))
     steps_per_epoch = math.ceil(sampler.num_samples / local_batch)
+    geco: GECO | None = geco_from_config(config, train_data.masks, steps_per_epoch) if config.objective == "geco" else None
 
     history: list[dict[str, Any]] = []
     epoch, batch_in_epoch, global_step = 0, 0, 0
@@ -325,6 +354,8 @@ def fit(
             history = list(ckpt["history"])
             partial = dict(ckpt.get("partial", partial))
             _restore_rng(ckpt, ctx, config.seed, global_step)
+            if geco is not None:
+                geco.load_state_dict(ckpt["geco"])
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"{out / CHECKPOINT}: incomplete training state ({type(e).__name__}: {e})") from None
         doc.setdefault("resumed", []).append({"at_epoch": epoch, "at_batch": batch_in_epoch, "time": _now(),
@@ -349,6 +380,9 @@ def fit(
         }
         if ctx.enabled:
             doc["distributed"] = {**ctx.describe(), "batch_per_process": local_batch}
+        if geco is not None:
+            doc["geco"] = {"kappa": geco.kappa, "kappa_from": "auto" if config.geco_kappa is None else "--geco-kappa",
+                           "warmup_steps": geco.warmup_steps}
         ctx.seed(config.seed)  # after the model is built: each rank its own z noise
         if ctx.is_main:
             write_json(out / SPLIT, {"seed": config.seed, "val_fraction": config.val_fraction,
@@ -376,6 +410,7 @@ def fit(
                 "partial": partial,
                 "rng": get_rng_state(),
                 "config": config.to_dict(),
+                **({"geco": geco.state_dict()} if geco is not None else {}),
             },
         )
 
@@ -388,7 +423,10 @@ def fit(
             beta = beta_at(epoch + batch_in_epoch / steps_per_epoch, beta=config.beta, warmup=config.beta_warmup, cycle=config.beta_cycle)
             image = batch["image"].to(device, non_blocking=True)
             mask = batch["mask"].to(device, non_blocking=True)
-            outcome = trainer.step(image, mask, beta=beta)
+            outcome = trainer.step(image, mask, beta=beta, recon_scale=geco.recon_scale if geco else 1.0)
+            if geco is not None and outcome.applied:  # C of the global batch: identical on every rank
+                recon = outcome.terms["recon"] if trainer.reduce is None else trainer.reduce(outcome.terms["recon"])
+                geco.update(float(recon) / mask[0].numel())  # nats per pixel
             if outcome.applied:  # the loss is the global batch's: count every rank's images
                 partial["loss_sum"] += outcome.loss * (image.shape[0] * ctx.world_size)
                 partial["count"] += image.shape[0] * ctx.world_size
@@ -407,6 +445,8 @@ def fit(
             "beta": beta_at(epoch + 1, beta=config.beta, warmup=config.beta_warmup, cycle=config.beta_cycle),
             "train_loss": partial["loss_sum"] / max(partial["count"], 1) if partial["count"] else float("nan"),
         }
+        if geco is not None:
+            row.update(geco.log_row())
         row.update(ctx.on_main(lambda: _validate(model, val_data, config, device)))  # rank 0's, on every rank
         model.train()
         row["nonfinite_steps"] = trainer.nonfinite_total
@@ -416,7 +456,7 @@ def fit(
         epoch += 1
         batch_in_epoch = 0
         partial = {"loss_sum": 0.0, "count": 0, "train_time": 0.0}
-        ctx.check_consistent(lambda: _rank_state(model, trainer, global_step), what=f"after epoch {epoch}")
+        ctx.check_consistent(lambda: _rank_state(model, trainer, global_step, geco), what=f"after epoch {epoch}")
         checkpoint()
         if ctx.is_main:
             write_metrics_csv(out / METRICS, history)
@@ -451,13 +491,15 @@ def _data_fingerprint(train: SegData, val: SegData) -> dict[str, Any]:
             "the data's sha256": h.hexdigest()}
 
 
-def _rank_state(model: SegModel, trainer: Trainer, global_step: int) -> dict[str, Any]:
+def _rank_state(model: SegModel, trainer: Trainer, global_step: int, geco: GECO | None = None) -> dict[str, Any]:
     """Training state that must be identical on every rank, checked after every
-    epoch of a data-parallel run. Add here any state that evolves during
-    training (GECO's multiplier and moving average), computed from
-    ``trainer.reduce``-d values."""
-    return {"the weights' sha256": distributed.state_digest(model.state_dict()), "the step": global_step,
-            "the non-finite step count": trainer.nonfinite_total}
+    epoch of a data-parallel run: weights, step, non-finite count and GECO's
+    multiplier and moving average (updated from ``trainer.reduce``-d values)."""
+    state = {"the weights' sha256": distributed.state_digest(model.state_dict()), "the step": global_step,
+             "the non-finite step count": trainer.nonfinite_total}
+    if geco is not None:
+        state["GECO's state"] = repr(sorted(geco.state_dict().items()))
+    return state
 
 
 def _restore_rng(ckpt: dict, ctx: distributed.DistContext, seed: int, global_step: int) -> None:
@@ -484,6 +526,8 @@ def _pictures(out: Path, model: SegModel, val_data: SegData, device: torch.devic
         plots.plot_curves(out / METRICS, out / "curves.png")
         if len(val_data):
             plots.validation_grid(model, val_data, out / "val_samples.png", device=device)
+            if len(model.latent_sites) > 1:
+                plots.latent_scales_grid(model, val_data, out / "latent_scales.png", device=device)
     except Exception as e:  # pictures are a convenience; the weights and metrics are already safe
         log.warning("could not draw pictures in %s: %s", out, e)
 

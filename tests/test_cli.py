@@ -85,6 +85,8 @@ def test_evaluate_json_report(runs, model, tmp_path):
         assert math.isfinite(rep["elbo"]) and rep["elbo"] > 0
         assert rep["elbo"] == pytest.approx(rep["recon"] + rep["kl_z"], rel=1e-4)
         assert rep["num_samples"] == 2
+        assert rep["units_z"] == 6 and 0 <= rep["au_z"] <= 6 and 0 <= rep["effect_z"] <= 1  # collapse diagnostics
+        assert f"active units (Cov_x E_q[z_u] > 0.01): z {rep['au_z']}/6" in res.stdout
     else:
         assert "elbo" not in rep and math.isfinite(rep["nll"]) and rep["num_samples"] == 1
     # the printed table shows the same numbers as the JSON
@@ -158,6 +160,18 @@ def test_plot(runs, tmp_path):
     assert f"wrote {png}" in res.stdout
     with Image.open(png) as im:
         assert im.format == "PNG" and min(im.size) > 100
+
+
+def test_plot_latents(runs, tmp_path):
+    png = tmp_path / "latents.png"
+    res = _ok(invoke("plot", str(runs["prob_unet"]), "--latents", "--num-samples", "2", "--images", "1", "--out", str(png)))
+    assert f"wrote {png}" in res.stdout
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[1] > 100
+    res = invoke("plot", str(runs["unet"]), "--latents", "--out", str(png))
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    errors = [line for line in res.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "--latents" in errors[0] and "unet" in errors[0], res.stderr
 
 
 def test_inspect_synthetic_with_preview(tmp_path):

@@ -1,0 +1,117 @@
+"""Collapse diagnostics: active units, the prior-mean intervention, the report and the picture."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from pyro import poutine
+
+from pyroseg.collapse import FixSites, active_units, collapse_report, latent_units, predict_probs
+from pyroseg.data.core import SegData
+from pyroseg.models import build_model
+
+H = 32
+
+
+def test_active_units_counts_dimensions_whose_mean_varies_across_inputs():
+    g = torch.Generator().manual_seed(0)
+    n = 2000
+    means = torch.stack([
+        torch.full((n,), 3.0),  # constant: inactive, however far from 0
+        torch.randn(n, generator=g) * 0.5**0.5,  # variance 0.5: active
+        torch.randn(n, generator=g) * 0.05,  # variance 0.0025: inactive
+        torch.randn(n, generator=g) * 0.2,  # variance 0.04: active
+    ], dim=1)
+    n_active, var = active_units(means)
+    assert n_active == 2
+    torch.testing.assert_close(var, torch.tensor([0.0, 0.5, 0.0025, 0.04]), rtol=0.1, atol=1e-4)
+    assert active_units(means[:1])[0] == 0
+
+
+def test_fix_sites_sets_a_site_to_its_conditional_mean_and_keeps_it_latent():
+    model = build_model("hvae", image_size=H)
+    image = torch.rand(3, 3, H, H)
+    tr = poutine.trace(FixSites({"z_2"})(model.model)).get_trace(image, None)
+    z2 = tr.nodes["z_2"]
+    assert not z2["is_observed"]
+    torch.testing.assert_close(z2["value"], z2["fn"].mean)  # the mean of p(z_2 | z_3), z_3 as drawn
+    assert not torch.allclose(tr.nodes["z_3"]["value"], tr.nodes["z_3"]["fn"].mean)  # z_3 was drawn
+    given = torch.ones(3, 16)
+    tr = poutine.trace(FixSites(values={"z_3": given})(model.model)).get_trace(image, None)
+    assert torch.equal(tr.nodes["z_3"]["value"], given)
+
+
+def test_prior_mean_of_the_vae_is_zero_so_every_image_gets_decoder_of_zero():
+    model = build_model("vae", image_size=H).eval()
+    image = torch.rand(3, 3, H, H)
+    probs = predict_probs(model, image, num_samples=2, prior_mean="z")  # (S, B, 1, H, W)
+    expected = torch.sigmoid(model.mask_logits(torch.zeros(1, model.latent_dim)))  # (1, 1, H, W)
+    torch.testing.assert_close(probs, expected.expand_as(probs))
+    drawn = predict_probs(model, image, num_samples=2)
+    assert not torch.allclose(drawn[0], drawn[1])  # z from q(z | x): samples differ
+
+
+def test_prior_mean_of_the_prob_unet_is_the_prior_nets_mean():
+    model = build_model("prob_unet", image_size=H).eval()
+    with torch.no_grad():
+        model.prior_net.head.proj.weight.normal_(0, 0.5)  # a prior net that depends on the image
+    image = torch.rand(2, 3, H, H)
+    probs = predict_probs(model, image, num_samples=3, prior_mean="z")
+    with torch.no_grad():
+        loc, _ = model.prior_net(image)
+        expected = torch.sigmoid(model.fcomb(model.unet.features(image), loc.unsqueeze(0)))  # (1, B, 1, H, W)
+    torch.testing.assert_close(probs, expected.expand_as(probs), rtol=1e-5, atol=1e-6)
+
+
+def _data(n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = (torch.rand(n, 3, H, H, generator=g) * 255).to(torch.uint8).numpy()
+    masks = torch.zeros(n, 1, H, H, dtype=torch.uint8)
+    masks[: n // 2, :, 8:20, 10:22] = 1
+    return SegData(images=images, masks=masks.numpy(), patients=np.array([f"p{i // 4}" for i in range(n)]),
+                   slice_numbers=np.arange(n), source="test")
+
+
+def test_a_disconnected_latent_shows_no_active_units_and_no_effect():
+    """A VAE whose q(z|x) ignores x and whose decoder ignores z: 0 active units,
+    no change when z is replaced by its prior mean. Then a q(z|x) that moves with
+    x: every unit is active."""
+    data = _data()
+    model = build_model("vae", image_size=H).eval()
+    with torch.no_grad():
+        model.q_z.proj.weight.zero_()  # loc = bias: the same for every image
+        model.stem.fc[0].weight.zero_()  # decoder input does not depend on z
+    rep = collapse_report(model, data, num_samples=2, batch_size=5)
+    assert rep == {"au_z": 0, "units_z": 24, "dice_change_z": 0.0, "effect_z": 0.0}
+    with torch.no_grad():
+        model.q_z.proj.weight[:24].normal_(0, 5.0)
+    assert collapse_report(model, data, num_samples=2)["au_z"] == 24
+
+
+def test_a_used_latent_changes_the_prediction_when_set_to_its_prior_mean():
+    """prob_unet whose z decides the mask: a large z weight in f_comb. Setting z to
+    the prior mean (0 at init) changes the prediction: effect > 0."""
+    pyro.set_rng_seed(0)
+    data = _data()
+    model = build_model("prob_unet", image_size=H).eval()
+    with torch.no_grad():
+        model.fcomb.z_in.weight.fill_(0.0)
+        model.fcomb.z_in.weight[:, 0] = 4.0  # the first coordinate of z switches hidden units on
+        model.fcomb.mid.weight.copy_(torch.eye(16)[:, :, None, None])
+        model.fcomb.out.weight.fill_(1.0)
+    rep = collapse_report(model, data, num_samples=1)
+    assert rep["effect_z"] > 0.1
+    assert latent_units(model) == {"z": 6}
+    hp = build_model("hprob_unet", image_size=H)
+    assert latent_units(hp) == {"z_3": 2 * 4 * 4, "z_2": 2 * 8 * 8, "z_1": 2 * 16 * 16}
+
+
+@pytest.mark.slow
+def test_latent_scales_grid_draws_a_png(tmp_path):
+    from pyroseg.plots import latent_scales_grid
+
+    model = build_model("hvae", image_size=H)
+    png = latent_scales_grid(model, _data(), tmp_path / "l.png", n_images=2, num_samples=2)
+    assert png.stat().st_size > 5000

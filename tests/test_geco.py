@@ -1,0 +1,124 @@
+"""GECO: the update rules by value, the multiplier reaching the likelihood site,
+and its state surviving a resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pyro
+import pytest
+import torch
+
+from pyroseg.config import FitConfig
+from pyroseg.errors import UsageError
+from pyroseg.geco import GECO, auto_kappa, moving_average, multiplier_step
+from pyroseg.models import build_model
+from pyroseg.train import Trainer, fit
+
+
+def test_moving_average_starts_at_the_first_value_then_decays():
+    assert moving_average(None, 0.3, 0.99) == 0.3
+    assert moving_average(0.3, 0.1, 0.9) == pytest.approx(0.9 * 0.3 + 0.1 * 0.1)
+    assert moving_average(0.3, 0.1, 0.0) == 0.1
+
+
+def test_multiplier_step_is_exponential_bounded_and_clipped():
+    assert multiplier_step(2.0, 0.05, rate=1.0) == pytest.approx(2.0 * math.exp(0.05))
+    assert multiplier_step(2.0, -0.05, rate=1.0) == pytest.approx(2.0 * math.exp(-0.05))  # shrinks when met
+    assert multiplier_step(2.0, 0.05, rate=1.0, max_step=0.01) == pytest.approx(2.0 * math.exp(0.01))
+    assert multiplier_step(2.0, -5.0, rate=1.0, max_step=0.01) == pytest.approx(2.0 * math.exp(-0.01))
+    assert multiplier_step(2.0, 5.0, rate=1.0, lambda_max=3.0) == 3.0
+    assert multiplier_step(2.0, -5.0, rate=1.0, lambda_min=1.5) == 1.5
+
+
+def test_geco_update_sequence_by_hand():
+    g = GECO(kappa=0.1, alpha=0.5, rate=2.0, warmup_steps=1, max_step=1.0)
+    assert g.recon_scale == 1.0
+    # step 1 (warm-up): C_ma = 0.3 - 0.1 = 0.2, lambda unchanged
+    assert g.update(0.3) == 1.0 and g.c_ma == pytest.approx(0.2) and g.steps == 1
+    # step 2: C_ma = 0.5 * 0.2 + 0.5 * (0.2 - 0.1) = 0.15; lambda = exp(2 * 0.15)
+    assert g.update(0.2) == pytest.approx(math.exp(0.3))
+    assert g.c_ma == pytest.approx(0.15)
+    # step 3: reconstruction better than kappa: C_ma = 0.5 * 0.15 + 0.5 * (0.0 - 0.1) = 0.025, still > 0
+    lam = g.update(0.0)
+    assert lam == pytest.approx(math.exp(0.3) * math.exp(0.05))
+    # step 4: C_ma = 0.5 * 0.025 - 0.05 = -0.0375 < 0: lambda goes down
+    assert g.update(0.0) == pytest.approx(lam * math.exp(-0.075))
+    # a non-finite reconstruction changes nothing
+    before = g.state_dict()
+    g.update(float("nan"))
+    assert g.state_dict() == before
+
+
+def test_geco_state_dict_round_trip():
+    g = GECO(kappa=0.02, warmup_steps=0)
+    for c in (0.1, 0.05, 0.01):
+        g.update(c)
+    h = GECO(kappa=0.5)
+    h.load_state_dict(g.state_dict())
+    assert (h.lam, h.c_ma, h.steps, h.kappa) == (g.lam, g.c_ma, g.steps, g.kappa)
+    assert all(isinstance(v, (int, float)) for v in g.state_dict().values())  # weights_only-safe
+
+
+def test_auto_kappa_is_a_quarter_of_the_entropy_of_the_lesion_share():
+    masks = np.zeros((10, 1, 10, 10), np.uint8)
+    masks[0, 0, :5, :2] = 1  # 10 of 1000 pixels: p = 0.01
+    h = -(0.01 * math.log(0.01) + 0.99 * math.log(0.99))
+    assert auto_kappa(masks) == pytest.approx(0.25 * h)
+    assert auto_kappa(masks, fraction=1.0) == pytest.approx(h)
+
+
+def test_geco_config_is_validated():
+    with pytest.raises(UsageError, match="--objective"):
+        FitConfig(objective="vi").validate()
+    with pytest.raises(UsageError, match="--geco-kappa"):
+        FitConfig(objective="geco", geco_kappa=0).validate()
+    with pytest.raises(UsageError, match="--geco-alpha"):
+        FitConfig(geco_alpha=1.0).validate()
+    with pytest.raises(UsageError, match="--free-bits"):
+        FitConfig(free_bits=-1).validate()
+    cfg = FitConfig(objective="geco", epochs=20).validate()
+    assert cfg.beta_warmup == 0.0 and cfg.geco_warmup == 2.0  # no KL annealing under GECO; lambda fixed 2 epochs
+
+
+def test_lambda_scales_the_likelihood_gradient_only():
+    """recon_scale = lambda multiplies the likelihood site in the step: the
+    trainer's loss equals lambda * recon + KL of the same pass."""
+    g = torch.Generator().manual_seed(0)
+    image, mask = torch.rand(4, 3, 32, 32, generator=g), (torch.rand(4, 1, 32, 32, generator=g) > 0.8).float()
+    model = build_model("prob_unet", image_size=32)
+    trainer = Trainer(model, lr=1e-3)
+    out = trainer.step(image, mask, recon_scale=3.0)
+    kl = sum(float(v) for k, v in out.terms.items() if k.startswith("kl_"))
+    assert out.loss == pytest.approx(3.0 * float(out.terms["recon"]) + kl, rel=1e-5)
+
+
+def _cfg(tmp_path, out, epochs, **kw):
+    base = dict(model="hvae", data="synthetic", out=str(tmp_path / out), image_size=32, epochs=epochs, batch_size=16,
+                synthetic_patients=5, synthetic_slices=8, val_samples=1, seed=0, objective="geco", geco_kappa=0.01,
+                geco_warmup=0.5, free_bits=0.5)
+    base.update(kw)
+    return FitConfig(**base)
+
+
+def test_geco_and_free_bits_state_survives_a_resume(tmp_path):
+    """1 epoch, then resume to 2, equals 2 epochs straight: weights, lambda, C_ma;
+    lambda and C_ma are logged per epoch and saved in the checkpoint."""
+    straight = fit(_cfg(tmp_path, "straight", 2), pictures=False)
+    part = fit(_cfg(tmp_path, "part", 1), pictures=False)
+    fit(FitConfig(out=str(part), epochs=2), resume=True, pictures=False)
+    s1 = torch.load(straight / "checkpoint.pt", weights_only=True)
+    s2 = torch.load(part / "checkpoint.pt", weights_only=True)
+    assert s1["geco"] == s2["geco"]
+    assert s1["geco"]["steps"] == 2 * 2 and s1["geco"]["lam"] != 1.0  # 2 steps per epoch, warm-up of 1 step
+    for k in s1["model_state"]:
+        torch.testing.assert_close(s1["model_state"][k], s2["model_state"][k], rtol=0, atol=0, msg=k)
+    rows = list(csv.DictReader(open(part / "metrics.csv")))
+    assert [float(r["geco_lambda"]) for r in rows][-1] == pytest.approx(s2["geco"]["lam"], rel=1e-5)
+    assert {"geco_c_ma", "val_au_z_1", "val_effect_z_3", "val_dice_change_z_2"} <= set(rows[0])
+    doc = json.loads((part / "config.json").read_text())
+    assert doc["fit"]["free_bits"] == 0.5 and doc["geco"]["kappa"] == 0.01
+    assert doc["model"]["latent_units"] == {"z_3": 16, "z_2": 32, "z_1": 64}
