@@ -7,6 +7,7 @@ PNG and returns its path.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +20,7 @@ import torch  # noqa: E402
 
 from pyroseg.runs import read_metrics_csv  # noqa: E402
 
-__all__ = ["plot_curves", "sample_grid", "validation_grid", "uncertainty"]
+__all__ = ["plot_curves", "sample_grid", "validation_grid", "uncertainty", "reliability_diagram"]
 
 
 def uncertainty(samples: np.ndarray) -> np.ndarray:
@@ -134,6 +135,50 @@ def sample_grid(
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def reliability_diagram(curves: dict[str, dict], png: str | Path, *, title: str | None = None) -> Path:
+    """Observed lesion frequency against predicted probability, one line per curve.
+
+    ``curves``: ``{label: curve}`` with each curve as from
+    :func:`pyroseg.metrics.reliability_curve` (``edges``, ``count``,
+    ``confidence``, ``frequency``). Top: frequency against mean confidence per
+    bin (a calibrated model lies on the diagonal); bottom: pixels per bin (log
+    scale), since a few bins usually hold almost every pixel.
+    """
+    png = Path(png)
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(4.6, 5.4), gridspec_kw={"height_ratios": [3, 1.2]}, sharex=True)
+    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="calibrated")
+    markers = "osD^v<>"
+    for k, (label, c) in enumerate(curves.items()):
+        conf = np.asarray(c["confidence"], dtype=float)
+        freq = np.asarray(c["frequency"], dtype=float)
+        ok = np.isfinite(conf) & np.isfinite(freq)
+        line = ax.plot(conf[ok], freq[ok], marker=markers[k % len(markers)], ms=4, lw=1.4, label=label)[0]
+        edges = np.asarray(c["edges"], dtype=float)
+        centres = (edges[:-1] + edges[1:]) / 2
+        width = (edges[1:] - edges[:-1]) / (len(curves) + 0.5)
+        offset = (k - (len(curves) - 1) / 2) * width
+        count = np.asarray(c["count"], dtype=float)
+        filled = count > 0  # an empty bin has no bar (log scale)
+        axc.bar((centres + offset)[filled], count[filled], width=width[filled], color=line.get_color(), alpha=0.8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("observed lesion frequency\n(fraction of annotators)", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    if title:
+        ax.set_title("\n".join(textwrap.wrap(title, 60, break_on_hyphens=False)), fontsize=8)
+    axc.set_yscale("log")
+    axc.set_ylabel("pixels", fontsize=8)
+    axc.set_xlabel("predicted lesion probability (bin)", fontsize=8)
+    axc.grid(alpha=0.3, axis="y")
+    for a in (ax, axc):
+        a.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
     plt.close(fig)
     return png
 
