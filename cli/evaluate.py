@@ -12,7 +12,7 @@ from pyroseg.evaluate import EVAL_SPLITS, ORACLE, evaluate_run, reliability_png_
 from pyroseg.runs import write_json
 
 _SHOWN = ["dice_all", "dice_tumour", "dice_volume", "iou_tumour", "bce", "false_positive_slices", "empty_slices", "elbo", "nll"]
-_DISTRIBUTION = ["ged", "ged_unbiased", "hm_iou", "sample_diversity", "ece"]
+_DISTRIBUTION = ["ged", "ged_unbiased", "hm_iou", "sample_diversity", "ece", "ece_lesion"]
 
 
 @click.command("evaluate", context_settings=CONTEXT)

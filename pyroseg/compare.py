@@ -46,6 +46,7 @@ COLUMNS = [
     ("hm_iou", "HM-IoU"),
     ("sample_diversity", "diversity"),
     ("ece", "ECE"),
+    ("ece_lesion", "ECE (lesion region)"),
     ("elbo", "-ELBO / image"),
     ("collapsed_sites", "collapsed KL sites"),
     ("num_params", "params"),
@@ -163,7 +164,8 @@ def _write(out: Path, base: FitConfig, rows: list[dict], num_samples: int) -> No
         f"(Hungarian-matched IoU) and diversity (mean 1 - IoU between distinct samples) score the "
         f"{num_samples} thresholded samples per slice against all {first.get('n_annotators', 1)} annotator(s), "
         "averaged over every test slice; ECE: 10 equal-width bins of the per-pixel mean probability, every pixel, "
-        "against the fraction of annotators marking it."
+        "against the fraction of annotators marking it; 'lesion region': only the pixels some annotator marks or "
+        "given a mean probability >= 0.05."
         + (" 'oracle': samples of the true annotator distribution." if any(r["model"] == ORACLE for r in rows) else "")
         + "\n"
     )

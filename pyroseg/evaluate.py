@@ -48,6 +48,7 @@ __all__ = [
     "select_split",
     "EVAL_SPLITS",
     "ORACLE",
+    "LESION_REGION_MIN_PROB",
 ]
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,10 @@ EVAL_SPLITS = ("test", "val", "train", "all")
 
 #: The ``model`` name of :func:`evaluate_oracle`'s report.
 ORACLE = "oracle"
+
+#: ``ece_lesion`` counts the pixels that some annotator marks or whose mean
+#: probability is at least this: where a lesion is in question at all.
+LESION_REGION_MIN_PROB = 0.05
 
 
 def select_split(data: SegData, split: dict, which: str, *, source: str) -> SegData:
@@ -206,13 +211,26 @@ def score_predictions(pred: Predictions, data: SegData, *, n_bins: int = ECE_BIN
     and ``ece`` with its ``reliability`` curve: every pixel of every slice, in
     ``n_bins`` equal-width bins of the mean probability, against the fraction
     of annotators who mark the pixel; ``n_annotators``.
+
+    Background that everyone agrees on fills the lowest bin with nearly every
+    pixel and drives ``ece`` towards 0 for any model that says "no lesion"
+    there, so ``ece_lesion`` is the same ECE over the pixels where a lesion is
+    in question: marked by some annotator, or given a mean probability of at
+    least :data:`LESION_REGION_MIN_PROB` (so false alarms count too).
     """
     report = segmentation_report(torch.from_numpy(pred.mean), torch.from_numpy(data.masks[:, 0]), data.patients)
     for k, v in pred.distribution.items():
         report[k] = float(np.mean(v)) if len(v) else float("nan")
+    prob = torch.from_numpy(pred.mean)  # (N, H, W)
+    target = torch.from_numpy(data.masks).float().mean(1)  # (N, H, W): fraction of annotators
     acc = ReliabilityAccumulator(n_bins)
-    acc.update(torch.from_numpy(pred.mean), torch.from_numpy(data.masks).float().mean(1))  # (N, H, W) both
+    acc.update(prob, target)
     report["ece"] = acc.ece()
+    region = (target > 0) | (prob >= LESION_REGION_MIN_PROB)  # (N, H, W)
+    lesion = ReliabilityAccumulator(n_bins)
+    lesion.update(prob[region], target[region])
+    report["ece_lesion"] = lesion.ece()
+    report["lesion_region_pixels"] = float(region.float().mean()) if region.numel() else float("nan")
     report["reliability"] = acc.curve()
     report["n_annotators"] = data.num_annotators
     return report

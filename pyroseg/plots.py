@@ -80,8 +80,9 @@ def sample_grid(
     """One row per image: image (FLAIR), ground truth(s) if known, samples, mean, uncertainty.
 
     Each row dict has ``image: (C, H, W)`` float in [0, 1], ``samples: (S, H, W)``
-    mask probabilities, optionally ``truth: (A, H, W)`` binary (A annotators)
-    and ``name``. Samples are shown thresholded at 0.5; the mean probability
+    mask probabilities, optionally ``truth: (A, H, W)`` binary (A annotators),
+    ``name`` and ``note`` (a second line under the name, e.g. the row's GED).
+    Samples are shown thresholded at 0.5; the mean probability
     and the per-pixel standard deviation get colour bars.
     """
     png = Path(png)
@@ -96,7 +97,8 @@ def sample_grid(
         col = 0
         ax = axes[i, col]
         ax.imshow(flair, cmap="gray", vmin=0, vmax=1)
-        ax.set_ylabel(str(r.get("name", i))[-18:], fontsize=7)
+        label = str(r.get("name", i))[-18:] + (f"\n{r['note']}" if r.get("note") else "")
+        ax.set_ylabel(label, fontsize=7)
         if i == 0:
             ax.set_title("image (FLAIR)", fontsize=8)
         col += 1
@@ -197,12 +199,18 @@ def validation_grid(model, data, png: str | Path, *, device="cpu", n_images: int
     images = torch.from_numpy(data.images[pick]).float().div(255).to(device)
     probs = model.sample(images, num_samples if model.has_latent else 1).cpu().numpy()  # (S, B, 1, H, W)
     model.train(was)
+    from pyroseg.metrics import ged, hm_iou
+
+    binary = torch.from_numpy(probs[:, :, 0] >= 0.5).transpose(0, 1)  # (B, S, H, W)
+    truths = torch.from_numpy(data.masks[pick])  # (B, A, H, W)
+    g, m = ged(binary, truths).tolist(), hm_iou(binary, truths).tolist()
     rows = [
         {
             "image": images[j].cpu().numpy(),
             "samples": probs[:, j, 0],
             "truth": data.masks[i],
             "name": f"{data.patients[i]} #{data.slice_numbers[i]}",
+            "note": f"GED {g[j]:.2f}, HM-IoU {m[j]:.2f}",
         }
         for j, i in enumerate(pick)
     ]

@@ -87,7 +87,8 @@ def _out_dir(out: str | Path) -> Path:
 
 def _sample_one(run, image: torch.Tensor, truth: np.ndarray | None, stem: str, out: Path, *, num_samples: int,
                 grid_samples: int) -> dict:
-    """Sample one image ``(1, C, S, S)`` and write its files; ``truth``: ``(A, S, S)`` 0/1 or None."""
+    """Sample one image ``(1, C, S, S)`` and write its files; ``truth``: ``(A, S, S)`` 0/1 or None.
+    The record's ``row`` is the image's row of a :func:`~pyroseg.plots.sample_grid`."""
     from pyroseg import plots  # matplotlib only when pictures are drawn
     from pyroseg.metrics import dice, ged, hm_iou
 
@@ -102,22 +103,24 @@ def _sample_one(run, image: torch.Tensor, truth: np.ndarray | None, stem: str, o
     _png(out / f"{stem}_uncertainty.png", np.round(np.clip(std / 0.5, 0, 1) * 255))
     atomic_write(out / f"{stem}_samples.npz", lambda f: np.savez_compressed(f, probs=probs.astype(np.float16), mean=mean, std=std))
     rec = {"files": [], "num_samples": num_samples}
-    label = stem
+    note = None
     if truth is not None:
         t = torch.from_numpy(np.asarray(truth, dtype=np.uint8))  # (A, H, W)
         binary = torch.from_numpy(probs >= 0.5)  # (S, H, W)
         rec["dice_mean"] = float(dice(torch.from_numpy(mean[None] >= 0.5), t[:1])[0])
         rec["ged"] = float(ged(binary[None], t[None])[0])
         rec["hm_iou"] = float(hm_iou(binary[None], t[None])[0])
-        label = f"{stem}\nGED {rec['ged']:.2f}, HM-IoU {rec['hm_iou']:.2f}"
+        note = f"GED {rec['ged']:.2f}, HM-IoU {rec['hm_iou']:.2f}"
+    row = {"image": image[0].cpu().numpy(), "samples": probs, "truth": truth, "name": stem, "note": note}
     plots.sample_grid(
-        [{"image": image[0].cpu().numpy(), "samples": probs, "truth": truth, "name": label}],
+        [row],
         out / f"{stem}_grid.png",
         max_samples=grid_samples,
         title=f"{run.model.name}: {num_samples} samples (z from {run.model.sample_from})",
     )
     written += [out / f"{stem}_{x}" for x in ("mean.png", "uncertainty.png", "samples.npz", "grid.png")]
     rec["files"] = [str(p) for p in written]
+    rec["row"] = row
     return rec
 
 
@@ -173,6 +176,7 @@ def sample_images(
                 log.warning("ignoring ground truth: %s", e)
         rec = _sample_one(run, image, truth, img_path.stem, out, num_samples=num_samples, grid_samples=grid_samples)
         rec["input"] = str(img_path)
+        del rec["row"]
         records.append(rec)
         if progress:
             progress(k + 1, len(pairs))
@@ -194,8 +198,10 @@ def sample_split(
     """Sample ``num_samples`` masks for ``num_images`` slices of the run's own data,
     from the patients of ``split`` (``test``, ``val``, ``train`` or ``all``), chosen
     by :func:`pick_slices`; every annotator's mask is the ground truth of the
-    grid. Returns one record per slice (as :func:`sample_images`, plus the
+    grid, and ``<split>_grid.png`` shows all the slices in one picture, a row
+    each. Returns one record per slice (as :func:`sample_images`, plus the
     slice's GED and matched IoU against its annotators)."""
+    from pyroseg import plots
     from pyroseg.data import load_source
     from pyroseg.evaluate import EVAL_SPLITS, select_split
 
@@ -219,4 +225,9 @@ def sample_split(
         rec = _sample_one(run, image, data.masks[i], stem, out, num_samples=num_samples, grid_samples=grid_samples)
         rec["input"] = f"{cfg.data} [{split}] {data.patients[i]} slice {data.slice_numbers[i]}"
         records.append(rec)
+    rows = [r.pop("row") for r in records]
+    overview = plots.sample_grid(rows, out / f"{split}_grid.png", max_samples=grid_samples,
+                                 title=f"{run.model.name} on {cfg.data} [{split}]: {num_samples} samples per slice "
+                                       f"(z from {run.model.sample_from})")
+    records[-1]["files"].append(str(overview))
     return records

@@ -182,7 +182,8 @@ def test_sample_slices_of_the_runs_own_data(runs, tmp_path):
     assert len(grids) == 2 and len(list(out.glob("*_sample_*.png"))) == 2 * 3
     split = json.loads((runs["prob_unet"] / "split.json").read_text())
     assert all(g.name.startswith(split["test"][0] + "_") for g in grids)
-    assert res.stdout.count("GED") == 2 and "wrote 14 files" in res.stdout
+    assert (out / "test_grid.png").is_file()  # every slice in one picture
+    assert res.stdout.count("GED") == 2 and "wrote 15 files" in res.stdout
 
 
 def test_plot(runs, tmp_path):

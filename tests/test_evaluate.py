@@ -142,3 +142,23 @@ def test_evaluate_run_with_oracle_and_reliability_diagram(amb_run, tmp_path):
 def test_evaluate_run_oracle_needs_ambiguous_data(amb_run):
     with pytest.raises(UsageError, match="--oracle"):
         evaluate_run(amb_run, data="synthetic", num_samples=1, device="cpu", oracle=True)
+
+
+def test_ece_all_pixels_and_in_the_lesion_region_hand_counted():
+    """One 4x4 slice, 2 annotators: both mark (0, 0), one marks (0, 1). The model gives (0, 0) 0.95,
+    (0, 1) 0.55, a false alarm of 0.25 at (3, 3) and 0.01 elsewhere."""
+    from pyroseg.data.core import SegData
+
+    masks = np.zeros((1, 2, 4, 4), np.uint8)
+    masks[0, :, 0, 0] = 1
+    masks[0, 0, 0, 1] = 1
+    mean = np.full((1, 4, 4), 0.01, np.float32)
+    mean[0, 0, 0], mean[0, 0, 1], mean[0, 3, 3] = 0.95, 0.55, 0.25
+    data = SegData(np.zeros((1, 3, 4, 4), np.uint8), masks, np.array(["p"]), np.array([0]))
+    rep = score_predictions(Predictions(mean=mean, samples=None, terms={}), data)
+    # all pixels: 13 x |0.01 - 0| + |0.25 - 0| + |0.55 - 0.5| + |0.95 - 1|, over 16
+    assert rep["ece"] == pytest.approx((13 * 0.01 + 0.25 + 0.05 + 0.05) / 16, rel=1e-5)
+    # lesion region: the two marked pixels and the false alarm (p >= 0.05)
+    assert rep["lesion_region_pixels"] == pytest.approx(3 / 16)
+    assert rep["ece_lesion"] == pytest.approx((0.25 + 0.05 + 0.05) / 3, rel=1e-5)
+    assert rep["reliability"]["count"] == [13, 0, 1, 0, 0, 1, 0, 0, 0, 1]
