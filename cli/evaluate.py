@@ -24,13 +24,14 @@ _DISTRIBUTION = ["ged", "ged_unbiased", "hm_iou", "sample_diversity", "ece", "ec
               help="Samples per image: averaged into the point prediction, and the set scored by GED / HM-IoU.")
 @click.option("--oracle", is_flag=True,
               help="Also score the true mask distribution on the same slices (synthetic-ambiguous data only).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling, so a rerun gives the same numbers.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the report here, and the reliability diagram beside it (<stem>_reliability.png).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
 @handle_errors
-def evaluate_cmd(run_dir, data, split, num_samples, oracle, batch_size, device, json_path, cache_dir):
+def evaluate_cmd(run_dir, data, split, num_samples, oracle, seed, batch_size, device, json_path, cache_dir):
     """Print Dice (per slice, tumour slices, per patient), IoU, BCE and the ELBO of RUN_DIR, and how well its
     samples match the annotators: GED, Hungarian-matched IoU, sample diversity, calibration (ECE)."""
     if batch_size < 1:
@@ -39,7 +40,7 @@ def evaluate_cmd(run_dir, data, split, num_samples, oracle, batch_size, device, 
         raise UsageError(f"--json {json_path}: its folder does not exist")
     bar = LoadBar("decoding data")
     report = evaluate_run(run_dir, data=data, split=split, num_samples=num_samples, batch_size=batch_size,
-                          device=device, cache_dir=cache_dir, progress=bar, oracle=oracle,
+                          device=device, cache_dir=cache_dir, progress=bar, oracle=oracle, seed=seed, oracle_seed=seed,
                           reliability_png=reliability_png_for(json_path) if json_path else None)
     bar.close()
     click.echo(f"{report['model']} on {report['data']} [{report['split']}]: {report['n_patients']} patients, "

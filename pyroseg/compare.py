@@ -92,7 +92,7 @@ def compare_models(
             log.info("%s: finished run found in %s, evaluating it", name, run)
         else:
             fit(cfg, callbacks=callbacks, overwrite=overwrite or run.exists())
-        report = evaluate_run(run, num_samples=num_samples, device=cfg.device)
+        report = evaluate_run(run, num_samples=num_samples, device=cfg.device, seed=base.seed)
         history = read_metrics_csv(run / "metrics.csv")
         report["sec_per_epoch"] = sum(r["train_time_s"] for r in history) / len(history)
         kls = {k: v for k, v in report.items() if k.startswith("kl_")}
@@ -100,7 +100,7 @@ def compare_models(
         rows.append(report)
         _write(out, base, rows, num_samples)
     if rows and base.data == "synthetic-ambiguous":
-        rows.append(evaluate_run_oracle(out / models[0], num_samples=num_samples))
+        rows.append(evaluate_run_oracle(out / models[0], num_samples=num_samples, sample_seed=base.seed))
         _write(out, base, rows, num_samples)
     _reliability(out, rows, num_samples)
     return rows

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import pyro
 import torch
 
 from pyroseg.config import FitConfig, load_config_json
@@ -91,6 +92,7 @@ def evaluate_run(
     oracle: bool = False,
     oracle_seed: int = 0,
     reliability_png: str | Path | None = None,
+    seed: int | None = 0,
 ) -> dict[str, Any]:
     """Evaluate the run in ``run_dir``.
 
@@ -107,7 +109,9 @@ def evaluate_run(
     ``num_samples`` samples drawn with ``oracle_seed``) on the same slices, as
     ``report["oracle"]``; only for ``synthetic-ambiguous`` data.
     ``reliability_png``: draw the reliability diagram there (the oracle's
-    curve beside the model's when there is one).
+    curve beside the model's when there is one). ``seed``: seeds torch, numpy
+    and random (``pyro.set_rng_seed``) just before sampling, so the same call
+    gives the same numbers; ``None`` leaves the generators as they are.
     """
     if num_samples < 1:
         raise UsageError(f"--num-samples {num_samples}: expected at least 1")
@@ -130,6 +134,8 @@ def evaluate_run(
     if oracle and not has_oracle(dataset):
         raise UsageError(f"--oracle: the true distribution is known only for synthetic-ambiguous data, not {spec}")
     subset = select_split(dataset, run.split, which, source=spec)
+    if seed is not None:
+        pyro.set_rng_seed(seed)
     pred = predict_dataset(run.model, subset, num_samples=num_samples, batch_size=batch_size, device=dev, distribution=True)
     report = score_predictions(pred, subset)
     if run.model.has_latent:
@@ -151,6 +157,7 @@ def evaluate_run(
             "epochs_trained": run.epochs_done,
             "image_size": cfg.image_size,
             "num_params": run.model.num_params,
+            "seed": seed,
         }
     )
     if oracle:

@@ -137,6 +137,12 @@ def test_evaluate_run_with_oracle_and_reliability_diagram(amb_run, tmp_path):
     assert png.is_file() and png.stat().st_size > 5000
     # the same oracle, straight from the run folder
     assert evaluate_run_oracle(amb_run, num_samples=3)["ged"] == orc["ged"]
+    # sampling is seeded: the same call gives the same numbers, another seed other samples
+    again = evaluate_run(amb_run, num_samples=3, device="cpu")
+    assert again["ged"] == rep["ged"] and again["sample_diversity"] == rep["sample_diversity"]
+    other = evaluate_run(amb_run, num_samples=3, device="cpu", seed=1)
+    assert other["seed"] == 1 and other["elbo"] != rep["elbo"]  # z drawn anew (samples may all be empty yet)
+    assert again["elbo"] == rep["elbo"]
 
 
 def test_evaluate_run_oracle_needs_ambiguous_data(amb_run):
