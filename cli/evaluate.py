@@ -8,7 +8,7 @@ import click
 
 from cli.common import CONTEXT, LoadBar, format_table, handle_errors
 from pyroseg.errors import UsageError
-from pyroseg.evaluate import EVAL_SPLITS, ORACLE, evaluate_run, reliability_png_for
+from pyroseg.evaluate import EVAL_SPLITS, ORACLE, ORACLE_ONE_MASK, evaluate_run, reliability_png_for
 from pyroseg.runs import write_json
 
 _SHOWN = ["dice_all", "dice_tumour", "dice_volume", "iou_tumour", "bce", "false_positive_slices", "empty_slices", "elbo", "nll"]
@@ -23,7 +23,8 @@ _DISTRIBUTION = ["ged", "ged_unbiased", "hm_iou", "sample_diversity", "ece", "ec
 @click.option("--num-samples", type=int, default=16, show_default=True,
               help="Samples per image: averaged into the point prediction, and the set scored by GED / HM-IoU.")
 @click.option("--oracle", is_flag=True,
-              help="Also score the true mask distribution on the same slices (synthetic-ambiguous data only).")
+              help="Also score the true mask distribution on the same slices, and its best single mask "
+                   "(synthetic-ambiguous data only).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling, so a rerun gives the same numbers.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True)
@@ -53,6 +54,7 @@ def evaluate_cmd(run_dir, data, split, num_samples, oracle, seed, batch_size, de
     rows = [{"": report["model"], **{k: report[k] for k in _DISTRIBUTION}}]
     if oracle:
         rows.append({"": f"{ORACLE} ({report[ORACLE]['num_samples']} samples)", **{k: report[ORACLE][k] for k in _DISTRIBUTION}})
+        rows.append({"": ORACLE_ONE_MASK, **{k: report[ORACLE_ONE_MASK][k] for k in _DISTRIBUTION}})
     click.echo("Distribution of masks against all annotators (GED: lower is better; HM-IoU: higher):")
     click.echo(format_table(rows))
     if json_path:

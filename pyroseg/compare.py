@@ -9,7 +9,9 @@ beside them, so every number can be traced to its config and weights.
 
 On ``synthetic-ambiguous`` data the table ends with an ``oracle`` row: the
 true annotator distribution scored by the same metrics on the same test
-slices (:func:`pyroseg.evaluate.evaluate_oracle`), what a perfect model gets.
+slices (:func:`pyroseg.evaluate.evaluate_oracle`), what a perfect model gets;
+and ``oracle (one mask)``: the true marginal thresholded at 0.5, what a
+perfect deterministic model (an ideal U-Net) gets.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, Callable, Sequence
 from pyroseg.checkpoint import atomic_write_text
 from pyroseg.config import FitConfig, versions
 from pyroseg.errors import UsageError
-from pyroseg.evaluate import ORACLE, evaluate_run, evaluate_run_oracle
+from pyroseg.evaluate import ORACLE, ORACLE_ONE_MASK, evaluate_run, evaluate_run_oracle
 from pyroseg.models import MODELS
 from pyroseg.runs import read_metrics_csv
 from pyroseg.train import FitCallbacks, fit
@@ -101,6 +103,7 @@ def compare_models(
         _write(out, base, rows, num_samples)
     if rows and base.data == "synthetic-ambiguous":
         rows.append(evaluate_run_oracle(out / models[0], num_samples=num_samples, sample_seed=base.seed))
+        rows.append(evaluate_run_oracle(out / models[0], one_mask=True))
         _write(out, base, rows, num_samples)
     _reliability(out, rows, num_samples)
     return rows
@@ -166,7 +169,9 @@ def _write(out: Path, base: FitConfig, rows: list[dict], num_samples: int) -> No
         "averaged over every test slice; ECE: 10 equal-width bins of the per-pixel mean probability, every pixel, "
         "against the fraction of annotators marking it; 'lesion region': only the pixels some annotator marks or "
         "given a mean probability >= 0.05."
-        + (" 'oracle': samples of the true annotator distribution." if any(r["model"] == ORACLE for r in rows) else "")
+        + (" 'oracle': samples of the true annotator distribution; 'oracle (one mask)': the best deterministic "
+           "model, the true per-pixel marginal (its probability) thresholded at 0.5 (its one sample)."
+           if any(r["model"] == ORACLE for r in rows) else "")
         + "\n"
     )
     atomic_write_text(out / "comparison.md", md)

@@ -49,6 +49,7 @@ __all__ = [
     "select_split",
     "EVAL_SPLITS",
     "ORACLE",
+    "ORACLE_ONE_MASK",
     "LESION_REGION_MIN_PROB",
 ]
 
@@ -56,8 +57,9 @@ log = logging.getLogger(__name__)
 
 EVAL_SPLITS = ("test", "val", "train", "all")
 
-#: The ``model`` name of :func:`evaluate_oracle`'s report.
+#: The ``model`` name of :func:`evaluate_oracle`'s report, and of its one-mask variant.
 ORACLE = "oracle"
+ORACLE_ONE_MASK = "oracle (one mask)"
 
 #: ``ece_lesion`` counts the pixels that some annotator marks or whose mean
 #: probability is at least this: where a lesion is in question at all.
@@ -107,7 +109,8 @@ def evaluate_run(
 
     ``oracle``: also score the true distribution (:func:`evaluate_oracle`, with
     ``num_samples`` samples drawn with ``oracle_seed``) on the same slices, as
-    ``report["oracle"]``; only for ``synthetic-ambiguous`` data.
+    ``report["oracle"]``, and the best deterministic model, as
+    ``report["oracle (one mask)"]``; only for ``synthetic-ambiguous`` data.
     ``reliability_png``: draw the reliability diagram there (the oracle's
     curve beside the model's when there is one). ``seed``: seeds torch, numpy
     and random (``pyro.set_rng_seed``) just before sampling, so the same call
@@ -163,6 +166,7 @@ def evaluate_run(
     if oracle:
         patients = None if which == "all" else subset.patient_ids
         report[ORACLE] = evaluate_oracle(dataset, patients, num_samples=num_samples, sample_seed=oracle_seed)
+        report[ORACLE_ONE_MASK] = evaluate_oracle(dataset, patients, one_mask=True)
     if reliability_png is not None:
         from pyroseg.plots import reliability_diagram  # matplotlib only when a picture is drawn
 
@@ -181,6 +185,7 @@ def evaluate_run_oracle(
     split: str = "test",
     num_samples: int = 16,
     sample_seed: int = 0,
+    one_mask: bool = False,
 ) -> dict[str, Any]:
     """:func:`evaluate_oracle` on the data and the ``split`` patients of the run in
     ``run_dir`` (its ``config.json`` and ``split.json``; the weights are not read)."""
@@ -195,7 +200,7 @@ def evaluate_run_oracle(
     if split not in EVAL_SPLITS:
         raise UsageError(f"--split {split!r}: expected one of {', '.join(EVAL_SPLITS)}")
     patients = None if split == "all" else select_split(dataset, run_split, split, source=cfg.data).patient_ids
-    report = evaluate_oracle(dataset, patients, num_samples=num_samples, sample_seed=sample_seed)
+    report = evaluate_oracle(dataset, patients, num_samples=num_samples, sample_seed=sample_seed, one_mask=one_mask)
     report.update({"run": str(run_dir), "split": split})
     return report
 
@@ -255,6 +260,7 @@ def evaluate_oracle(
     num_samples: int = 16,
     sample_seed: int = 0,
     batch_size: int = 64,
+    one_mask: bool = False,
 ) -> dict[str, Any]:
     """Score the true annotator distribution of ``data`` like a model, on the slices of ``patients``.
 
@@ -270,6 +276,11 @@ def evaluate_oracle(
     floor set by having only ``A`` annotators. Returns the report of
     :func:`score_predictions` with ``model = "oracle"``.
 
+    ``one_mask``: instead, the best a deterministic model can be: the exact
+    marginal as its probability (what a U-Net trained by cross-entropy tends
+    to) and that marginal thresholded at 0.5 as its one sample
+    (``model = "oracle (one mask)"``, ``num_samples = 1``).
+
     :raises UsageError: ``data`` is not synthetic-ambiguous data, or
         ``num_samples`` < 1.
     """
@@ -278,7 +289,6 @@ def evaluate_oracle(
     if not has_oracle(data):
         raise UsageError(f"no oracle for data {data.source!r}: the true distribution is known only for synthetic-ambiguous data")
     meta = data.meta
-    masks = oracle_masks_for(data, num_samples, sample_seed)  # (N, S, H, W) uint8
     probs = oracle_probabilities(
         meta["image_size"],
         n_patients=meta["n_patients"],
@@ -295,12 +305,17 @@ def evaluate_oracle(
         keep = np.fromiter((p in wanted for p in data.patients.tolist()), dtype=bool, count=len(data))
     subset = SegData(data.images[keep], data.masks[keep], data.patients[keep], data.slice_numbers[keep],
                      source=data.source, meta=dict(meta))
-    samples = masks[keep]
+    if one_mask:
+        samples = (probs[keep] >= 0.5)[:, None].astype(np.uint8)  # (n, 1, H, W)
+    else:
+        samples = oracle_masks_for(data, num_samples, sample_seed)[keep]  # (n, S, H, W) uint8
     acc = DistributionAccumulator()
     for i in range(0, len(subset), batch_size):
         acc.update(torch.from_numpy(samples[i : i + batch_size]), torch.from_numpy(subset.masks[i : i + batch_size]))
     pred = Predictions(mean=probs[keep], samples=None, terms={}, distribution=acc.per_image())
     report = score_predictions(pred, subset)
-    report.update({"model": ORACLE, "data": data.source, "num_samples": num_samples, "z_from": "true distribution",
-                   "oracle_seed": sample_seed, "image_size": data.image_size})
+    report.update({"model": ORACLE_ONE_MASK if one_mask else ORACLE, "data": data.source,
+                   "num_samples": 1 if one_mask else num_samples, "image_size": data.image_size,
+                   "z_from": "true marginal >= 0.5" if one_mask else "true distribution",
+                   "oracle_seed": None if one_mask else sample_seed})
     return report

@@ -165,6 +165,7 @@ def test_evaluate_judges_the_distribution_against_every_annotator(runs, tmp_path
     assert 0 <= rep["hm_iou"] <= 1 and rep["ged"] >= 0 and 0 <= rep["ece"] <= 1
     assert rep["oracle"]["sample_diversity"] > 0 and rep["oracle"]["num_samples"] == 4
     assert rep["oracle"]["hm_iou"] > rep["hm_iou"]
+    assert rep["oracle (one mask)"]["sample_diversity"] == 0 and "oracle (one mask)" in res.stdout
     png = tmp_path / "amb_reliability.png"
     assert rep["reliability_png"] == str(png)
     with Image.open(png) as im:

@@ -168,3 +168,15 @@ def test_ece_all_pixels_and_in_the_lesion_region_hand_counted():
     assert rep["lesion_region_pixels"] == pytest.approx(3 / 16)
     assert rep["ece_lesion"] == pytest.approx((0.25 + 0.05 + 0.05) / 3, rel=1e-5)
     assert rep["reliability"]["count"] == [13, 0, 1, 0, 0, 1, 0, 0, 0, 1]
+
+
+def test_oracle_one_mask_is_the_thresholded_marginal(amb):
+    rep = evaluate_oracle(amb, one_mask=True)
+    assert rep["model"] == "oracle (one mask)" and rep["num_samples"] == 1 and rep["sample_diversity"] == 0
+    probs = oracle_probabilities(SIZE, n_patients=PATIENTS, slices_per_patient=SLICES, seed=1)
+    one = torch.from_numpy(probs >= 0.5)[:, None]  # (N, 1, H, W)
+    masks = torch.from_numpy(amb.masks)
+    assert rep["ged"] == pytest.approx(float(ged(one, masks).mean()), abs=1e-6)
+    assert rep["hm_iou"] == pytest.approx(float(hm_iou(one, masks).mean()), abs=1e-6)
+    # the same mean probability as the oracle's, so the same calibration
+    assert rep["ece"] == evaluate_oracle(amb, num_samples=2)["ece"]
