@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 from pyroseg.checkpoint import atomic_write_text
 from pyroseg.config import FitConfig, versions
 from pyroseg.errors import UsageError
-from pyroseg.evaluate import ORACLE, ORACLE_ONE_MASK, evaluate_run, evaluate_run_oracle
+from pyroseg.evaluate import ORACLE, evaluate_run, evaluate_run_oracle
 from pyroseg.models import MODELS
 from pyroseg.runs import read_metrics_csv
 from pyroseg.train import FitCallbacks, fit

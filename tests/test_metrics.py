@@ -239,7 +239,7 @@ def test_pairwise_iou_hand_counted_with_empty_on_empty_one():
     m = pairwise_iou(_set(A, B, E), _set(A, B, C, E))
     assert m.shape == (1, 3, 4)
     expected = [[1.0, 0.5, 0.0, 0.0], [0.5, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
-    assert m[0].flatten().tolist() == pytest.approx(sum(expected, []))
+    assert m[0].flatten().tolist() == pytest.approx([v for row in expected for v in row])
     # bool, uint8 and float masks agree
     torch.testing.assert_close(pairwise_iou(_set(A, B, E).bool(), _set(A, B, C, E).to(torch.uint8)), m)
     with pytest.raises(ValueError, match="spatial"):
