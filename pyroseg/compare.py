@@ -5,6 +5,13 @@ seed for every model; each is scored on the test patients with
 :func:`pyroseg.evaluate.evaluate_run`. The table goes to ``comparison.md`` and
 ``comparison.json`` in the output folder, and each model's run folder sits
 beside them, so every number can be traced to its config and weights.
+``comparison_reliability.png`` holds every model's reliability curve.
+
+On ``synthetic-ambiguous`` data the table ends with an ``oracle`` row: the
+true annotator distribution scored by the same metrics on the same test
+slices (:func:`pyroseg.evaluate.evaluate_oracle`), what a perfect model gets;
+and ``oracle (one mask)``: the true marginal thresholded at 0.5, what a
+perfect deterministic model (an ideal U-Net) gets.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from typing import Any, Callable, Sequence
 from pyroseg.checkpoint import atomic_write_text
 from pyroseg.config import FitConfig, versions
 from pyroseg.errors import UsageError
-from pyroseg.evaluate import evaluate_run
+from pyroseg.evaluate import ORACLE, evaluate_run, evaluate_run_oracle
 from pyroseg.models import MODELS
 from pyroseg.runs import read_metrics_csv
 from pyroseg.train import FitCallbacks, fit
@@ -36,6 +43,12 @@ COLUMNS = [
     ("dice_volume", "Dice (per patient 3-D)"),
     ("iou_tumour", "IoU (tumour)"),
     ("false_positive_slices", "FP slices"),
+    ("ged", "GED"),
+    ("ged_unbiased", "GED (unbiased)"),
+    ("hm_iou", "HM-IoU"),
+    ("sample_diversity", "diversity"),
+    ("ece", "ECE"),
+    ("ece_lesion", "ECE (lesion region)"),
     ("elbo", "-ELBO / image"),
     ("collapsed_sites", "collapsed KL sites"),
     ("num_params", "params"),
@@ -81,14 +94,33 @@ def compare_models(
             log.info("%s: finished run found in %s, evaluating it", name, run)
         else:
             fit(cfg, callbacks=callbacks, overwrite=overwrite or run.exists())
-        report = evaluate_run(run, num_samples=num_samples, device=cfg.device)
+        report = evaluate_run(run, num_samples=num_samples, device=cfg.device, seed=base.seed)
         history = read_metrics_csv(run / "metrics.csv")
         report["sec_per_epoch"] = sum(r["train_time_s"] for r in history) / len(history)
         kls = {k: v for k, v in report.items() if k.startswith("kl_")}
         report["collapsed_sites"] = ",".join(k[3:] for k, v in kls.items() if v < COLLAPSE_NATS) or ("-" if kls else "n/a")
         rows.append(report)
         _write(out, base, rows, num_samples)
+    if rows and base.data == "synthetic-ambiguous":
+        rows.append(evaluate_run_oracle(out / models[0], num_samples=num_samples, sample_seed=base.seed))
+        rows.append(evaluate_run_oracle(out / models[0], one_mask=True))
+        _write(out, base, rows, num_samples)
+    _reliability(out, rows, num_samples)
     return rows
+
+
+def _reliability(out: Path, rows: list[dict], num_samples: int) -> None:
+    """Every row's reliability curve in one diagram; a failure here never loses the tables."""
+    try:
+        from pyroseg.plots import reliability_diagram
+
+        curves = {f"{r['model']} (ECE {r['ece']:.4f})": r["reliability"] for r in rows if "reliability" in r}
+        if curves:
+            first = rows[0]
+            reliability_diagram(curves, out / "comparison_reliability.png",
+                                title=f"{first['data']}, test patients, mean of {num_samples} samples")
+    except Exception as e:
+        log.warning("could not draw %s: %s", out / "comparison_reliability.png", e)
 
 
 def _finished(run: Path, epochs: int) -> bool:
@@ -103,6 +135,8 @@ def comparison_markdown(rows: list[dict[str, Any]], *, title: str = "") -> str:
 
     def cell(v):
         if isinstance(v, float):
+            if 0 < abs(v) < 0.01:  # small values (ECE) keep a significant digit
+                return f"{v:.4f}"
             return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
         if isinstance(v, int) and v > 10000:
             return f"{v:,}"
@@ -128,7 +162,17 @@ def _write(out: Path, base: FitConfig, rows: list[dict], num_samples: int) -> No
         f"\nProtocol: split by patient (seed {base.seed}, val {base.val_fraction}, test {base.test_fraction}), "
         "no augmentation of test data; test-time z from q(z|x) (vae, skip_vae, hvae) or the prior net "
         "(prob_unet, hprob_unet). "
-        f"'collapsed KL sites': latent sites whose mean test KL is below {COLLAPSE_NATS} nats / image.\n"
+        f"'collapsed KL sites': latent sites whose mean test KL is below {COLLAPSE_NATS} nats / image. "
+        f"GED (d = 1 - IoU; all pairs, the published estimator; 'unbiased': distinct pairs only), HM-IoU "
+        f"(Hungarian-matched IoU) and diversity (mean 1 - IoU between distinct samples) score the "
+        f"{num_samples} thresholded samples per slice against all {first.get('n_annotators', 1)} annotator(s), "
+        "averaged over every test slice; ECE: 10 equal-width bins of the per-pixel mean probability, every pixel, "
+        "against the fraction of annotators marking it; 'lesion region': only the pixels some annotator marks or "
+        "given a mean probability >= 0.05."
+        + (" 'oracle': samples of the true annotator distribution; 'oracle (one mask)': the best deterministic "
+           "model, the true per-pixel marginal (its probability) thresholded at 0.5 (its one sample)."
+           if any(r["model"] == ORACLE for r in rows) else "")
+        + "\n"
     )
     atomic_write_text(out / "comparison.md", md)
     doc = {"config": base.to_dict(), "num_samples": num_samples, "versions": versions(), "rows": rows}

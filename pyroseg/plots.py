@@ -7,6 +7,7 @@ PNG and returns its path.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +21,7 @@ import torch  # noqa: E402
 from pyroseg.checkpoint import atomic_write  # noqa: E402
 from pyroseg.runs import read_metrics_csv  # noqa: E402
 
-__all__ = ["plot_curves", "sample_grid", "validation_grid", "latent_scales_grid", "uncertainty"]
+__all__ = ["plot_curves", "sample_grid", "validation_grid", "latent_scales_grid", "uncertainty", "reliability_diagram"]
 
 
 def uncertainty(samples: np.ndarray) -> np.ndarray:
@@ -83,8 +84,9 @@ def sample_grid(
     """One row per image: image (FLAIR), ground truth(s) if known, samples, mean, uncertainty.
 
     Each row dict has ``image: (C, H, W)`` float in [0, 1], ``samples: (S, H, W)``
-    mask probabilities, optionally ``truth: (A, H, W)`` binary (A annotators)
-    and ``name``. Samples are shown thresholded at 0.5; the mean probability
+    mask probabilities, optionally ``truth: (A, H, W)`` binary (A annotators),
+    ``name`` and ``note`` (a second line under the name, e.g. the row's GED).
+    Samples are shown thresholded at 0.5; the mean probability
     and the per-pixel standard deviation get colour bars.
     """
     png = Path(png)
@@ -99,7 +101,8 @@ def sample_grid(
         col = 0
         ax = axes[i, col]
         ax.imshow(flair, cmap="gray", vmin=0, vmax=1)
-        ax.set_ylabel(str(r.get("name", i))[-18:], fontsize=7)
+        label = str(r.get("name", i))[-18:] + (f"\n{r['note']}" if r.get("note") else "")
+        ax.set_ylabel(label, fontsize=7)
         if i == 0:
             ax.set_title("image (FLAIR)", fontsize=8)
         col += 1
@@ -142,6 +145,50 @@ def sample_grid(
     return png
 
 
+def reliability_diagram(curves: dict[str, dict], png: str | Path, *, title: str | None = None) -> Path:
+    """Observed lesion frequency against predicted probability, one line per curve.
+
+    ``curves``: ``{label: curve}`` with each curve as from
+    :func:`pyroseg.metrics.reliability_curve` (``edges``, ``count``,
+    ``confidence``, ``frequency``). Top: frequency against mean confidence per
+    bin (a calibrated model lies on the diagonal); bottom: pixels per bin (log
+    scale), since a few bins usually hold almost every pixel.
+    """
+    png = Path(png)
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(4.6, 5.4), gridspec_kw={"height_ratios": [3, 1.2]}, sharex=True)
+    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="calibrated")
+    markers = "osD^v<>"
+    for k, (label, c) in enumerate(curves.items()):
+        conf = np.asarray(c["confidence"], dtype=float)
+        freq = np.asarray(c["frequency"], dtype=float)
+        ok = np.isfinite(conf) & np.isfinite(freq)
+        line = ax.plot(conf[ok], freq[ok], marker=markers[k % len(markers)], ms=4, lw=1.4, label=label)[0]
+        edges = np.asarray(c["edges"], dtype=float)
+        centres = (edges[:-1] + edges[1:]) / 2
+        width = (edges[1:] - edges[:-1]) / (len(curves) + 0.5)
+        offset = (k - (len(curves) - 1) / 2) * width
+        count = np.asarray(c["count"], dtype=float)
+        filled = count > 0  # an empty bin has no bar (log scale)
+        axc.bar((centres + offset)[filled], count[filled], width=width[filled], color=line.get_color(), alpha=0.8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("observed lesion frequency\n(fraction of annotators)", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    if title:
+        ax.set_title("\n".join(textwrap.wrap(title, 60, break_on_hyphens=False)), fontsize=8)
+    axc.set_yscale("log")
+    axc.set_ylabel("pixels", fontsize=8)
+    axc.set_xlabel("predicted lesion probability (bin)", fontsize=8)
+    axc.grid(alpha=0.3, axis="y")
+    for a in (ax, axc):
+        a.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
 @torch.inference_mode()
 def validation_grid(model, data, png: str | Path, *, device="cpu", n_images: int = 6, num_samples: int = 16, seed: int = 0) -> Path:
     """A :func:`sample_grid` of up to ``n_images`` validation slices, lesion slices first."""
@@ -156,12 +203,18 @@ def validation_grid(model, data, png: str | Path, *, device="cpu", n_images: int
     images = torch.from_numpy(data.images[pick]).float().div(255).to(device)
     probs = model.sample(images, num_samples if model.has_latent else 1).cpu().numpy()  # (S, B, 1, H, W)
     model.train(was)
+    from pyroseg.metrics import ged, hm_iou
+
+    binary = torch.from_numpy(probs[:, :, 0] >= 0.5).transpose(0, 1)  # (B, S, H, W)
+    truths = torch.from_numpy(data.masks[pick])  # (B, A, H, W)
+    g, m = ged(binary, truths).tolist(), hm_iou(binary, truths).tolist()
     rows = [
         {
             "image": images[j].cpu().numpy(),
             "samples": probs[:, j, 0],
             "truth": data.masks[i],
             "name": f"{data.patients[i]} #{data.slice_numbers[i]}",
+            "note": f"GED {g[j]:.2f}, HM-IoU {m[j]:.2f}",
         }
         for j, i in enumerate(pick)
     ]

@@ -6,7 +6,7 @@ mode: no gradients, no augmentation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ from torch.distributions import kl_divergence
 from torch.utils.data import DataLoader
 
 from pyroseg.data.core import SegData, SegDataset, collate_batch
+from pyroseg.metrics import DistributionAccumulator
 from pyroseg.models.base import SegModel
 
 __all__ = ["elbo_terms", "Predictions", "predict_dataset"]
@@ -49,12 +50,16 @@ class Predictions:
 
     ``mean``: ``(N, H, W)`` float32 mean mask probability over the samples;
     ``samples``: ``(N, S, H, W)`` uint8 thresholded samples (only when kept);
-    ``terms``: ``{"recon": (N,), "kl_z": (N,), "loss": (N,)}`` (only when asked).
+    ``terms``: ``{"recon": (N,), "kl_z": (N,), "loss": (N,)}`` (only when asked);
+    ``distribution``: ``{"ged": (N,), "ged_unbiased", "hm_iou", "sample_diversity",
+    "annotator_diversity"}`` of the thresholded samples against every annotator
+    (only when asked; see :class:`~pyroseg.metrics.DistributionAccumulator`).
     """
 
     mean: np.ndarray
     samples: np.ndarray | None
     terms: dict[str, np.ndarray]
+    distribution: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @torch.inference_mode()
@@ -67,21 +72,33 @@ def predict_dataset(
     device: torch.device | str = "cpu",
     with_terms: bool = True,
     keep_samples: bool = False,
+    distribution: bool = False,
     threshold: float = 0.5,
 ) -> Predictions:
-    """Run ``model.sample`` over every slice of ``data`` (first annotator's mask for the ELBO terms)."""
+    """Run ``model.sample`` over every slice of ``data`` (first annotator's mask for the ELBO terms).
+
+    A model without a latent draws one sample (all its samples are that one).
+    ``distribution``: also score, batch by batch, the samples thresholded at
+    ``threshold`` against all ``A`` annotator masks of ``data`` (GED, matched
+    IoU, diversity: :attr:`Predictions.distribution`), without keeping them.
+    """
     was_training = model.training
     model.eval()
     loader = DataLoader(SegDataset(data), batch_size=batch_size, shuffle=False, collate_fn=collate_batch)
     n_draw = num_samples if model.has_latent else 1
     means, samples, terms = [], [], {}
+    dist = DistributionAccumulator() if distribution else None
     try:
         for batch in loader:
             image = batch["image"].to(device)
             probs = model.sample(image, n_draw)  # (S, B, 1, H, W)
             means.append(probs.mean(0)[:, 0].float().cpu())
-            if keep_samples:
-                samples.append((probs[:, :, 0] >= threshold).transpose(0, 1).to(torch.uint8).cpu())
+            if keep_samples or dist is not None:
+                binary = (probs[:, :, 0] >= threshold).transpose(0, 1)  # (B, S, H, W) bool
+                if keep_samples:
+                    samples.append(binary.to(torch.uint8).cpu())
+                if dist is not None:
+                    dist.update(binary, batch["masks"].to(device))
             if with_terms:
                 for k, v in elbo_terms(model, image, batch["mask"].to(device)).items():
                     terms.setdefault(k, []).append(v.float().cpu())
@@ -91,4 +108,5 @@ def predict_dataset(
         mean=torch.cat(means).numpy() if means else np.zeros((0, data.image_size, data.image_size), np.float32),
         samples=torch.cat(samples).numpy() if samples else None,
         terms={k: torch.cat(v).numpy() for k, v in terms.items()},
+        distribution=dist.per_image() if dist is not None else {},
     )

@@ -295,6 +295,11 @@ OPTION_CASES = [
     Bad("--batch-size 0 (evaluate)", lambda c: ["evaluate", str(c.run), "--batch-size", "0"], 2, ("--batch-size 0", "expected at least 1")),
     Bad("unknown --split", lambda c: ["evaluate", str(c.run), "--split", "nope"], 2, ("--split", "'nope' is not one of")),
     Bad("sample --input missing", lambda c: ["sample", str(c.run), "--input", str(c.tmp / "missing.png"), "--out", str(c.tmp / "o")], 2, ("--input", "missing.png", "does not exist")),
+    Bad("evaluate --oracle on data without a known distribution", lambda c: ["evaluate", str(c.run), "--oracle", "--device", "cpu"], 2, ("--oracle", "synthetic-ambiguous")),
+    Bad("evaluate --json in a missing folder", lambda c: ["evaluate", str(c.run), "--json", str(c.tmp / "no" / "r.json")], 2, ("--json", "its folder does not exist")),
+    Bad("sample without --input or --split", lambda c: ["sample", str(c.run), "--out", str(c.tmp / "o")], 2, ("--input or --split", "give exactly one")),
+    Bad("sample with both --input and --split", lambda c: ["sample", str(c.run), "--split", "test", "--input", str(c.tmp), "--out", str(c.tmp / "o")], 2, ("--input or --split", "give exactly one")),
+    Bad("--num-images 0", lambda c: ["sample", str(c.run), "--split", "test", "--num-images", "0", "--out", str(c.tmp / "o")], 2, ("--num-images 0", "expected at least 1")),
     Bad("sample --input not an image", lambda c: ["sample", str(c.run), "--input", str(_touch(c.tmp / "notes.txt")), "--out", str(c.tmp / "o")], 2, ("--input", "notes.txt", "expected an image")),
 ]  # fmt: skip
 

@@ -154,6 +154,40 @@ def test_sample_writes_every_file_at_the_run_size(runs, tmp_path):
     assert f"wrote {len(expected)} files" in res.stdout
 
 
+def test_evaluate_judges_the_distribution_against_every_annotator(runs, tmp_path):
+    """On 4-annotator data: GED / HM-IoU / diversity / ECE for the run and the oracle, and the
+    reliability diagram beside the JSON."""
+    report_path = tmp_path / "amb.json"
+    res = _ok(invoke("evaluate", str(runs["unet"]), "--data", "synthetic-ambiguous", "--oracle", "--json",
+                     str(report_path), "--num-samples", "4", "--device", "cpu"))
+    rep = json.loads(report_path.read_text())
+    assert rep["n_annotators"] == 4 and rep["split"] == "all" and rep["n_slices"] == PATIENTS * SLICES
+    assert rep["sample_diversity"] == 0.0  # the U-Net's samples are one mask
+    assert 0 <= rep["hm_iou"] <= 1 and rep["ged"] >= 0 and 0 <= rep["ece"] <= 1
+    assert rep["oracle"]["sample_diversity"] > 0 and rep["oracle"]["num_samples"] == 4
+    assert rep["oracle"]["hm_iou"] > rep["hm_iou"]
+    assert rep["oracle (one mask)"]["sample_diversity"] == 0 and "oracle (one mask)" in res.stdout
+    png = tmp_path / "amb_reliability.png"
+    assert rep["reliability_png"] == str(png)
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] > 300
+    for k in ("ged", "hm_iou", "sample_diversity", "ece"):
+        assert f"{rep[k]:.4f}" in res.stdout and f"{rep['oracle'][k]:.4f}" in res.stdout
+    assert f"wrote {report_path} and {png}" in res.stdout
+
+
+def test_sample_slices_of_the_runs_own_data(runs, tmp_path):
+    out = tmp_path / "split_samples"
+    res = _ok(invoke("sample", str(runs["prob_unet"]), "--split", "test", "--num-images", "2", "--num-samples", "3",
+                     "--out", str(out), "--device", "cpu"))
+    grids = sorted(p for p in out.glob("*_grid.png") if p.name != "test_grid.png")
+    assert len(grids) == 2 and len(list(out.glob("*_sample_*.png"))) == 2 * 3
+    split = json.loads((runs["prob_unet"] / "split.json").read_text())
+    assert all(g.name.startswith(split["test"][0] + "_") for g in grids)
+    assert (out / "test_grid.png").is_file()  # every slice in one picture
+    assert res.stdout.count("GED") == 2 and "wrote 15 files" in res.stdout
+
+
 def test_plot(runs, tmp_path):
     png = tmp_path / "curves.png"
     res = _ok(invoke("plot", str(runs["prob_unet"]), "--out", str(png)))

@@ -55,3 +55,39 @@ def test_compare_cli(tmp_path):
                                    "--models", "unet", "--num-samples", "1", "--out", str(tmp_path), "-q"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "comparison.md").is_file()
+
+
+def _check_ambiguous_rows(rows, models, tmp_path):
+    assert [r["model"] for r in rows] == [*models, "oracle", "oracle (one mask)"]
+    md = (tmp_path / "comparison.md").read_text()
+    for header in ("GED", "GED (unbiased)", "HM-IoU", "diversity", "ECE"):
+        assert f"| {header} |" in md
+    assert md.count("\n| oracle |") == 1 and md.count("\n| oracle (one mask) |") == 1 and "'oracle': samples of the true annotator distribution" in md
+    for r in rows:
+        assert r["n_annotators"] == 4
+        for k in ("ged", "ged_unbiased", "hm_iou", "sample_diversity", "ece"):
+            assert isinstance(r[k], float) and r[k] == r[k], (r["model"], k)  # finite, not NaN
+    by = {r["model"]: r for r in rows}
+    assert by["unet"]["sample_diversity"] == 0.0
+    assert by["oracle"]["sample_diversity"] > 0 and by["oracle"]["n_slices"] == by["unet"]["n_slices"]
+    one = by["oracle (one mask)"]
+    assert one["sample_diversity"] == 0 and one["num_samples"] == 1 and one["ece"] == by["oracle"]["ece"]
+    assert one["ged_unbiased"] > by["oracle"]["ged_unbiased"]  # one mask cannot be the distribution
+    assert (tmp_path / "comparison_reliability.png").stat().st_size > 5000
+
+
+def test_compare_on_ambiguous_data_adds_the_oracle(tmp_path):
+    rows = compare_models(_base(data="synthetic-ambiguous"), tmp_path, models=["unet"], num_samples=3)
+    _check_ambiguous_rows(rows, ["unet"], tmp_path)
+    doc = json.loads((tmp_path / "comparison.json").read_text())
+    assert doc["rows"][-2]["model"] == "oracle" and doc["rows"][-2]["num_samples"] == 3
+
+
+@pytest.mark.slow
+def test_every_model_trains_and_is_judged_on_ambiguous_data(tmp_path):
+    """Training draws one annotator per image per step; every model gets through fit and the
+    distribution metrics on 4-annotator data."""
+    from pyroseg.models import MODELS
+
+    rows = compare_models(_base(data="synthetic-ambiguous"), tmp_path, models=list(MODELS), num_samples=4)
+    _check_ambiguous_rows(rows, list(MODELS), tmp_path)

@@ -8,7 +8,23 @@ import numpy as np
 import pytest
 import torch
 
-from pyroseg.metrics import binary_cross_entropy, dice, iou, segmentation_report, volume_dice
+from pyroseg.metrics import (
+    ECE_BINS,
+    DistributionAccumulator,
+    ReliabilityAccumulator,
+    binary_cross_entropy,
+    dice,
+    ece,
+    ged,
+    ged_terms,
+    hm_iou,
+    iou,
+    pairwise_iou,
+    reliability_curve,
+    sample_diversity,
+    segmentation_report,
+    volume_dice,
+)
 
 H = W = 4
 EPS = 1e-6  # binary_cross_entropy's default clip
@@ -201,3 +217,177 @@ def test_report_without_tumour_or_without_empty_slices_gives_nan_not_an_error():
     rep = segmentation_report(full, full, ["a", "a"])
     assert math.isnan(rep["false_positive_slices"])
     assert rep["dice_tumour"] == 1.0 and rep["empty_slices"] == 0.0 and rep["n_patients"] == 1
+
+
+# ------------------------------------------------------------------ distributions of masks
+#
+# Four masks on the 4x4 grid:  A = 2 px, B = A + 2 px (so IoU(A, B) = 2/4), C = 1 px apart, E = empty.
+# d = 1 - IoU:  d(A, B) = 0.5, d(A, E) = d(B, E) = d(A, C) = d(B, C) = d(C, E) = 1, d(E, E) = 0.
+
+A = _mask((0, 0), (0, 1))
+B = _mask((0, 0), (0, 1), (1, 0), (1, 1))
+C = _mask((3, 3))
+E = torch.zeros(H, W)
+
+
+def _set(*masks) -> torch.Tensor:
+    """One image's set of masks, ``(1, K, H, W)``."""
+    return torch.stack(masks)[None]
+
+
+def test_pairwise_iou_hand_counted_with_empty_on_empty_one():
+    m = pairwise_iou(_set(A, B, E), _set(A, B, C, E))
+    assert m.shape == (1, 3, 4)
+    expected = [[1.0, 0.5, 0.0, 0.0], [0.5, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+    assert m[0].flatten().tolist() == pytest.approx([v for row in expected for v in row])
+    # bool, uint8 and float masks agree
+    torch.testing.assert_close(pairwise_iou(_set(A, B, E).bool(), _set(A, B, C, E).to(torch.uint8)), m)
+    with pytest.raises(ValueError, match="spatial"):
+        pairwise_iou(_set(A), torch.zeros(1, 1, 5, 5))
+
+
+def test_ged_hand_counted_both_estimators():
+    samples, annots = _set(A, B), _set(A, E)
+    # cross: d(A,A)=0, d(A,E)=1, d(B,A)=0.5, d(B,E)=1 -> 2.5 / 4
+    # samples, all 4 ordered pairs: (0 + 0.5 + 0.5 + 0) / 4 = 0.25; distinct pairs only: 1 / 2 = 0.5
+    # annotations: (0 + 1 + 1 + 0) / 4 = 0.5; distinct: 1
+    terms = ged_terms(samples, annots)
+    assert [float(terms[k][0]) for k in ("cross", "samples", "annotations")] == pytest.approx([0.625, 0.25, 0.5])
+    assert float(ged(samples, annots)[0]) == pytest.approx(2 * 0.625 - 0.25 - 0.5)  # 0.5
+    assert float(ged(samples, annots, unbiased=True)[0]) == pytest.approx(2 * 0.625 - 0.5 - 1.0)  # -0.25
+    assert float(sample_diversity(samples)[0]) == pytest.approx(0.5)
+
+
+def test_identical_sets_give_ged_zero_and_matched_iou_one():
+    s = _set(A, B, E, C)
+    assert float(ged(s, s)[0]) == pytest.approx(0.0, abs=1e-7)
+    assert float(hm_iou(s, s)[0]) == pytest.approx(1.0)
+    # the same set in another order is the same set
+    assert float(hm_iou(s, _set(C, E, B, A))[0]) == pytest.approx(1.0)
+    assert float(ged(s, _set(C, E, B, A))[0]) == pytest.approx(0.0, abs=1e-7)
+    # the unbiased estimator of two identical sets of distinct masks is negative: for {A, B, E}
+    # the 6 distinct ordered pairs sum to 2 * (0.5 + 1 + 1) = 5: 2 * 5/9 - 5/6 - 5/6 = -5/9
+    s3 = _set(A, B, E)
+    assert float(ged(s3, s3, unbiased=True)[0]) == pytest.approx(-5 / 9)
+
+
+def test_empty_masks():
+    # all empty: perfect agreement
+    assert float(ged(_set(E, E), _set(E))[0]) == 0.0
+    assert float(hm_iou(_set(E, E), _set(E))[0]) == 1.0
+    assert float(sample_diversity(_set(E, E, E))[0]) == 0.0
+    # empty samples on a non-empty annotation: d = 1 everywhere -> GED 2, matched IoU 0
+    assert float(ged(_set(E, E), _set(A))[0]) == pytest.approx(2.0)
+    assert float(hm_iou(_set(E, E), _set(A))[0]) == 0.0
+    # half the annotators mark nothing: a model that always says A
+    # cross = (0 + 1) / 2; annotations (0 + 1 + 1 + 0) / 4 = 0.5 -> 2 * 0.5 - 0 - 0.5 = 0.5
+    assert float(ged(_set(A, A), _set(A, E))[0]) == pytest.approx(0.5)
+    # ... and one that says A or nothing, like the annotators, at 4 samples: cross = 0.5,
+    # samples: 8 of 16 ordered pairs differ -> 0.5: GED 2 * 0.5 - 0.5 - 0.5 = 0 (V) ; U: 1 - 8/12 - 1 = -2/3
+    assert float(ged(_set(A, E, A, E), _set(A, E))[0]) == pytest.approx(0.0, abs=1e-7)
+    assert float(ged(_set(A, E, A, E), _set(A, E), unbiased=True)[0]) == pytest.approx(1 - 8 / 12 - 1)
+
+
+def test_hm_iou_replicates_the_smaller_set():
+    # 4 samples, 2 annotators: each annotator twice -> A, A matched to A, B, B to B
+    assert float(hm_iou(_set(A, A, B, B), _set(A, B))[0]) == pytest.approx(1.0)
+    # a model that always says A: pairs (A, A) twice and (A, B) twice -> (1 + 1 + 0.5 + 0.5) / 4
+    assert float(hm_iou(_set(A, A, A, A), _set(A, B))[0]) == pytest.approx(0.75)
+    # one sample against 4 annotators: the sample replicated 4 times -> mean IoU with each
+    assert float(hm_iou(_set(B), _set(A, B, E, E))[0]) == pytest.approx((0.5 + 1 + 0 + 0) / 4)
+    # the best matching, not the greedy one: with pixels numbered 0..15 row by row,
+    # S1 = 0..8, S2 = 3..9, Y1 = 0..9, Y2 = 0..2: IoU(S1, Y1) = 0.9, IoU(S1, Y2) = 1/3,
+    # IoU(S2, Y1) = 0.7, IoU(S2, Y2) = 0. Greedy takes 0.9 then 0 (mean 0.45); the best
+    # matching is (S1, Y2) + (S2, Y1): (1/3 + 0.7) / 2.
+    def px(lo, hi):
+        m = torch.zeros(H * W)
+        m[lo : hi + 1] = 1
+        return m.reshape(H, W)
+
+    assert float(hm_iou(_set(px(0, 8), px(3, 9)), _set(px(0, 9), px(0, 2)))[0]) == pytest.approx((1 / 3 + 0.7) / 2)
+    # 3 samples, 2 annotators (not a multiple): annotators become A, B, A
+    assert float(hm_iou(_set(A, B, A), _set(A, B))[0]) == pytest.approx(1.0)
+
+
+def test_batches_are_scored_image_by_image():
+    samples = torch.cat([_set(A, B), _set(E, E), _set(A, A)])  # (3, 2, H, W)
+    annots = torch.cat([_set(A, E), _set(E, E), _set(B, B)])
+    g = ged(samples, annots)
+    assert g.shape == (3,)
+    assert g.tolist() == pytest.approx([0.5, 0.0, 2 * 0.5 - 0 - 0])
+    assert hm_iou(samples, annots).tolist() == pytest.approx([0.5, 1.0, 0.5])
+    assert sample_diversity(samples).tolist() == pytest.approx([0.5, 0.0, 0.0])
+    acc = DistributionAccumulator()
+    acc.update(samples[:2], annots[:2])
+    acc.update(samples[2:], annots[2:])
+    per = acc.per_image()
+    assert per["ged"].tolist() == pytest.approx(g.tolist())
+    assert per["ged_unbiased"].tolist() == pytest.approx(ged(samples, annots, unbiased=True).tolist())
+    assert per["annotator_diversity"].tolist() == pytest.approx([1.0, 0.0, 0.0])
+    assert acc.aggregate()["hm_iou"] == pytest.approx(2 / 3)
+
+
+def test_unbiased_ged_of_the_true_distribution_is_zero_on_average():
+    """Samples and annotations drawn from one distribution over {A, B, E} with p = (0.5, 0.3, 0.2):
+    the unbiased estimator averages to 0; the default one to E[d] (1/S + 1/A)."""
+    g = torch.Generator().manual_seed(0)
+    masks = torch.stack([A, B, E])
+    p = torch.tensor([0.5, 0.3, 0.2])
+    n, s, a = 4000, 4, 3
+    samples = masks[torch.multinomial(p, n * s, replacement=True, generator=g)].reshape(n, s, H, W)
+    annots = masks[torch.multinomial(p, n * a, replacement=True, generator=g)].reshape(n, a, H, W)
+    d = torch.tensor([[0, 0.5, 1], [0.5, 0, 1], [1, 1, 0]])
+    e_d = float(p @ d @ p)  # E d(Y, Y') = 0.15 + 0.2 + 0.12 ... = 0.47
+    unbiased = ged(samples, annots, unbiased=True)
+    biased = ged(samples, annots)
+    se = float(unbiased.std()) / n**0.5
+    assert abs(float(unbiased.mean())) < 3 * se
+    assert float(biased.mean()) == pytest.approx(e_d * (1 / s + 1 / a), abs=3 * float(biased.std()) / n**0.5)
+    # diversity of samples from the distribution estimates E d without bias
+    assert float(sample_diversity(samples).mean()) == pytest.approx(e_d, abs=0.02)
+
+
+# ------------------------------------------------------------------ calibration
+
+
+def test_ece_hand_counted():
+    # 4 pixels at p = 0.05 (bin 0) of which 1 is lesion: |0.05 - 0.25| = 0.2
+    # 4 pixels at p = 0.95 (bin 9), all lesion: |0.95 - 1| = 0.05; each bin holds half the pixels
+    prob = torch.tensor([0.05] * 4 + [0.95] * 4).reshape(2, 2, 2)
+    target = torch.tensor([0, 0, 0, 1] + [1] * 4, dtype=torch.float32).reshape(2, 2, 2)
+    assert ece(prob, target) == pytest.approx(0.5 * 0.2 + 0.5 * 0.05)
+    curve = reliability_curve(prob, target)
+    assert len(curve["edges"]) == ECE_BINS + 1 == 11 and curve["edges"][0] == 0 and curve["edges"][-1] == 1
+    assert curve["count"] == [4, 0, 0, 0, 0, 0, 0, 0, 0, 4]
+    assert curve["confidence"][0] == pytest.approx(0.05) and curve["frequency"][0] == pytest.approx(0.25)
+    assert math.isnan(curve["confidence"][5]) and math.isnan(curve["frequency"][5])
+    # one bin: |mean p - mean y| over everything = |0.5 - 0.625|
+    assert ece(prob, target, n_bins=1) == pytest.approx(0.125)
+
+
+def test_ece_bin_edges_and_soft_targets():
+    # 0.1 opens bin 1, 1.0 closes the last bin, 0.0 is bin 0
+    curve = reliability_curve(torch.tensor([0.0, 0.1, 0.0999, 1.0]), torch.zeros(4))
+    assert curve["count"] == [2, 1, 0, 0, 0, 0, 0, 0, 0, 1]
+    # calibrated against soft targets (fraction of annotators): p = 0.25 where a quarter mark it
+    prob = torch.full((3, H, W), 0.25)
+    target = torch.full((3, H, W), 0.25)
+    assert ece(prob, target) == pytest.approx(0.0, abs=1e-12)
+    # the same calibration spread over 4 hard annotators: the mean of the targets per bin is what counts
+    hard = torch.stack([torch.ones(H, W), torch.zeros(H, W), torch.zeros(H, W), torch.zeros(H, W)])  # (4, H, W)
+    assert ece(torch.full((4, H, W), 0.25), hard) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_reliability_accumulator_equals_one_shot():
+    g = torch.Generator().manual_seed(1)
+    prob = torch.rand(6, H, W, generator=g)
+    target = (torch.rand(6, H, W, generator=g) < prob).float()
+    acc = ReliabilityAccumulator()
+    acc.update(prob[:2], target[:2])
+    acc.update(prob[2:], target[2:])
+    assert acc.ece() == pytest.approx(ece(prob, target))
+    assert acc.curve()["count"] == reliability_curve(prob, target)["count"]
+    assert sum(acc.curve()["count"]) == 6 * H * W
+    assert math.isnan(ReliabilityAccumulator().ece())
+    with pytest.raises(ValueError, match="shape"):
+        acc.update(prob, target[:1])

@@ -1,0 +1,182 @@
+"""Evaluation of mask distributions: the plumbing from predictions to GED / HM-IoU / ECE,
+the oracle that samples the true annotator distribution, and ``evaluate_run`` on
+multi-annotator data."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pyroseg.config import FitConfig
+from pyroseg.data.synthetic import make_synthetic, make_synthetic_ambiguous, oracle_probabilities
+from pyroseg.errors import UsageError
+from pyroseg.evaluate import (
+    ORACLE,
+    evaluate_oracle,
+    evaluate_run,
+    evaluate_run_oracle,
+    reliability_png_for,
+    score_predictions,
+)
+from pyroseg.metrics import ged, hm_iou, sample_diversity
+from pyroseg.models import build_model
+from pyroseg.predict import Predictions, predict_dataset
+from pyroseg.train import fit
+
+SIZE, PATIENTS, SLICES = 32, 4, 6
+
+
+@pytest.fixture(scope="module")
+def amb():
+    return make_synthetic_ambiguous(SIZE, n_patients=PATIENTS, slices_per_patient=SLICES, seed=1)
+
+
+def test_annotations_scored_as_samples_are_perfect(amb):
+    """Samples = the annotators themselves and mean = their pixel frequency: GED 0, HM-IoU 1, ECE 0."""
+    masks = torch.from_numpy(amb.masks)  # (N, A, H, W)
+    from pyroseg.metrics import DistributionAccumulator
+
+    acc = DistributionAccumulator()
+    acc.update(masks, masks)
+    pred = Predictions(mean=amb.masks.mean(1).astype(np.float32), samples=None, terms={}, distribution=acc.per_image())
+    rep = score_predictions(pred, amb)
+    assert rep["ged"] == pytest.approx(0.0, abs=1e-6)
+    assert rep["hm_iou"] == pytest.approx(1.0)
+    assert rep["ece"] == pytest.approx(0.0, abs=1e-9)
+    assert rep["n_annotators"] == 4 and rep["n_slices"] == PATIENTS * SLICES
+    # the annotators disagree, so their diversity is that of the samples, and positive
+    assert rep["sample_diversity"] == pytest.approx(rep["annotator_diversity"]) and rep["sample_diversity"] > 0.05
+    curve = rep["reliability"]
+    assert sum(curve["count"]) == amb.masks[:, 0].size and len(curve["edges"]) == 11
+
+
+def test_oracle_scores_the_true_distribution(amb):
+    rep = evaluate_oracle(amb, num_samples=16)
+    assert rep["model"] == ORACLE and rep["num_samples"] == 16 and rep["n_slices"] == PATIENTS * SLICES
+    # fresh draws from the annotators' own distribution: diverse, close to them, and calibrated
+    assert 0 <= rep["ged"] < 0.3 and rep["hm_iou"] > 0.6
+    assert rep["sample_diversity"] > 0.05
+    assert abs(rep["ged_unbiased"]) < 0.1  # unbiased: 0 in expectation
+    assert rep["ece"] < 0.01
+    # biased estimator = unbiased + (1/S) E d(S,S') + (1/A) E d(Y,Y'), slice by slice, hence on average
+    expected = rep["ged_unbiased"] + rep["sample_diversity"] / 16 + rep["annotator_diversity"] / 4
+    assert rep["ged"] == pytest.approx(expected, abs=1e-5)
+    # its mean probability is the exact marginal: Dice of that against annotator 1 is what the report shows
+    probs = oracle_probabilities(SIZE, n_patients=PATIENTS, slices_per_patient=SLICES, seed=1)
+    from pyroseg.metrics import segmentation_report
+
+    ref = segmentation_report(torch.from_numpy(probs), torch.from_numpy(amb.masks[:, 0]), amb.patients)
+    assert rep["dice_all"] == pytest.approx(ref["dice_all"])
+    # reproducible from its seed; another seed draws other masks
+    assert evaluate_oracle(amb, num_samples=16)["ged"] == rep["ged"]
+    assert evaluate_oracle(amb, num_samples=16, sample_seed=1)["ged"] != rep["ged"]
+
+
+def test_oracle_on_some_patients_is_the_oracle_of_their_slices(amb):
+    two = amb.patient_ids[1:3]
+    rep = evaluate_oracle(amb, two, num_samples=4)
+    assert rep["n_patients"] == 2 and rep["n_slices"] == 2 * SLICES
+
+
+def test_oracle_needs_ambiguous_data():
+    plain = make_synthetic(SIZE, n_patients=2, slices_per_patient=2)
+    with pytest.raises(UsageError, match="synthetic-ambiguous"):
+        evaluate_oracle(plain)
+    amb = make_synthetic_ambiguous(SIZE, n_patients=2, slices_per_patient=2)
+    with pytest.raises(UsageError, match="--num-samples"):
+        evaluate_oracle(amb, num_samples=0)
+
+
+def test_predict_dataset_scores_the_distribution_it_samples(amb):
+    """The per-image values equal the metric functions applied to the kept samples."""
+    torch.manual_seed(0)
+    model = build_model("prob_unet", image_size=SIZE, widths=(8, 16, 32, 64))
+    torch.manual_seed(1)
+    pred = predict_dataset(model, amb, num_samples=5, batch_size=7, keep_samples=True, distribution=True, with_terms=False)
+    samples = torch.from_numpy(pred.samples)  # (N, 5, H, W)
+    masks = torch.from_numpy(amb.masks)
+    assert samples.shape == (len(amb), 5, SIZE, SIZE)
+    np.testing.assert_allclose(pred.distribution["ged"], ged(samples, masks).numpy(), atol=1e-6)
+    np.testing.assert_allclose(pred.distribution["ged_unbiased"], ged(samples, masks, unbiased=True).numpy(), atol=1e-6)
+    np.testing.assert_allclose(pred.distribution["hm_iou"], hm_iou(samples, masks).numpy(), atol=1e-6)
+    np.testing.assert_allclose(pred.distribution["sample_diversity"], sample_diversity(samples).numpy(), atol=1e-6)
+    # the default path computes none of it
+    assert predict_dataset(model, amb, num_samples=2, with_terms=False).distribution == {}
+
+
+def test_unet_samples_are_one_mask(amb):
+    model = build_model("unet", image_size=SIZE, widths=(8, 16, 32, 64))
+    pred = predict_dataset(model, amb, num_samples=16, distribution=True, with_terms=False)
+    assert (pred.distribution["sample_diversity"] == 0).all()
+    # GED of one mask = GED of that mask repeated: the within-sample term is 0 either way
+    assert np.isfinite(pred.distribution["ged"]).all()
+
+
+@pytest.fixture(scope="module")
+def amb_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("amb") / "prob_unet"
+    cfg = FitConfig(model="prob_unet", data="synthetic-ambiguous", out=str(out), image_size=SIZE, epochs=1,
+                    batch_size=16, synthetic_patients=6, synthetic_slices=4, val_samples=2, widths=(8, 16, 32, 64),
+                    device="cpu")
+    return fit(cfg, pictures=False)
+
+
+def test_evaluate_run_with_oracle_and_reliability_diagram(amb_run, tmp_path):
+    png = reliability_png_for(tmp_path / "report.json")
+    assert png == tmp_path / "report_reliability.png"
+    rep = evaluate_run(amb_run, num_samples=3, device="cpu", oracle=True, reliability_png=png)
+    for k in ("ged", "ged_unbiased", "hm_iou", "sample_diversity", "ece"):
+        assert math.isfinite(rep[k]), k
+    assert rep["n_annotators"] == 4 and rep["num_samples"] == 3
+    orc = rep[ORACLE]
+    assert orc["n_slices"] == rep["n_slices"] and orc["num_samples"] == 3
+    assert orc["ged"] < rep["ged"]  # one epoch of training does not beat the truth
+    assert png.is_file() and png.stat().st_size > 5000
+    # the same oracle, straight from the run folder
+    assert evaluate_run_oracle(amb_run, num_samples=3)["ged"] == orc["ged"]
+    # sampling is seeded: the same call gives the same numbers, another seed other samples
+    again = evaluate_run(amb_run, num_samples=3, device="cpu")
+    assert again["ged"] == rep["ged"] and again["sample_diversity"] == rep["sample_diversity"]
+    other = evaluate_run(amb_run, num_samples=3, device="cpu", seed=1)
+    assert other["seed"] == 1 and other["elbo"] != rep["elbo"]  # z drawn anew (samples may all be empty yet)
+    assert again["elbo"] == rep["elbo"]
+
+
+def test_evaluate_run_oracle_needs_ambiguous_data(amb_run):
+    with pytest.raises(UsageError, match="--oracle"):
+        evaluate_run(amb_run, data="synthetic", num_samples=1, device="cpu", oracle=True)
+
+
+def test_ece_all_pixels_and_in_the_lesion_region_hand_counted():
+    """One 4x4 slice, 2 annotators: both mark (0, 0), one marks (0, 1). The model gives (0, 0) 0.95,
+    (0, 1) 0.55, a false alarm of 0.25 at (3, 3) and 0.01 elsewhere."""
+    from pyroseg.data.core import SegData
+
+    masks = np.zeros((1, 2, 4, 4), np.uint8)
+    masks[0, :, 0, 0] = 1
+    masks[0, 0, 0, 1] = 1
+    mean = np.full((1, 4, 4), 0.01, np.float32)
+    mean[0, 0, 0], mean[0, 0, 1], mean[0, 3, 3] = 0.95, 0.55, 0.25
+    data = SegData(np.zeros((1, 3, 4, 4), np.uint8), masks, np.array(["p"]), np.array([0]))
+    rep = score_predictions(Predictions(mean=mean, samples=None, terms={}), data)
+    # all pixels: 13 x |0.01 - 0| + |0.25 - 0| + |0.55 - 0.5| + |0.95 - 1|, over 16
+    assert rep["ece"] == pytest.approx((13 * 0.01 + 0.25 + 0.05 + 0.05) / 16, rel=1e-5)
+    # lesion region: the two marked pixels and the false alarm (p >= 0.05)
+    assert rep["lesion_region_pixels"] == pytest.approx(3 / 16)
+    assert rep["ece_lesion"] == pytest.approx((0.25 + 0.05 + 0.05) / 3, rel=1e-5)
+    assert rep["reliability"]["count"] == [13, 0, 1, 0, 0, 1, 0, 0, 0, 1]
+
+
+def test_oracle_one_mask_is_the_thresholded_marginal(amb):
+    rep = evaluate_oracle(amb, one_mask=True)
+    assert rep["model"] == "oracle (one mask)" and rep["num_samples"] == 1 and rep["sample_diversity"] == 0
+    probs = oracle_probabilities(SIZE, n_patients=PATIENTS, slices_per_patient=SLICES, seed=1)
+    one = torch.from_numpy(probs >= 0.5)[:, None]  # (N, 1, H, W)
+    masks = torch.from_numpy(amb.masks)
+    assert rep["ged"] == pytest.approx(float(ged(one, masks).mean()), abs=1e-6)
+    assert rep["hm_iou"] == pytest.approx(float(hm_iou(one, masks).mean()), abs=1e-6)
+    # the same mean probability as the oracle's, so the same calibration
+    assert rep["ece"] == evaluate_oracle(amb, num_samples=2)["ece"]
