@@ -114,10 +114,13 @@ class HierarchicalCore(nn.Module):
         return h
 
 
-#: Which rows of a 3x3 kernel act on which source row of a 2x-upsampled input, per
-#: output phase: phase 0 (even output rows) sees source rows (i-1, i) through kernel rows
-#: (0, 1+2), phase 1 (odd rows) sees (i, i+1) through rows (0+1, 2).
-_PHASE_ROWS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])  # (phase, tap, k)
+def _phase_taps(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Fold the 3 taps of a 3x3 kernel along ``dim`` (of size 3) into 2 per output phase:
+    phase 0 (even outputs) sees source pixels (i-1, i) through taps (0, 1+2), phase 1
+    (odd outputs) sees (i, i+1) through taps (0+1, 2). Returns the phases stacked
+    first, ``(2, ...)`` with ``dim`` now of size 2."""
+    t0, t1, t2 = w.unbind(dim)
+    return torch.stack([torch.stack([t0, t1 + t2], dim), torch.stack([t0 + t1, t2], dim)])
 
 
 def conv3x3_of_up2(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -131,8 +134,8 @@ def conv3x3_of_up2(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """
     n, c, h, w = x.shape
     o = weight.shape[0]
-    rows = _PHASE_ROWS.to(weight)
-    k = torch.einsum("atk,bsl,ockl->abocts", rows, rows, weight)  # (2, 2, O, C, 2, 2): phase a, b
+    k = _phase_taps(weight, 2)  # (2, O, C, 2, 3): row phase a
+    k = _phase_taps(k, 4).transpose(0, 1)  # (2, 2, O, C, 2, 2): row phase a, column phase b
     p = F.conv2d(F.pad(x, (1, 1, 1, 1)), k.reshape(4 * o, c, 2, 2))  # (N, 4*O, h+1, w+1)
     p = p.view(n, 2, 2, o, h + 1, w + 1)
     out = x.new_empty(n, o, h, 2, w, 2)
