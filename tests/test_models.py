@@ -221,3 +221,20 @@ def test_hprob_unet_fast_sample_equals_the_reference(widths):
     assert fast.shape == (6, 3, 1, model.image_size, model.image_size)
     assert (fast - fast[:1]).abs().max() > 1e-3  # the samples differ ...
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)  # ... exactly as the reference's do
+
+
+@pytest.mark.parametrize("chunk", [1, 2**10, 2**16, 2**30])
+def test_prob_unet_fcomb_pixels_last_equals_forward(chunk):
+    """``sample``'s f_comb (matrix products over pixels, samples in chunks) computes
+    the training path's f_comb, whatever the chunk size (S not a multiple of it)."""
+    from pyroseg.models.prob_unet import FComb
+
+    fcomb = FComb(feat_ch=8, latent_dim=3, hidden=5)
+    with torch.no_grad():
+        for p in fcomb.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        u, z = torch.randn(2, 8, 6, 7), torch.randn(5, 2, 3)
+        ref = fcomb(u, z)
+        got = fcomb.forward_pixels_last(u, z, chunk_elems=chunk)
+    assert got.shape == ref.shape == (5, 2, 1, 6, 7) and got.is_contiguous()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
