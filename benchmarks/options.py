@@ -7,7 +7,7 @@ slower without it). Options, with what turns each off:
 * ``analytic KL`` (``--elbo meanfield``, the default, vs ``--elbo trace``);
 * ``inference_mode`` around sampling (vs ``no_grad`` and vs autograd on);
 * ``hprob_unet shared sampling`` (``sample`` vs ``sample_reference``);
-* ``channels_last`` memory format (not used by the library: measured slower on CPU);
+* ``channels_last`` memory format for training (``fit`` default; ``--no-channels-last``);
 * ``fused Adam`` (``Trainer(fused_adam=True)``, opt-in);
 * ``torch.compile`` of the networks (opt-in ``--compile``; its compile time is reported).
 """
@@ -90,7 +90,8 @@ def run(s: Settings) -> dict:
     tr = _trainers("unet", size, dev, **variants)
     t = interleave(_step_fns(tr, image, mask), warmup=warm, repeats=reps, device=dev)
     rows.append(_row("channels_last", "unet", step, t, "channels_last", "default",
-                     default="off", flag="(not in the library)", note="off_over_on < 1: channels_last is slower"))
+                     default="on in fit", flag="--no-channels-last",
+                     note="the torch.profiler table suggested the opposite: per-op profiler overhead misleads here"))
     rows.append(_row("fused Adam", "unet", step, t, "fused", "default", default="off", flag="Trainer(fused_adam=True) turns it on",
                      note="updates differ from pyro.optim.Adam by up to ~3e-6 where gradients are near eps"))
 

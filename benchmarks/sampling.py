@@ -27,7 +27,8 @@ LIMITS = {
     "vae": "the encoder runs once; the whole decoder (no skips) runs once per sample",
     "skip_vae": "the encoder runs once; the decoder (with skips and z at every level) runs once per sample",
     "hvae": "the encoder runs once; the latent chain and the whole decoder run once per sample",
-    "prob_unet": "U-Net and prior net run once; per sample only the three 1x1 convolutions of f_comb (z not tiled)",
+    "prob_unet": "U-Net and prior net run once; per sample only f_comb's three 1x1 layers, as matrix products over "
+                 "pixels, a cache-sized chunk of samples at a time",
     "hprob_unet": "prior encoder, skip and bottleneck parts of the first convolutions run once; per sample the "
                   "latent part of the decoder at 1/4, 1/2 and full resolution (GroupNorm makes it nonlinear in z)",
 }

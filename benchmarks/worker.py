@@ -49,10 +49,20 @@ def _stepper(name: str, size: int, device, options: dict):
     from pyroseg.train import Trainer
 
     if name == "plain_unet":
-        plain = PlainStep(build_model("unet", image_size=size).to(device))
+        plain = PlainStep(_as_fit_does(build_model("unet", image_size=size).to(device), options))
         return lambda image, mask: plain.step(image, mask, 1.0)
-    trainer = Trainer(build_model(name, image_size=size).to(device), **options)
+    trainer = Trainer(_as_fit_does(build_model(name, image_size=size).to(device), options), **options)
     return lambda image, mask: trainer.step(image, mask, beta=1.0)
+
+
+def _as_fit_does(model, options: dict):
+    """The model in the memory format :func:`pyroseg.train.fit` trains it in
+    (``options["channels_last"]``, default: FitConfig's default)."""
+    from pyroseg.config import FitConfig
+
+    if options.pop("channels_last", FitConfig().channels_last):
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def train(spec: dict) -> dict:
@@ -61,7 +71,7 @@ def train(spec: dict) -> dict:
     device = _setup(spec)
     baseline = peak_rss_mib()
     size, batch = int(spec["size"]), int(spec["batch"])
-    step = _stepper(spec["model"], size, device, spec.get("options", {}))
+    step = _stepper(spec["model"], size, device, dict(spec.get("options", {})))
     image, mask = random_batch(batch, size, device=device)
     for _ in range(int(spec["warmup"])):
         step(image, mask)
@@ -100,7 +110,8 @@ def epoch(spec: dict) -> dict:
     n_all = len(data)
     n = int(spec["slices"]) if spec.get("slices") else max(1, round(float(spec.get("fraction", 1.0)) * n_all))
     n = min(n, n_all)
-    trainer = Trainer(build_model(spec["model"], image_size=size).to(device), **spec.get("options", {}))
+    options = dict(spec.get("options", {}))
+    trainer = Trainer(_as_fit_does(build_model(spec["model"], image_size=size).to(device), options), **options)
     dataset = SegDataset(data, indices=range(n), random_annotator=True)
     sampler = EpochSampler(dataset, seed=0)
     loader = DataLoader(dataset, batch_size=batch, sampler=sampler, collate_fn=collate_batch,
