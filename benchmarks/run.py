@@ -24,9 +24,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import data, options, overhead, sampling, scaling, throughput
-from benchmarks.common import Settings, environment
-from benchmarks.report import markdown
+if __package__ in (None, ""):  # run as ``python benchmarks/run.py``: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import data, options, overhead, sampling, scaling, throughput  # noqa: E402
+from benchmarks.common import Settings, environment  # noqa: E402
+from benchmarks.report import markdown  # noqa: E402
 
 ITEMS = {
     "overhead": overhead.run,
@@ -42,7 +45,8 @@ log = logging.getLogger("benchmarks")
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=None, help="output folder [default: benchmarks/results/<cpu|gpu>]")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder [default: benchmarks/results/<cpu|gpu>, with --quick results/quick-<cpu|gpu>]")
     p.add_argument("--items", default=",".join(ITEMS), help=f"comma-separated subset of {','.join(ITEMS)}")
     p.add_argument("--device", default="auto", help="auto (GPU when available), cpu or cuda")
     p.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds: a smoke test, not a measurement")
@@ -79,7 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.models:
         kw["models"] = tuple(m.strip() for m in args.models.split(",") if m.strip())
     settings = Settings.quick(**kw) if args.quick else Settings.full(**kw)
-    out = args.out or Path(__file__).resolve().parent / "results" / ("gpu" if device.startswith("cuda") else "cpu")
+    kind = "gpu" if device.startswith("cuda") else "cpu"
+    out = args.out or Path(__file__).resolve().parent / "results" / (f"quick-{kind}" if args.quick else kind)
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
     doc = {"command": command.strip(), "environment": environment(device), "settings": settings.to_dict(), "items": {}}
