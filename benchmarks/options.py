@@ -9,7 +9,7 @@ slower without it). Options, with what turns each off:
 * ``hprob_unet shared sampling`` (``sample`` vs ``sample_reference``);
 * ``channels_last`` memory format for training (``fit`` default; ``--no-channels-last``);
 * ``fused Adam`` (``Trainer(fused_adam=True)``, opt-in);
-* ``torch.compile`` of the networks (opt-in ``--compile``; its compile time is reported).
+* ``torch.compile`` of the networks (``Trainer(compile=True)``, experimental; with ``--with-compile``).
 """
 
 from __future__ import annotations
@@ -158,6 +158,6 @@ def _compile_row(s: Settings, image, mask) -> dict:
     compile_s = time.perf_counter() - t0
     t = interleave(fns, warmup=s.overhead_warmup, repeats=s.options_repeats, device=dev)
     row = _row("torch.compile", "unet", f"training step, batch {s.batch}, {size}x{size}", t, "compiled", "eager",
-               default="off", flag="--compile turns it on")
+               default="off", flag="Trainer(compile=True) turns it on")
     row["note"] = f"first step (compiling) took {compile_s:.1f} s"
     return row

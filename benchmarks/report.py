@@ -136,10 +136,15 @@ def markdown(doc: dict) -> str:
         f"{', load average at start ' + str(env['loadavg_at_start']) if 'loadavg_at_start' in env else ''}; {env['time']}.",
         "",
     ]
+    for m in doc.get("merged_from", []):
+        lines += [f"Items not re-run come from: `{m['command']}` ({m['environment']['time']}).", ""]
     if doc["settings"].get("quick"):
         lines += ["**Quick mode: a smoke run with tiny sizes; these figures mean nothing.**", ""]
-    for name, it in doc["items"].items():
+    for name in [n for n in SECTIONS if n in doc["items"]]:
+        it = doc["items"][name]
         lines += SECTIONS[name](it)
+        if it.get("command") and it["command"] != doc["command"]:
+            lines += [f"(Measured by `{it['command']}`.)", ""]
     if "seconds" in doc:
         lines += [f"Whole run: {doc['seconds']:.0f} s.", ""]
     return "\n".join(lines)

@@ -54,6 +54,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="LGG kaggle_3m folder for the data and scaling items [default: $PYROSEG_LGG_DIR]")
     p.add_argument("--threads", type=int, default=None, help="torch threads [default: torch's own choice]")
     p.add_argument("--models", default=None, help="comma-separated models [default: all six]")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other items already in --out/results.json (refresh some items only)")
     p.add_argument("--with-compile", action="store_true",
                    help="options item: also measure torch.compile (compiling takes minutes on a CPU)")
     return p.parse_args(argv)
@@ -82,18 +84,23 @@ def main(argv: list[str] | None = None) -> dict:
     kw: dict = {"device": device, "lgg_dir": args.lgg or None, "compile": args.with_compile}
     if args.models:
         kw["models"] = tuple(m.strip() for m in args.models.split(",") if m.strip())
-    settings = Settings.quick(**kw) if args.quick else Settings.full(**kw)
+    settings = Settings.for_quick(**kw) if args.quick else Settings.for_full(**kw)
     kind = "gpu" if device.startswith("cuda") else "cpu"
     out = args.out or Path(__file__).resolve().parent / "results" / (f"quick-{kind}" if args.quick else kind)
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
     doc = {"command": command.strip(), "environment": environment(device), "settings": settings.to_dict(), "items": {}}
+    if args.merge and (out / "results.json").is_file():
+        old = json.loads((out / "results.json").read_text())
+        doc["items"] = dict(old.get("items", {}))  # each re-run item replaces its old figures when it finishes
+        doc["merged_from"] = old.get("merged_from", []) + [{"command": old["command"], "environment": old["environment"]}]
     t_all = time.perf_counter()
     for name in items:
         log.info("-- %s", name)
         t0 = time.perf_counter()
         doc["items"][name] = ITEMS[name](settings)
         doc["items"][name]["seconds"] = time.perf_counter() - t0
+        doc["items"][name]["command"] = doc["command"]
         _write(out, doc)  # after every item: a crash later keeps what was measured
     doc["seconds"] = time.perf_counter() - t_all
     _write(out, doc)

@@ -112,14 +112,12 @@ def _parse_model_args(items: tuple[str, ...]) -> dict:
               help="Where decoded LGG data is cached [default: $PYROSEG_CACHE_DIR or ~/.cache/pyroseg].")
 @click.option("--checkpoint-every", type=int, default=None, help="Also checkpoint every N steps (always at epoch ends).")
 @click.option("--channels-last/--no-channels-last", default=_DEFAULTS.channels_last, show_default=True,
-              help="Channels-last memory format for training (about 1.27x faster steps on CPU).")
-@click.option("--compile/--no-compile", "compile_", default=_DEFAULTS.compile, show_default=True,
-              help="torch.compile the networks: minutes of compiling, then ~1.1x faster steps (long runs).")
+              help="Channels-last memory format for training (about 1.2x faster steps on CPU).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
 def fit_cmd(model, data, image_size, epochs, batch_size, lr, device, seed, out, resume_dir, overwrite, beta, beta_warmup,
             beta_cycle, elbo, clip_norm, max_nonfinite, val_fraction, test_fraction, val_samples, model_args, widths,
-            synthetic_patients, synthetic_slices, cache_dir, checkpoint_every, channels_last, compile_, quiet):
+            synthetic_patients, synthetic_slices, cache_dir, checkpoint_every, channels_last, quiet):
     """Train a model; write config, split, metrics, checkpoint and pictures to a run folder."""
     try:
         widths_t = tuple(int(w) for w in widths.split(","))
@@ -137,7 +135,7 @@ def fit_cmd(model, data, image_size, epochs, batch_size, lr, device, seed, out, 
             beta_warmup=beta_warmup, beta_cycle=beta_cycle, clip_norm=clip_norm, max_nonfinite=max_nonfinite,
             val_samples=val_samples, model_args=_parse_model_args(model_args), widths=widths_t,
             synthetic_patients=synthetic_patients, synthetic_slices=synthetic_slices, cache_dir=cache_dir,
-            channels_last=channels_last, compile=compile_,
+            channels_last=channels_last,
         ).validate()
     run = fit(config, callbacks=BarCallbacks(quiet), resume=bool(resume_dir), overwrite=overwrite,
               checkpoint_every=checkpoint_every)

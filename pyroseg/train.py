@@ -127,8 +127,9 @@ class Trainer:
         that is about 1 % of a training step, and its updates differ from
         ``pyro.optim.Adam``'s by up to ~3e-6 where gradients are near Adam's eps
         (measured; see the benchmark's options item). ``compile``: ``torch.compile``
-        the model's networks in place (:func:`pyroseg.nets.compile_networks`; opt-in:
-        minutes of compiling for about 1.1x faster steps on CPU)."""
+        the model's networks in place (:func:`pyroseg.nets.compile_networks`).
+        Experimental and off: on CPU it compiled for 2 minutes and then stepped
+        0.84x as fast as eager (benchmarks/, options item); a GPU is not measured yet."""
         self.model = model
         self.validate = validate
         self.loss_fn: nn.Module = ELBOLoss(model, make_elbo(elbo))
@@ -280,7 +281,7 @@ def fit(
     pyro.clear_param_store()  # a stale store would shadow freshly built networks
     pyro.set_rng_seed(config.seed)  # torch, numpy and random
     model = build_model(config.model, image_size=config.image_size, widths=config.widths, **config.model_args).to(device)
-    if config.channels_last:  # measured 1.27x faster training steps on CPU (benchmarks/, options item)
+    if config.channels_last:  # measured 1.2-1.27x faster training steps on CPU (benchmarks/, options item)
         model = model.to(memory_format=torch.channels_last)
 
     data = load_source(
@@ -297,8 +298,7 @@ def fit(
     cb.on_data({**data.summary(), "train_slices": len(train_data), "val_slices": len(val_data),
                 "train_patients": len(split["train"]), "val_patients": len(split["val"]), "test_patients": len(split["test"])})
 
-    trainer = Trainer(model, lr=config.lr, elbo=config.elbo, clip_norm=config.clip_norm, max_nonfinite=config.max_nonfinite,
-                      compile=config.compile)
+    trainer = Trainer(model, lr=config.lr, elbo=config.elbo, clip_norm=config.clip_norm, max_nonfinite=config.max_nonfinite)
     dataset = SegDataset(train_data, random_annotator=True)
     sampler = EpochSampler(dataset, seed=config.seed)
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=collate_batch)

@@ -72,6 +72,13 @@ def test_quick_suite_writes_json_and_markdown(tmp_path, monkeypatch):
     for heading in ("1. Pyro overhead", "2. Training throughput", "3. Sampling cost", "4. Data", "5. Scaling", "6. Speed options"):
         assert heading in md
     assert "Quick mode" in md
+    # refreshing one item keeps the others
+    bench_run.main(["--quick", "--device", "cpu", "--out", str(out), "--items", "data", "--merge"])
+    merged = json.loads((out / "results.json").read_text())
+    assert merged["items"].keys() == saved["items"].keys()
+    assert merged["items"]["overhead"] == saved["items"]["overhead"]
+    assert merged["items"]["data"]["command"].endswith("--items data --merge")
+    assert "Items not re-run come from" in (out / "summary.md").read_text()
 
 
 def test_bad_item_and_device_are_one_line_errors(tmp_path):
