@@ -136,12 +136,14 @@ def _parse_model_args(items: tuple[str, ...]) -> dict:
 @click.option("--launcher", type=click.Choice(["none", "torchrun"]), default="none", show_default=True,
               help="torchrun: start --nproc-per-node data-parallel processes on this machine (torchrun --standalone).")
 @click.option("--nproc-per-node", type=int, default=None, help="Processes for --launcher torchrun (one per GPU, or CPU processes).")
+@click.option("--channels-last/--no-channels-last", default=_DEFAULTS.channels_last, show_default=True,
+              help="Channels-last memory format for training (about 1.2x faster steps on CPU).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
 def fit_cmd(model, data, image_size, epochs, batch_size, lr, device, seed, out, resume_dir, overwrite, beta, beta_warmup,
             beta_cycle, elbo, objective, geco_kappa, geco_alpha, geco_rate, geco_warmup, geco_max_step, free_bits,
             clip_norm, max_nonfinite, val_fraction, test_fraction, val_samples, collapse_diagnostics, model_args, widths,
-            synthetic_patients, synthetic_slices, cache_dir, checkpoint_every, launcher, nproc_per_node, quiet):
+            synthetic_patients, synthetic_slices, cache_dir, checkpoint_every, channels_last, launcher, nproc_per_node, quiet):
     """Train a model; write config, split, metrics, checkpoint and pictures to a run folder.
 
     Data-parallel: `torchrun --nproc_per_node N -m pyroseg fit ...` (or `--launcher torchrun
@@ -176,6 +178,7 @@ def fit_cmd(model, data, image_size, epochs, batch_size, lr, device, seed, out, 
             geco_rate=geco_rate, geco_warmup=geco_warmup, geco_max_step=geco_max_step, free_bits=free_bits, clip_norm=clip_norm, max_nonfinite=max_nonfinite,
             val_samples=val_samples, collapse_diagnostics=collapse_diagnostics, model_args=_parse_model_args(model_args), widths=widths_t,
             synthetic_patients=synthetic_patients, synthetic_slices=synthetic_slices, cache_dir=cache_dir,
+            channels_last=channels_last,
         ).validate()
     rank, _ = distributed.env_rank()
     with distributed.collective_errors():

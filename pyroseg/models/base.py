@@ -106,9 +106,10 @@ class SegModel(nn.Module):
         """Mask probabilities ``(num_samples, B, 1, H, W)`` for ``image: (B, C, H, W)``."""
         raise NotImplementedError
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(self, image: torch.Tensor, num_samples: int = 16) -> torch.Tensor:
-        """Mean mask probability over ``num_samples`` samples, ``(B, 1, H, W)``."""
+        """Mean mask probability over ``num_samples`` samples, ``(B, 1, H, W)``
+        (under ``torch.inference_mode``: the result cannot enter autograd)."""
         n = num_samples if self.has_latent else 1
         return self.sample(image, n).mean(0)
 

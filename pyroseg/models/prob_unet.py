@@ -10,7 +10,8 @@
 
 At test time ``z`` comes from the prior net. ``sample`` runs the U-Net and the
 prior net once per image and only the 1x1 "f_comb" per sample; its first layer
-is split as ``W [u; z] = W_u u + W_z z``, so ``W_u u`` is computed once too.
+is split as ``W [u; z] = W_u u + W_z z``, so ``W_u u`` is computed once too, and
+its 1x1 convolutions run as matrix products over pixels (``forward_pixels_last``).
 
 References: Kohl et al., "A Probabilistic U-Net for Segmentation of Ambiguous
 Images", NeurIPS 2018.
@@ -62,6 +63,32 @@ class FComb(nn.Module):
         h = F.relu(self.mid(h.flatten(0, 1)))
         return self.out(h).view(s, b, 1, *u.shape[-2:])
 
+    def forward_pixels_last(self, u: torch.Tensor, z: torch.Tensor, *, chunk_elems: int = 2**16) -> torch.Tensor:
+        """:meth:`forward` (same shapes, same values to float rounding), computed
+        with the features of each pixel last and a few samples at a time. Used by
+        ``sample``.
+
+        The per-sample 1x1 convolutions become matrix products over the pixels
+        (``addmm``), which for 16 channels run several times faster on CPU than the
+        mkldnn convolutions; and the samples go through in chunks of about
+        ``chunk_elems`` floats (256 KiB; measured 2x faster than 1 MiB), so that the
+        hidden maps stay in cache instead of making full passes over
+        ``(S, B, K, H, W)`` tensors.
+        """
+        s, b = z.shape[:2]
+        hh, ww = u.shape[-2:]
+        k = self.mid.weight.shape[0]
+        a = self.u_in(u).permute(0, 2, 3, 1).reshape(b, hh * ww, k)  # (B, HW, K), once
+        zk = self.z_in(z)[:, :, None, :]  # (S, B, 1, K)
+        w_mid, w_out = self.mid.weight[:, :, 0, 0].t(), self.out.weight[:, :, 0, 0].t()  # (K, K), (K, 1)
+        out = a.new_empty(s, b, hh * ww)
+        step = max(1, chunk_elems // a.numel())
+        for i in range(0, s, step):
+            h = F.relu(a + zk[i : i + step]).flatten(0, 2)  # (c*B*HW, K)
+            h = F.relu(torch.addmm(self.mid.bias, h, w_mid))
+            out[i : i + step] = torch.addmm(self.out.bias, h, w_out).view(-1, b, hh * ww)
+        return out.view(s, b, 1, hh, ww)
+
 
 class ProbUNetModel(SegModel):
     name = "prob_unet"
@@ -102,4 +129,4 @@ class ProbUNetModel(SegModel):
         u = self.unet.features(image)  # once per image
         loc, scale = self.prior_net(image)  # once per image
         z = dist.Normal(loc, scale).rsample((num_samples,))  # (S, B, D)
-        return torch.sigmoid(self.fcomb(u, z))
+        return torch.sigmoid(self.fcomb.forward_pixels_last(u, z))

@@ -9,6 +9,7 @@ from pyroseg.nets.blocks import (
     ResBlock,
     UNet,
     check_image_size,
+    compile_networks,
     init_mask_logits,
     num_params,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "ResBlock",
     "UNet",
     "check_image_size",
+    "compile_networks",
     "init_mask_logits",
     "num_params",
 ]

