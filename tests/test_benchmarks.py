@@ -21,6 +21,17 @@ from benchmarks import common, plain, run as bench_run  # noqa: E402
 from pyroseg.models import build_model  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def torch_globals():
+    """The suite and the scripts set torch's thread count (an in-process worker, ``--threads``)
+    and TF32 flags, as a script may; give them back, or later tests run with other float
+    reduction orders (the learning tests' budgets were tuned with conftest's thread count)."""
+    saved = (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    yield
+    torch.set_num_threads(saved[0])
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1], saved[2]
+
+
 @pytest.mark.parametrize("name", plain.PLAIN)
 def test_hand_written_twin_computes_pyros_loss(name):
     """The yardstick is only fair if it computes the same loss as the Pyro model."""
@@ -104,19 +115,7 @@ def _load(name: str):
     return mod
 
 
-@pytest.fixture()
-def torch_globals():
-    """The script sets torch's thread count and TF32 flags, as a script may; give
-    them back, or later tests run with other float reduction orders."""
-    import torch
-
-    saved = (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    yield
-    torch.set_num_threads(saved[0])
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1], saved[2]
-
-
-def test_gpu_bf16_script_dry_run_on_cpu(tmp_path, monkeypatch, torch_globals):
+def test_gpu_bf16_script_dry_run_on_cpu(tmp_path, monkeypatch):
     out = tmp_path / "rows.json"
     monkeypatch.setattr(sys, "argv", ["gpu_ddp_bf16.py", "--device", "cpu", "--dry-run", "--json", str(out)])
     _load("gpu_ddp_bf16").main()
