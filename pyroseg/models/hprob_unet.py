@@ -233,7 +233,11 @@ class HProbUNetModel(SegModel):
     def sample(self, image, num_samples=1):
         """The prior encoder once per image; per sample only what depends on ``z``
         (see :meth:`HierarchicalCore.walk_samples`). Equal, to float rounding and with
-        the same draws, to :meth:`sample_reference`."""
+        the same draws, to :meth:`sample_reference`. On a GPU, where both are bound by
+        kernel launches and the shared path launches more kernels, it is
+        :meth:`sample_reference` (measured on an H200: 0.66x-0.76x as fast otherwise)."""
+        if image.device.type != "cpu":
+            return self.sample_reference(image, num_samples)
         feats = self.prior_core.encode(image)  # once per image
         h = self.prior_core.walk_samples(feats, num_samples)  # (S*B, w, h', w')
         rep = [f.repeat(num_samples, 1, 1, 1) for f in feats[: self.stitch.first]]  # only the levels the stitch uses
