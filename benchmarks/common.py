@@ -22,9 +22,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -91,11 +91,11 @@ class Settings:
     in_process: bool = False
 
     @classmethod
-    def for_full(cls, **kw) -> "Settings":
+    def for_full(cls, **kw) -> Settings:
         return cls(**kw)
 
     @classmethod
-    def for_quick(cls, **kw) -> "Settings":
+    def for_quick(cls, **kw) -> Settings:
         base = dict(
             quick=True,
             batch=4,

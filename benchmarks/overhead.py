@@ -11,7 +11,6 @@ import copy
 import logging
 
 import pyro
-import torch
 from pyro import poutine
 from pyro.infer import SVI, TraceMeanField_ELBO
 

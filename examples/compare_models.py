@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from pyroseg.compare import comparison_markdown, compare_models
+from pyroseg.compare import compare_models, comparison_markdown
 from pyroseg.config import FitConfig
 from pyroseg.models import MODELS
 

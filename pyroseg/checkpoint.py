@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-import pickle
 import torch
 
 from pyroseg.errors import CheckpointError

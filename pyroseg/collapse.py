@@ -39,9 +39,8 @@ Autoencoders", ICLR 2016 (active units).
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
-import numpy as np
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger

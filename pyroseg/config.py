@@ -69,7 +69,7 @@ class FitConfig:
     # speed: channels-last weights and activations (measured 1.2-1.27x faster steps on CPU)
     channels_last: bool = True
 
-    def validate(self) -> "FitConfig":
+    def validate(self) -> FitConfig:
         """Refuse values that cannot work, naming the option (UsageError, exit 2),
         and resolve defaults that depend on other fields (``beta_warmup``)."""
         if self.beta_warmup is None:
@@ -112,7 +112,7 @@ class FitConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FitConfig":
+    def from_dict(cls, d: dict[str, Any]) -> FitConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

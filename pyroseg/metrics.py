@@ -23,7 +23,7 @@ Empty-mask conventions (the seed report's, and the usual ones):
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

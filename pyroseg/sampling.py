@@ -24,8 +24,8 @@ to look at a model trained on the built-in synthetic data. Its files are named
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch

@@ -59,8 +59,18 @@ from pyroseg.models import SegModel, build_model
 from pyroseg.nets import compile_networks
 from pyroseg.objective import SiteELBO
 from pyroseg.predict import predict_dataset
-from pyroseg.runs import CHECKPOINT, CONFIG, METRICS, SPLIT, prepare_run_dir, write_json, write_metrics_csv
-from pyroseg.runs import check_checkpoint, clear_run_files, load_weights
+from pyroseg.runs import (
+    CHECKPOINT,
+    CONFIG,
+    METRICS,
+    SPLIT,
+    check_checkpoint,
+    clear_run_files,
+    load_weights,
+    prepare_run_dir,
+    write_json,
+    write_metrics_csv,
+)
 from pyroseg.schedules import beta_at
 
 __all__ = ["ELBOLoss", "Trainer", "StepOutcome", "EpochSampler", "FitCallbacks", "fit", "resolve_device", "make_elbo"]
@@ -471,7 +481,7 @@ def fit(
         epoch += 1
         batch_in_epoch = 0
         partial = {"loss_sum": 0.0, "count": 0, "train_time": 0.0}
-        ctx.check_consistent(lambda: _rank_state(model, trainer, global_step, geco), what=f"after epoch {epoch}")
+        ctx.check_consistent(lambda: _rank_state(model, trainer, global_step, geco), what=f"after epoch {epoch}")  # noqa: B023 (called at once)
         checkpoint()
         if ctx.is_main:
             write_metrics_csv(out / METRICS, history)
@@ -548,4 +558,4 @@ def _pictures(out: Path, model: SegModel, val_data: SegData, device: torch.devic
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")

@@ -17,7 +17,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ lives beside the package, not inside it
 
-from benchmarks import common, plain, run as bench_run  # noqa: E402
+from benchmarks import common, plain  # noqa: E402
+from benchmarks import run as bench_run  # noqa: E402
 from pyroseg.models import build_model  # noqa: E402
 
 

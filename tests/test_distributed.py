@@ -229,7 +229,7 @@ def _worker_models_and_collectives(rank: int, world: int, store: str) -> None:
             out = trainer.step(image, mask, beta=beta)
             assert out.applied, name
             assert ctx.gather(out.loss)[0] == out.loss  # the reported loss is the global one
-        ctx.check_consistent(lambda: {"weights": state_digest(model.state_dict())}, what=name)
+        ctx.check_consistent(lambda: {"weights": state_digest(model.state_dict())}, what=name)  # noqa: B023 (called at once)
     # ranks draw different noise after ctx.seed, the same before
     pyro.set_rng_seed(0)
     same = torch.rand(3)

@@ -8,7 +8,6 @@ import json
 import math
 
 import numpy as np
-import pyro
 import pytest
 import torch
 

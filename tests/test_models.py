@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pyro
-import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine

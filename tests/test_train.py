@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import math
 
-import numpy as np
 import pyro
 import pytest
 import torch

@@ -7,8 +7,8 @@ folder in the LGG layout.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pyroseg.data.core import SegData, SegDataset, collate_batch
 from pyroseg.data.lgg import load_lgg, scan_lgg

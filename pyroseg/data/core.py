@@ -15,8 +15,8 @@ the cache load with one ``np.load``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ class SegData:
         """Distinct patient ids in order of first appearance."""
         return list(dict.fromkeys(self.patients.tolist()))
 
-    def subset(self, patients: Sequence[str]) -> "SegData":
+    def subset(self, patients: Sequence[str]) -> SegData:
         """The slices of the given patients, in this dataset's order."""
         # a set, not np.isin(..., dtype=self.patients.dtype): '<U2' would cut 'p1_x' to 'p1', a false match
         wanted = set(patients)

@@ -6,7 +6,7 @@ and test data (as the seed report did) measures memory, not generalisation.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -63,8 +63,8 @@ The exact per-pixel probability of being marked is therefore
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyroseg.models.base import SegModel, beta_scale, mask_likelihood
-from pyroseg.nets import POSTERIOR_INIT_SCALE, init_mask_logits, ConvBlock, DiagGaussianHead, Encoder
+from pyroseg.nets import POSTERIOR_INIT_SCALE, ConvBlock, DiagGaussianHead, Encoder, init_mask_logits
 
 __all__ = ["HProbUNetModel", "HierarchicalCore"]
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from pyroseg.models.base import SegModel, beta_scale, mask_likelihood
 from pyroseg.models.vae import FlatDecoderStem, FlatEncoderHead
-from pyroseg.nets import POSTERIOR_INIT_SCALE, init_mask_logits, Decoder, DiagGaussianHead, Encoder, ResBlock
+from pyroseg.nets import POSTERIOR_INIT_SCALE, Decoder, DiagGaussianHead, Encoder, ResBlock, init_mask_logits
 
 __all__ = ["HVAEModel"]
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyroseg.models.base import SegModel, beta_scale, mask_likelihood
-from pyroseg.nets import POSTERIOR_INIT_SCALE, init_mask_logits, DiagGaussianHead, Encoder, UNet
+from pyroseg.nets import POSTERIOR_INIT_SCALE, DiagGaussianHead, Encoder, UNet, init_mask_logits
 
 __all__ = ["ProbUNetModel", "GaussianEncoder", "FComb"]
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from pyroseg.models.base import SegModel, beta_scale, mask_likelihood
-from pyroseg.nets import POSTERIOR_INIT_SCALE, init_mask_logits, Decoder, DiagGaussianHead, Encoder
+from pyroseg.nets import POSTERIOR_INIT_SCALE, Decoder, DiagGaussianHead, Encoder, init_mask_logits
 
 __all__ = ["VAEModel", "FlatEncoderHead", "FlatDecoderStem"]
 

@@ -13,7 +13,7 @@ probabilistic structure, not from their size. Conventions:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
