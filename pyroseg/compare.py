@@ -31,7 +31,7 @@ from pyroseg.models import MODELS
 from pyroseg.runs import read_metrics_csv
 from pyroseg.train import FitCallbacks, fit
 
-__all__ = ["compare_models", "comparison_markdown", "COLUMNS"]
+__all__ = ["compare_models", "comparison_markdown", "collapsed_sites", "COLUMNS"]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ COLUMNS = [
     ("ece", "ECE"),
     ("ece_lesion", "ECE (lesion region)"),
     ("elbo", "-ELBO / image"),
-    ("collapsed_sites", "collapsed KL sites"),
+    ("collapsed_sites", "collapsed sites"),
     ("num_params", "params"),
     ("sec_per_epoch", "s / epoch"),
 ]
@@ -59,6 +59,28 @@ COLUMNS = [
 #: A latent site whose mean KL on the test patients is below this many nats per
 #: image carries (almost) no information: posterior collapse.
 COLLAPSE_NATS = 0.1
+#: ... and one whose posterior means do not move with the input (0 active units)
+#: and whose replacement by its prior mean changes the prediction by less than this
+#: (1 - Dice between the two predictions) is switched off, whatever its KL.
+COLLAPSE_EFFECT = 0.01
+
+
+def collapsed_sites(report: dict[str, Any]) -> str:
+    """The latent sites of ``report`` (an :func:`~pyroseg.evaluate.evaluate_run` report)
+    that carry nothing: KL below :data:`COLLAPSE_NATS`, or 0 active units and an effect
+    below :data:`COLLAPSE_EFFECT` (a site can keep a few nats of KL in an offset that no
+    input moves; see README, "Seeing collapse"). ``"-"``: none; ``"n/a"``: no latent."""
+    sites = [k[3:] for k in report if k.startswith("kl_")]
+    if not sites:
+        return "n/a"
+
+    def dead(s: str) -> bool:
+        if report[f"kl_{s}"] < COLLAPSE_NATS:
+            return True
+        au, effect = report.get(f"au_{s}"), report.get(f"effect_{s}")
+        return au is not None and effect is not None and au == 0 and effect < COLLAPSE_EFFECT
+
+    return ",".join(s for s in sites if dead(s)) or "-"
 
 
 def compare_models(
@@ -98,8 +120,7 @@ def compare_models(
         report = evaluate_run(run, num_samples=num_samples, device=cfg.device, seed=base.seed)
         history = read_metrics_csv(run / "metrics.csv")
         report["sec_per_epoch"] = sum(r["train_time_s"] for r in history) / len(history)
-        kls = {k: v for k, v in report.items() if k.startswith("kl_")}
-        report["collapsed_sites"] = ",".join(k[3:] for k, v in kls.items() if v < COLLAPSE_NATS) or ("-" if kls else "n/a")
+        report["collapsed_sites"] = collapsed_sites(report)
         rows.append(report)
         _write(out, base, rows, num_samples)
     if rows and base.data == "synthetic-ambiguous":
@@ -163,7 +184,9 @@ def _write(out: Path, base: FitConfig, rows: list[dict], num_samples: int) -> No
         f"\nProtocol: split by patient (seed {base.seed}, val {base.val_fraction}, test {base.test_fraction}), "
         "no augmentation of test data; test-time z from q(z|x) (vae, skip_vae, hvae) or the prior net "
         "(prob_unet, hprob_unet). "
-        f"'collapsed KL sites': latent sites whose mean test KL is below {COLLAPSE_NATS} nats / image. "
+        f"'collapsed sites': latent sites whose mean test KL is below {COLLAPSE_NATS} nats / image, or with 0 "
+        f"active units whose replacement by the prior mean changes the prediction by less than {COLLAPSE_EFFECT} "
+        "(1 - Dice). "
         f"GED (d = 1 - IoU; all pairs, the published estimator; 'unbiased': distinct pairs only), HM-IoU "
         f"(Hungarian-matched IoU) and diversity (mean 1 - IoU between distinct samples) score the "
         f"{num_samples} thresholded samples per slice against all {first.get('n_annotators', 1)} annotator(s), "

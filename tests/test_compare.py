@@ -91,3 +91,18 @@ def test_every_model_trains_and_is_judged_on_ambiguous_data(tmp_path):
 
     rows = compare_models(_base(data="synthetic-ambiguous"), tmp_path, models=list(MODELS), num_samples=4)
     _check_ambiguous_rows(rows, list(MODELS), tmp_path)
+
+
+def test_collapsed_sites_by_kl_or_by_units_and_effect():
+    from pyroseg.compare import collapsed_sites
+
+    assert collapsed_sites({"dice_all": 0.9}) == "n/a"
+    alive = {"kl_z": 5.0, "au_z": 3, "effect_z": 0.2}
+    assert collapsed_sites(alive) == "-"
+    assert collapsed_sites({**alive, "kl_z": 0.05}) == "z"  # KL alone
+    # nats in an offset that no input moves: 0 active units and no effect
+    assert collapsed_sites({"kl_z": 5.0, "au_z": 0, "effect_z": 0.001}) == "z"
+    assert collapsed_sites({"kl_z": 5.0, "au_z": 0, "effect_z": 0.05}) == "-"  # it still changes the prediction
+    assert collapsed_sites({"kl_z": 5.0}) == "-"  # diagnostics skipped: KL is all there is
+    three = {"kl_z_3": 0.01, "kl_z_2": 2.0, "au_z_2": 0, "effect_z_2": 0.0, "kl_z_1": 3.0, "au_z_1": 7, "effect_z_1": 0.1}
+    assert collapsed_sites(three) == "z_3,z_2"
