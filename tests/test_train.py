@@ -229,5 +229,11 @@ def test_compiled_trainer_step_matches_eager():
     out_c = compiled.step(image, mask)
     out_e = eager.step(image, mask)
     assert out_c.loss == pytest.approx(out_e.loss, rel=1e-4)
+    # The gradients are what compiling can change: they agree to float rounding (measured 6e-6
+    # of each tensor's largest entry). The weights after Adam's first step agree less tightly:
+    # that step is about lr * g / (|g| + eps), which amplifies rounding where |g| is near eps
+    # (measured 5e-5 on one weight, against lr = 1e-3), as in the fused-Adam note.
     for (n, p), (_, q) in zip(compiled.model.named_parameters(), eager.model.named_parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+        scale = float(q.grad.abs().max())
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-4 * scale + 1e-12, msg=lambda m, n=n: f"{n}: {m}")
+        torch.testing.assert_close(p, q, rtol=0, atol=2e-4, msg=lambda m, n=n: f"{n}: {m}")
