@@ -491,6 +491,7 @@ def fit(
         write_metrics_csv(out / METRICS, history)
         if pictures:
             _pictures(out, model, val_data, device)
+    trainer.loss_fn = trainer.elbo_loss  # drop the DDP wrapper before leaving the process group
     ctx.close()
     return out
 

@@ -207,6 +207,7 @@ def _worker_gradient(rank: int, world: int, store: str) -> None:
     # the sum over ranks would be world x the global gradient: what a sum-loss would give
     big = max(model.parameters(), key=lambda p: float(p.grad.abs().max()))
     assert float((big.grad * world - big.grad).abs().max()) > 1e-3
+    del ddp, loss  # the wrapper (and the graph through it) must go before the process group (see DistContext.close)
     ctx.close()
 
 
@@ -230,6 +231,8 @@ def _worker_models_and_collectives(rank: int, world: int, store: str) -> None:
             assert out.applied, name
             assert ctx.gather(out.loss)[0] == out.loss  # the reported loss is the global one
         ctx.check_consistent(lambda: {"weights": state_digest(model.state_dict())}, what=name)  # noqa: B023 (called at once)
+        trainer.loss_fn = trainer.elbo_loss  # drop the DDP wrapper (see DistContext.close)
+        trainer.loss_fn = trainer.elbo_loss  # drop the DDP wrapper: it holds the process group
     # ranks draw different noise after ctx.seed, the same before
     pyro.set_rng_seed(0)
     same = torch.rand(3)
@@ -250,6 +253,7 @@ def _worker_models_and_collectives(rank: int, world: int, store: str) -> None:
     # main_first: rank 0 runs first (it fills a cache the others then read)
     flag = Path(store).parent / "filled"
     assert ctx.main_first(lambda: (flag.touch() if rank == 0 else None, flag.exists())[1])
+    del trainer
     ctx.close()
 
 
