@@ -20,7 +20,6 @@ perfect model gets.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,14 +30,14 @@ import pyro
 import torch
 
 from pyroseg.collapse import collapse_report
-from pyroseg.config import FitConfig, load_config_json
+from pyroseg.config import FitConfig
 from pyroseg.data import load_source
 from pyroseg.data.core import SegData
 from pyroseg.data.synthetic import oracle_masks_for, oracle_probabilities
-from pyroseg.errors import CheckpointError, UsageError
+from pyroseg.errors import UsageError
 from pyroseg.metrics import ECE_BINS, DistributionAccumulator, ReliabilityAccumulator, segmentation_report
 from pyroseg.predict import Predictions, predict_dataset
-from pyroseg.runs import CONFIG, SPLIT, load_run
+from pyroseg.runs import load_run, read_run_files
 from pyroseg.train import resolve_device
 
 __all__ = [
@@ -200,11 +199,8 @@ def evaluate_run_oracle(
     """:func:`evaluate_oracle` on the data and the ``split`` patients of the run in
     ``run_dir`` (its ``config.json`` and ``split.json``; the weights are not read)."""
     run_dir = Path(run_dir)
-    cfg = FitConfig.from_dict(load_config_json(run_dir / CONFIG)["fit"])
-    try:
-        run_split = json.loads((run_dir / SPLIT).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{run_dir / SPLIT}: unreadable ({e})") from None
+    doc, run_split = read_run_files(run_dir)
+    cfg = FitConfig.from_dict(doc["fit"])
     dataset = load_source(cfg.data, cfg.image_size, seed=cfg.seed, synthetic_patients=cfg.synthetic_patients,
                           synthetic_slices=cfg.synthetic_slices, cache_dir=cfg.cache_dir)
     if split not in EVAL_SPLITS:
@@ -309,12 +305,9 @@ def evaluate_oracle(
         faint_fraction=meta["faint_fraction"],
     )  # (N, H, W)
     if patients is None:
-        keep = np.ones(len(data), dtype=bool)
-    else:
-        wanted = set(patients)
-        keep = np.fromiter((p in wanted for p in data.patients.tolist()), dtype=bool, count=len(data))
-    subset = SegData(data.images[keep], data.masks[keep], data.patients[keep], data.slice_numbers[keep],
-                     source=data.source, meta=dict(meta))
+        patients = data.patient_ids
+    keep = data.patient_mask(patients)  # (N,)
+    subset = data.subset(patients)
     if one_mask:
         samples = (probs[keep] >= 0.5)[:, None].astype(np.uint8)  # (n, 1, H, W)
     else:

@@ -38,6 +38,7 @@ __all__ = [
     "stray_temp_files",
     "check_checkpoint",
     "load_weights",
+    "read_run_files",
     "write_json",
     "write_metrics_csv",
     "read_metrics_csv",
@@ -164,8 +165,8 @@ class LoadedRun:
         return int(self.checkpoint.get("epoch", 0))
 
 
-def load_run(run_dir: str | Path, *, device: torch.device | str = "cpu") -> LoadedRun:
-    """Open a run folder: JSON config, JSON split and the checkpoint's weights (safely)."""
+def read_run_files(run_dir: str | Path) -> tuple[dict, dict]:
+    """The JSON config document and the JSON split of a run folder (no weights)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"RUN_DIR {run_dir}: not a folder")
@@ -179,6 +180,13 @@ def load_run(run_dir: str | Path, *, device: torch.device | str = "cpu") -> Load
         raise CheckpointError(f"{split_path}: missing; the run folder is incomplete") from None
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{split_path}: unreadable ({e})") from None
+    return doc, split
+
+
+def load_run(run_dir: str | Path, *, device: torch.device | str = "cpu") -> LoadedRun:
+    """Open a run folder: JSON config, JSON split and the checkpoint's weights (safely)."""
+    run_dir = Path(run_dir)
+    doc, split = read_run_files(run_dir)
     ckpt = load_checkpoint(run_dir / CHECKPOINT, map_location=device)
     model = model_from_checkpoint(ckpt, doc, source=run_dir / CHECKPOINT).to(device)
     model.eval()

@@ -64,11 +64,15 @@ class SegData:
         """Distinct patient ids in order of first appearance."""
         return list(dict.fromkeys(self.patients.tolist()))
 
-    def subset(self, patients: Sequence[str]) -> SegData:
-        """The slices of the given patients, in this dataset's order."""
+    def patient_mask(self, patients: Sequence[str]) -> np.ndarray:
+        """``(N,)`` bool: which slices belong to the given patients."""
         # a set, not np.isin(..., dtype=self.patients.dtype): '<U2' would cut 'p1_x' to 'p1', a false match
         wanted = set(patients)
-        keep = np.fromiter((p in wanted for p in self.patients.tolist()), dtype=bool, count=len(self.patients))
+        return np.fromiter((p in wanted for p in self.patients.tolist()), dtype=bool, count=len(self.patients))
+
+    def subset(self, patients: Sequence[str]) -> SegData:
+        """The slices of the given patients, in this dataset's order."""
+        keep = self.patient_mask(patients)
         return SegData(
             images=self.images[keep],
             masks=self.masks[keep],
