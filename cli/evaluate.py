@@ -9,7 +9,7 @@ import click
 from cli.common import CONTEXT, LoadBar, format_table, handle_errors
 from pyroseg.errors import UsageError
 from pyroseg.evaluate import EVAL_SPLITS, ORACLE, ORACLE_ONE_MASK, evaluate_run, reliability_png_for
-from pyroseg.runs import write_json
+from pyroseg.runs import CHECKPOINTS, write_json
 
 _SHOWN = ["dice_all", "dice_tumour", "dice_volume", "iou_tumour", "bce", "false_positive_slices", "empty_slices", "elbo", "nll"]
 _DISTRIBUTION = ["ged", "ged_unbiased", "hm_iou", "sample_diversity", "ece", "ece_lesion"]
@@ -33,8 +33,12 @@ _DISTRIBUTION = ["ged", "ged_unbiased", "hm_iou", "sample_diversity", "ece", "ec
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the report here, and the reliability diagram beside it (<stem>_reliability.png).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--checkpoint", type=click.Choice(CHECKPOINTS), default=None,
+              help="Weights to score: best (best.pt, the best validation epoch) or last (checkpoint.pt) "
+                   "[default: best when the run has a best.pt, else last].")
 @handle_errors
-def evaluate_cmd(run_dir, data, split, num_samples, collapse_samples, oracle, seed, batch_size, device, json_path, cache_dir):
+def evaluate_cmd(run_dir, data, split, num_samples, collapse_samples, oracle, seed, batch_size, device, json_path, cache_dir,
+                 checkpoint):
     """Print Dice (per slice, tumour slices, per patient), IoU, BCE and the ELBO of RUN_DIR, how well its
     samples match the annotators (GED, Hungarian-matched IoU, sample diversity, calibration (ECE)), and
     per latent site whether it collapsed (KL, active units, effect)."""
@@ -48,11 +52,12 @@ def evaluate_cmd(run_dir, data, split, num_samples, collapse_samples, oracle, se
     report = evaluate_run(run_dir, data=data, split=split, num_samples=num_samples, batch_size=batch_size,
                           device=device, cache_dir=cache_dir, progress=bar, oracle=oracle, seed=seed, oracle_seed=seed,
                           reliability_png=reliability_png_for(json_path) if json_path else None,
-                          collapse_samples=collapse_samples)
+                          collapse_samples=collapse_samples, checkpoint=checkpoint)
     bar.close()
     click.echo(f"{report['model']} on {report['data']} [{report['split']}]: {report['n_patients']} patients, "
                f"{report['n_slices']} slices, {report['n_annotators']} annotator(s), "
                f"mean of {report['num_samples']} sample(s), z from {report['z_from']}")
+    click.echo(f"weights: {report['checkpoint']}")
     click.echo(format_table([{k: report[k] for k in _SHOWN if k in report}]))
     kl = {k: v for k, v in report.items() if k.startswith("kl_")}
     if kl:

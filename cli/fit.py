@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from cli.common import CONTEXT, LoadBar, handle_errors
 from pyroseg import distributed
-from pyroseg.config import FitConfig
+from pyroseg.config import AUGMENTS, LR_SCHEDULES, SELECT_BY, FitConfig
 from pyroseg.errors import UsageError
 from pyroseg.models import MODELS
 from pyroseg.train import FitCallbacks, fit
@@ -65,6 +65,11 @@ class BarCallbacks(FitCallbacks):
             self.bar.set_postfix_str(", ".join(parts))
             self.bar.close()
             self.bar = None
+
+    def on_early_stop(self, epoch, best):
+        if not self.quiet:
+            click.echo(f"stopped early after epoch {epoch}: {best.get('metric', 'the --select-by score')} did not improve "
+                       f"(best {best.get('value', float('nan')):.4f} at epoch {best.get('epoch', '-')})", err=True)
 
 
 def _parse_model_args(items: tuple[str, ...]) -> dict:
@@ -138,12 +143,25 @@ def _parse_model_args(items: tuple[str, ...]) -> dict:
 @click.option("--nproc-per-node", type=int, default=None, help="Processes for --launcher torchrun (one per GPU, or CPU processes).")
 @click.option("--channels-last/--no-channels-last", default=_DEFAULTS.channels_last, show_default=True,
               help="Channels-last memory format for training (about 1.2x faster steps on CPU).")
+@click.option("--augment", type=click.Choice(AUGMENTS), default=_DEFAULTS.augment, show_default=True,
+              help="Random transforms of the training batches only: flip (left-right), standard (flip, rotation +-15 deg, "
+                   "scale 0.9-1.1, gamma, contrast, noise). See docs/guide/training-recipe.md.")
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=_DEFAULTS.lr_schedule, show_default=True,
+              help="Learning rate after the warm-up: constant, cosine (to 0 at the last epoch) or step (/10 at 50 % and 75 %).")
+@click.option("--lr-warmup", type=float, default=_DEFAULTS.lr_warmup, show_default=True,
+              help="Epochs of linear learning-rate warm-up from 0 to --lr.")
+@click.option("--select-by", type=click.Choice(SELECT_BY), default=_DEFAULTS.select_by, show_default=True,
+              help="Validation score that picks best.pt (evaluate and sample use it by default); auto: val_dice_tumour "
+                   "on one-annotator data, val_ged on data with several annotators.")
+@click.option("--patience", type=int, default=None,
+              help="Stop after this many epochs without a better --select-by score [default: never].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
 def fit_cmd(model, data, image_size, epochs, batch_size, lr, device, seed, out, resume_dir, overwrite, beta, beta_warmup,
             beta_cycle, elbo, objective, geco_kappa, geco_alpha, geco_rate, geco_warmup, geco_max_step, free_bits,
             clip_norm, max_nonfinite, val_fraction, test_fraction, val_samples, collapse_diagnostics, model_args, widths,
-            synthetic_patients, synthetic_slices, cache_dir, checkpoint_every, channels_last, launcher, nproc_per_node, quiet):
+            synthetic_patients, synthetic_slices, cache_dir, checkpoint_every, channels_last, launcher, nproc_per_node,
+            augment, lr_schedule, lr_warmup, select_by, patience, quiet):
     """Train a model; write config, split, metrics, checkpoint and pictures to a run folder.
 
     Data-parallel: `torchrun --nproc_per_node N -m pyroseg fit ...` (or `--launcher torchrun
@@ -178,7 +196,8 @@ def fit_cmd(model, data, image_size, epochs, batch_size, lr, device, seed, out, 
             geco_rate=geco_rate, geco_warmup=geco_warmup, geco_max_step=geco_max_step, free_bits=free_bits, clip_norm=clip_norm, max_nonfinite=max_nonfinite,
             val_samples=val_samples, collapse_diagnostics=collapse_diagnostics, model_args=_parse_model_args(model_args), widths=widths_t,
             synthetic_patients=synthetic_patients, synthetic_slices=synthetic_slices, cache_dir=cache_dir,
-            channels_last=channels_last,
+            channels_last=channels_last, augment=augment, lr_schedule=lr_schedule, lr_warmup=lr_warmup,
+            select_by=select_by, patience=patience,
         ).validate()
     rank, _ = distributed.env_rank()
     with distributed.collective_errors():
@@ -238,8 +257,14 @@ def _report(run: Path) -> None:
     if last:
         dice = f"val dice_all {last.get('val_dice_all', float('nan')):.3f}, dice_tumour {last.get('val_dice_tumour', float('nan')):.3f}"
         click.echo(f"  after epoch {int(last['epoch'])}: train loss {last['train_loss']:.1f}, {dice}")
+    if (run / "best.pt").exists():
+        from pyroseg.checkpoint import load_checkpoint
+
+        best = load_checkpoint(run / "best.pt").get("best") or {}
+        click.echo(f"  best: epoch {best.get('epoch')} by {best.get('metric')} {float(best.get('value', float('nan'))):.3f} (best.pt)")
     for name, what in [("config.json", "config, versions"), ("split.json", "patients per split"),
                        ("metrics.csv", "per-epoch metrics"), ("checkpoint.pt", "weights and training state"),
+                       ("best.pt", "weights of the best validation epoch: what evaluate / sample use"),
                        ("curves.png", "training curves"), ("val_samples.png", "validation samples and uncertainty")]:
         if (run / name).exists():
             click.echo(f"  {run / name}  ({what})")

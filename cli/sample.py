@@ -6,7 +6,7 @@ import click
 
 from cli.common import CONTEXT, LoadBar, handle_errors
 from pyroseg.errors import UsageError
-from pyroseg.runs import EVAL_SPLITS
+from pyroseg.runs import CHECKPOINTS, EVAL_SPLITS
 from pyroseg.sampling import sample_images, sample_split
 
 
@@ -19,20 +19,24 @@ from pyroseg.sampling import sample_images, sample_split
 @click.option("--num-samples", type=int, default=16, show_default=True, help="Masks to draw per image.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs.")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--checkpoint", type=click.Choice(CHECKPOINTS), default=None,
+              help="Weights to sample from: best (best.pt) or last (checkpoint.pt) [default: best when the run has one].")
 @handle_errors
-def sample_cmd(run_dir, inputs, split, num_images, num_samples, out, device):
+def sample_cmd(run_dir, inputs, split, num_images, num_samples, out, device, checkpoint):
     """Write every sampled mask, the mean probability, the uncertainty (std) and a grid per image."""
     if (inputs is None) == (split is None):
         raise UsageError("--input or --split: give exactly one (images on disk, or slices of the run's own data)")
     if split is not None:
-        records = sample_split(run_dir, split, out, num_images=num_images, num_samples=num_samples, device=device)
+        records = sample_split(run_dir, split, out, num_images=num_images, num_samples=num_samples, device=device, checkpoint=checkpoint)
     else:
         bar = LoadBar("sampling")
-        records = sample_images(run_dir, inputs, out, num_samples=num_samples, device=device, progress=bar)
+        records = sample_images(run_dir, inputs, out, num_samples=num_samples, device=device, progress=bar, checkpoint=checkpoint)
         bar.close()
     for r in records:
         extra = f" (Dice of the mean vs truth {r['dice_mean']:.3f})" if "dice_mean" in r else ""
         if "ged" in r:
             extra += f" GED {r['ged']:.3f}, HM-IoU {r['hm_iou']:.3f}"
         click.echo(f"{r['input']}: {r['num_samples']} samples{extra}")
+    if records:
+        click.echo(f"weights: {records[0]['checkpoint']}")
     click.echo(f"wrote {sum(len(r['files']) for r in records)} files to {out} (see *_grid.png)")

@@ -17,7 +17,17 @@ from typing import Any
 
 from pyroseg.errors import CheckpointError, UsageError
 
-__all__ = ["FitConfig", "CONFIG_VERSION", "versions", "load_config_json"]
+__all__ = ["FitConfig", "CONFIG_VERSION", "AUGMENTS", "LR_SCHEDULES", "SELECT_BY", "versions", "load_config_json"]
+
+#: The values of ``--augment``, ``--lr-schedule`` and ``--select-by`` (checked here,
+#: implemented in :mod:`pyroseg.augment`, :mod:`pyroseg.schedules` and :mod:`pyroseg.train`).
+AUGMENTS = ("none", "flip", "standard")
+LR_SCHEDULES = ("constant", "cosine", "step")
+SELECT_BY = ("auto", "val_dice_tumour", "val_dice_all", "val_loss", "val_ged")
+
+#: What a config.json written before a field existed meant by its absence: that
+#: version's behaviour, which may differ from today's default.
+_LEGACY = {"augment": "none", "lr_schedule": "constant", "lr_warmup": 0.0, "select_by": "auto", "patience": None}
 
 #: Bumped when the meaning of a config field changes; a run written by a newer
 #: version is refused rather than misread.
@@ -68,6 +78,12 @@ class FitConfig:
     num_workers: int = 0
     # speed: channels-last weights and activations (measured 1.2-1.27x faster steps on CPU)
     channels_last: bool = True
+    # training recipe (docs/guide/training-recipe.md)
+    augment: str = "none"  # training batches only: "none", "flip" or "standard" (pyroseg.augment)
+    lr_schedule: str = "constant"  # "constant", "cosine" or "step" (pyroseg.schedules.lr_at)
+    lr_warmup: float = 0.0  # epochs of linear learning-rate warm-up from 0 to --lr
+    select_by: str = "auto"  # validation column that picks best.pt; auto: val_dice_tumour (one annotator) or val_ged (several)
+    patience: int | None = None  # stop after this many epochs without a better select_by; None: never
 
     def validate(self) -> FitConfig:
         """Refuse values that cannot work, naming the option (UsageError, exit 2),
@@ -100,6 +116,11 @@ class FitConfig:
             (self.free_bits >= 0, f"--free-bits {self.free_bits}: expected >= 0 nats"),
             (self.val_samples >= 1, f"--val-samples {self.val_samples}: expected at least 1"),
             (self.num_workers >= 0, f"--num-workers {self.num_workers}: expected >= 0"),
+            (self.augment in AUGMENTS, f"--augment {self.augment!r}: expected one of {', '.join(AUGMENTS)}"),
+            (self.lr_schedule in LR_SCHEDULES, f"--lr-schedule {self.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}"),
+            (self.lr_warmup >= 0, f"--lr-warmup {self.lr_warmup}: expected >= 0 epochs"),
+            (self.select_by in SELECT_BY, f"--select-by {self.select_by!r}: expected one of {', '.join(SELECT_BY)}"),
+            (self.patience is None or self.patience >= 1, f"--patience {self.patience}: expected at least 1 epoch"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -117,7 +138,7 @@ class FitConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise CheckpointError(f"config has unknown fields {unknown}: written by a newer pyroseg?")
-        d = dict(d)
+        d = {**_LEGACY, **d}
         if "widths" in d:
             d["widths"] = tuple(d["widths"])
         return cls(**d)

@@ -80,6 +80,7 @@ def evaluate_run(
     reliability_png: str | Path | None = None,
     seed: int | None = 0,
     collapse_samples: int = 8,
+    checkpoint: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate the run in ``run_dir``.
 
@@ -105,11 +106,15 @@ def evaluate_run(
     :func:`pyroseg.collapse.collapse_report` (``au_*`` active units of
     ``units_*``, ``dice_change_*``, ``effect_*``; point predictions there are
     means of ``collapse_samples`` samples, 0: skip them).
+
+    ``checkpoint``: ``"best"``, ``"last"`` or ``None`` (best.pt when the run has
+    one; :func:`pyroseg.runs.pick_checkpoint`); ``report["checkpoint"]`` names
+    the file used, and ``epochs_trained`` is its epoch.
     """
     if num_samples < 1:
         raise UsageError(f"--num-samples {num_samples}: expected at least 1")
     dev = resolve_device(device)
-    run = load_run(run_dir, device=dev)
+    run = load_run(run_dir, device=dev, checkpoint=checkpoint)
     cfg = run.config
     which = split or ("all" if data else "test")
     if which not in EVAL_SPLITS:
@@ -150,6 +155,7 @@ def evaluate_run(
             "num_samples": num_samples if run.model.has_latent else 1,
             "z_from": run.model.sample_from,
             "epochs_trained": run.epochs_done,
+            "checkpoint": run.checkpoint_used,
             "image_size": cfg.image_size,
             "num_params": run.model.num_params,
             "seed": seed,

@@ -154,13 +154,16 @@ def sample_images(
     device: str = "auto",
     grid_samples: int = 6,
     progress: Callable[[int, int], None] | None = None,
+    checkpoint: str | None = None,
 ) -> list[dict]:
     """Sample ``num_samples`` masks for every input image; returns one record per
-    image (input, files written, and the mean Dice against the truth when known)."""
+    image (input, files written, the weights used (``checkpoint``: best.pt by default,
+    see :func:`pyroseg.runs.pick_checkpoint`) and the mean Dice against the truth when known)."""
     if num_samples < 1:
         raise UsageError(f"--num-samples {num_samples}: expected at least 1")
     dev = resolve_device(device)
-    run = load_run(run_dir, device=dev)
+    run = load_run(run_dir, device=dev, checkpoint=checkpoint)
+    log.info("sampling from %s", run.checkpoint_used)
     size = run.config.image_size
     pairs = find_inputs(inputs)
     out = _out_dir(out)
@@ -176,6 +179,7 @@ def sample_images(
                 log.warning("ignoring ground truth: %s", e)
         rec = _sample_one(run, image, truth, img_path.stem, out, num_samples=num_samples, grid_samples=grid_samples)
         rec["input"] = str(img_path)
+        rec["checkpoint"] = run.checkpoint_used
         del rec["row"]
         records.append(rec)
         if progress:
@@ -194,6 +198,7 @@ def sample_split(
     device: str = "auto",
     grid_samples: int = 6,
     cache_dir: str | None = None,
+    checkpoint: str | None = None,
 ) -> list[dict]:
     """Sample ``num_samples`` masks for ``num_images`` slices of the run's own data,
     from the patients of ``split`` (``test``, ``val``, ``train`` or ``all``), chosen
@@ -212,7 +217,8 @@ def sample_split(
     if split not in EVAL_SPLITS:
         raise UsageError(f"--split {split!r}: expected one of {', '.join(EVAL_SPLITS)}")
     dev = resolve_device(device)
-    run = load_run(run_dir, device=dev)
+    run = load_run(run_dir, device=dev, checkpoint=checkpoint)
+    log.info("sampling from %s", run.checkpoint_used)
     cfg = run.config
     data = load_source(cfg.data, cfg.image_size, seed=cfg.seed, synthetic_patients=cfg.synthetic_patients,
                        synthetic_slices=cfg.synthetic_slices, cache_dir=cache_dir or cfg.cache_dir)
@@ -224,6 +230,7 @@ def sample_split(
         stem = f"{data.patients[i]}_{data.slice_numbers[i]}"
         rec = _sample_one(run, image, data.masks[i], stem, out, num_samples=num_samples, grid_samples=grid_samples)
         rec["input"] = f"{cfg.data} [{split}] {data.patients[i]} slice {data.slice_numbers[i]}"
+        rec["checkpoint"] = run.checkpoint_used
         records.append(rec)
     rows = [r.pop("row") for r in records]
     overview = plots.sample_grid(rows, out / f"{split}_grid.png", max_samples=grid_samples,

@@ -48,6 +48,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from pyroseg import distributed
+from pyroseg.augment import SPECS, augment_batch, step_generator
 from pyroseg.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from pyroseg.collapse import collapse_report, latent_units
 from pyroseg.config import CONFIG_VERSION, FitConfig, load_config_json, versions
@@ -61,6 +62,7 @@ from pyroseg.nets import compile_networks
 from pyroseg.objective import SiteELBO
 from pyroseg.predict import predict_dataset
 from pyroseg.runs import (
+    BEST,
     CHECKPOINT,
     CONFIG,
     METRICS,
@@ -72,11 +74,11 @@ from pyroseg.runs import (
     write_json,
     write_metrics_csv,
 )
-from pyroseg.schedules import beta_at
+from pyroseg.schedules import beta_at, lr_at
 
 __all__ = [
     "ELBOLoss", "Trainer", "StepOutcome", "EpochSampler", "FitCallbacks", "FitRun", "Progress", "fit", "make_loader",
-    "resolve_device", "make_elbo",
+    "resolve_device", "make_elbo", "select_metric",
 ]
 
 log = logging.getLogger(__name__)
@@ -263,10 +265,13 @@ class FitCallbacks:
 
     def on_epoch_end(self, row: dict) -> None: ...
 
+    def on_early_stop(self, epoch: int, best: dict) -> None: ...
+
 
 def _validate(model: SegModel, data: SegData, cfg: FitConfig, device: torch.device) -> dict[str, float]:
     """Validation ELBO terms (beta = 1), Dice of the mean of ``val_samples`` samples,
-    and the collapse diagnostics of every latent site (:mod:`pyroseg.collapse`)."""
+    on data with several annotators the GED of ``max(val_samples, 2)`` samples against
+    them all, and the collapse diagnostics of every latent site (:mod:`pyroseg.collapse`)."""
     if len(data) == 0:
         return {}
     pred = predict_dataset(model, data, num_samples=cfg.val_samples, batch_size=max(cfg.batch_size, 32), device=device)
@@ -274,6 +279,10 @@ def _validate(model: SegModel, data: SegData, cfg: FitConfig, device: torch.devi
     rep = segmentation_report(torch.from_numpy(pred.mean), torch.from_numpy(data.masks[:, 0]), data.patients)
     row["val_dice_all"] = rep["dice_all"]
     row["val_dice_tumour"] = rep["dice_tumour"]
+    if data.num_annotators > 1:  # samples against every annotator: what --select-by auto picks on such data
+        dist = predict_dataset(model, data, num_samples=max(cfg.val_samples, 2), batch_size=max(cfg.batch_size, 32),
+                               device=device, with_terms=False, distribution=True).distribution
+        row["val_ged"] = float(np.mean(dist["ged"]))
     if cfg.collapse_diagnostics:
         diag = collapse_report(model, data, num_samples=cfg.val_samples, batch_size=max(cfg.batch_size, 32), device=device)
         row.update({f"val_{k}": v for k, v in diag.items() if not k.startswith("units_")})
@@ -312,9 +321,10 @@ def fit(
         prepare        config (the saved one on resume), process group, run folder
         build_model    seeded weights, channels-last
         load_data      source, patient split, cross-rank data check
-        build_trainer  optimizer (+ DDP), sampler and loader, GECO
+        build_trainer  optimizer (+ DDP), sampler and loader, GECO, augmentation, best.pt's score
         restore/start  the checkpoint's state, or a fresh config.json and split.json
-        train          the epoch loop: steps, validation, checkpoints, metrics.csv
+        train          the epoch loop: batches (augmented), learning rate, steps, validation,
+                       best.pt, checkpoints, metrics.csv, early stop
         finish         metrics.csv, pictures, leave the process group
     """
     run = FitRun.prepare(config, callbacks, resume=resume, overwrite=overwrite)
@@ -331,7 +341,7 @@ def fit(
 
 
 def _fresh_partial() -> dict[str, float]:
-    return {"loss_sum": 0.0, "count": 0, "train_time": 0.0}
+    return {"loss_sum": 0.0, "count": 0, "train_time": 0.0, "data_time": 0.0}
 
 
 @dataclass
@@ -339,22 +349,26 @@ class Progress:
     """Where training stands: with the weights, the optimizer and the RNG states,
     all a checkpoint restores for the remaining steps to be those of an unbroken
     run. ``partial``: the current epoch's sums so far (loss over images, their
-    count, training seconds)."""
+    count, training seconds, of which waiting for data). ``best``: the epoch of
+    best.pt and its score (``{"metric", "value", "epoch"}``), ``None`` before
+    the first scored epoch."""
 
     epoch: int = 0
     batch_in_epoch: int = 0
     global_step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     partial: dict[str, float] = field(default_factory=_fresh_partial)
+    best: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "global_step": self.global_step,
-                "history": self.history, "partial": self.partial}
+                "history": self.history, "partial": self.partial, "best": self.best}
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         self.epoch, self.batch_in_epoch, self.global_step = int(ckpt["epoch"]), int(ckpt["batch_in_epoch"]), int(ckpt["global_step"])
         self.history = list(ckpt["history"])
-        self.partial = dict(ckpt.get("partial", _fresh_partial()))
+        self.partial = {**_fresh_partial(), **ckpt.get("partial", {})}
+        self.best = ckpt.get("best")
 
 
 def make_loader(train_data: SegData, config: FitConfig, local_batch: int, ctx: distributed.DistContext) -> tuple[EpochSampler, DataLoader]:
@@ -367,6 +381,24 @@ def make_loader(train_data: SegData, config: FitConfig, local_batch: int, ctx: d
     loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, collate_fn=collate_batch,
                         generator=torch.Generator().manual_seed(config.seed))
     return sampler, loader
+
+
+#: The validation columns ``--select-by`` may name, and whether higher is better.
+SELECT_MODES = {"val_dice_tumour": "max", "val_dice_all": "max", "val_loss": "min", "val_ged": "min"}
+
+
+def select_metric(select_by: str, num_annotators: int) -> tuple[str, str]:
+    """The validation column that picks best.pt and ``"max"`` or ``"min"``. ``auto``:
+    tumour-slice Dice on data with one annotator; on data with several, the
+    generalised energy distance of the samples to all of them (a Dice against
+    the first annotator would reward ignoring the others)."""
+    if select_by == "auto":
+        select_by = "val_ged" if num_annotators > 1 else "val_dice_tumour"
+    if select_by not in SELECT_MODES:
+        raise UsageError(f"--select-by {select_by!r}: expected auto or one of {', '.join(SELECT_MODES)}")
+    if select_by == "val_ged" and num_annotators < 2:
+        raise UsageError("--select-by val_ged: needs data with several annotators; this data has one (use val_dice_tumour)")
+    return select_by, SELECT_MODES[select_by]
 
 
 class FitRun:
@@ -432,7 +464,8 @@ class FitRun:
 
     # -- build_trainer ------------------------------------------------------------------------------
     def build_trainer(self) -> None:
-        """The optimizer and its guards (wrapped for data parallelism), the batches, and GECO."""
+        """The optimizer and its guards (wrapped for data parallelism), the batches, GECO,
+        the augmentation and the score that picks best.pt."""
         cfg, ctx = self.config, self.ctx
         self.trainer = trainer = Trainer(self.model, lr=cfg.lr, elbo=cfg.elbo, clip_norm=cfg.clip_norm,
                                          max_nonfinite=cfg.max_nonfinite, free_bits=cfg.free_bits)
@@ -443,6 +476,8 @@ class FitRun:
         self.steps_per_epoch = math.ceil(self.sampler.num_samples / self.local_batch)
         self.geco: GECO | None = (geco_from_config(cfg, self.train_data.masks, self.steps_per_epoch)
                                   if cfg.objective == "geco" else None)
+        self.augment = SPECS[cfg.augment]
+        self.select_by, self.select_mode = select_metric(cfg.select_by, self.data.num_annotators)
 
     # -- restore / start ----------------------------------------------------------------------------
     def restore(self) -> None:
@@ -504,9 +539,20 @@ class FitRun:
         """Epochs until ``config.epochs``: steps (checkpointing every
         ``checkpoint_every`` steps within an epoch), then :meth:`end_epoch`."""
         self.model.train()
-        while self.progress.epoch < self.config.epochs:
+        while self.progress.epoch < self.config.epochs and not self.out_of_patience():
             self.train_epoch(checkpoint_every)
             self.end_epoch()
+        if self.out_of_patience():
+            best = self.progress.best or {}
+            log.info("stopped after epoch %d: %s has not improved for %d epochs (best %s at epoch %s)", self.progress.epoch,
+                     self.select_by, self.config.patience, best.get("value"), best.get("epoch"))
+            self.cb.on_early_stop(self.progress.epoch, best)
+
+    def out_of_patience(self) -> bool:
+        """``--patience`` epochs since the best one (or since the start, before any
+        score): a function of the saved progress, so a resumed run stops where an unbroken one did."""
+        patience, p = self.config.patience, self.progress
+        return patience is not None and p.epoch - (p.best["epoch"] if p.best else 0) >= patience
 
     def train_epoch(self, checkpoint_every: int | None) -> None:
         """The remaining steps of the current epoch (all of them, or those after a mid-epoch checkpoint)."""
@@ -514,10 +560,17 @@ class FitRun:
         self.sampler.set_position(p.epoch, skip=p.batch_in_epoch * self.local_batch)
         self.cb.on_epoch_start(p.epoch, cfg.epochs, self.steps_per_epoch - p.batch_in_epoch)
         t0 = time.perf_counter()
-        for batch in self.loader:
-            beta = beta_at(p.epoch + p.batch_in_epoch / self.steps_per_epoch, beta=cfg.beta, warmup=cfg.beta_warmup, cycle=cfg.beta_cycle)
-            image = batch["image"].to(self.device, non_blocking=True)
-            mask = batch["mask"].to(self.device, non_blocking=True)
+        batches = iter(self.loader)
+        while True:
+            t_data = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            image, mask = self.batch_on_device(batch)
+            p.partial["data_time"] += time.perf_counter() - t_data
+            progress = p.epoch + p.batch_in_epoch / self.steps_per_epoch
+            beta = beta_at(progress, beta=cfg.beta, warmup=cfg.beta_warmup, cycle=cfg.beta_cycle)
+            self.set_lr(progress)
             outcome = trainer.step(image, mask, beta=beta, recon_scale=geco.recon_scale if geco else 1.0)
             if geco is not None and outcome.applied:  # C of the global batch: identical on every rank
                 recon = outcome.terms["recon"] if trainer.reduce is None else trainer.reduce(outcome.terms["recon"])
@@ -534,6 +587,23 @@ class FitRun:
                 self.checkpoint()
         self.epoch_train_time = p.partial["train_time"] + time.perf_counter() - t0
 
+    def batch_on_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training batch's image ``(B, C, H, W)`` and mask ``(B, 1, H, W)`` on the device,
+        augmented (:mod:`pyroseg.augment`) with draws fixed by (seed, step, rank)."""
+        image = batch["image"].to(self.device, non_blocking=True)
+        mask = batch["mask"].to(self.device, non_blocking=True)
+        if self.config.augment != "none":
+            g = step_generator(self.config.seed, self.progress.global_step, self.ctx.rank, self.device)
+            image, mask = augment_batch(image, mask, self.augment, generator=g)
+        return image, mask
+
+    def set_lr(self, progress: float) -> None:
+        """The learning rate of :func:`pyroseg.schedules.lr_at` at ``progress`` epochs."""
+        cfg = self.config
+        lr = lr_at(progress, lr=cfg.lr, schedule=cfg.lr_schedule, warmup=cfg.lr_warmup, epochs=cfg.epochs)
+        for group in self.trainer.optimizer.param_groups:
+            group["lr"] = lr
+
     def end_epoch(self) -> None:
         """The epoch's row (train loss, beta, GECO, validation), then a checkpoint and metrics.csv."""
         cfg, p, ctx = self.config, self.progress, self.ctx
@@ -543,6 +613,7 @@ class FitRun:
             "step": p.global_step,
             "beta": beta_at(p.epoch + 1, beta=cfg.beta, warmup=cfg.beta_warmup, cycle=cfg.beta_cycle),
             "train_loss": p.partial["loss_sum"] / max(p.partial["count"], 1) if p.partial["count"] else float("nan"),
+            "lr": self.trainer.optimizer.param_groups[0]["lr"],  # of the epoch's last step
         }
         if self.geco is not None:
             row.update(self.geco.log_row())
@@ -550,16 +621,38 @@ class FitRun:
         self.model.train()
         row["nonfinite_steps"] = self.trainer.nonfinite_total
         row["train_time_s"] = self.epoch_train_time
+        row["data_time_s"] = p.partial["data_time"]  # of train_time_s: loading, moving and augmenting batches
         row["val_time_s"] = time.perf_counter() - t1
         p.history.append(row)
         p.epoch += 1
         p.batch_in_epoch = 0
         p.partial = _fresh_partial()
         ctx.check_consistent(lambda: _rank_state(self.model, self.trainer, p.global_step, self.geco), what=f"after epoch {p.epoch}")
+        self.keep_best(row)  # before the checkpoint that records it: a kill between the two redoes both alike
         self.checkpoint()
         if ctx.is_main:
             write_metrics_csv(self.out / METRICS, p.history)
         self.cb.on_epoch_end(row)
+
+    def keep_best(self, row: dict[str, Any]) -> None:
+        """Write ``best.pt`` (rank 0) when this epoch's ``select_by`` beats the best so far.
+        Every rank holds rank 0's validation row, so every rank agrees on the best."""
+        value = row.get(self.select_by)
+        if value is None or not math.isfinite(value):
+            return
+        best = self.progress.best
+        if best is not None and not (value > best["value"] if self.select_mode == "max" else value < best["value"]):
+            return
+        self.progress.best = {"metric": self.select_by, "value": float(value), "epoch": int(row["epoch"])}
+        if self.ctx.is_main:
+            save_checkpoint(self.out / BEST, {
+                "model_name": self.model.name,
+                "hparams": self.model.hparams(),
+                "model_state": self.model.state_dict(),
+                "epoch": int(row["epoch"]),
+                "best": self.progress.best,
+                "config": self.config.to_dict(),
+            })
 
     def checkpoint(self) -> None:
         """Write ``checkpoint.pt`` (rank 0; every rank hands in its RNG state)."""

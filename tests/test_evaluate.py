@@ -180,3 +180,39 @@ def test_oracle_one_mask_is_the_thresholded_marginal(amb):
     assert rep["hm_iou"] == pytest.approx(float(hm_iou(one, masks).mean()), abs=1e-6)
     # the same mean probability as the oracle's, so the same calibration
     assert rep["ece"] == evaluate_oracle(amb, num_samples=2)["ece"]
+
+
+def test_multi_annotator_runs_select_best_by_validation_ged(amb_run):
+    best = torch.load(amb_run / "best.pt", weights_only=True)["best"]
+    assert best["metric"] == "val_ged" and best["epoch"] == 1 and math.isfinite(best["value"])
+
+
+def test_evaluate_uses_best_pt_by_default_and_says_so(tmp_path):
+    """A run whose best.pt holds epoch 1 and checkpoint.pt epoch 2: evaluate scores
+    best.pt unless told --checkpoint last, and names the file it used."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+    from pyroseg.checkpoint import save_checkpoint
+
+    cfg = FitConfig(model="unet", out=str(tmp_path / "run"), image_size=SIZE, epochs=1, batch_size=16, synthetic_patients=6,
+                    synthetic_slices=8, widths=(8, 16, 32, 64), val_samples=1, device="cpu", select_by="val_loss")
+    run = fit(cfg, pictures=False)
+    first = torch.load(run / "checkpoint.pt", weights_only=True)
+    fit(FitConfig(out=str(run), epochs=2), resume=True, pictures=False)
+    save_checkpoint(run / "best.pt", {"model_name": "unet", "hparams": first["hparams"], "model_state": first["model_state"],
+                                      "epoch": 1, "best": {"metric": "val_loss", "value": 1.0, "epoch": 1},
+                                      "config": first["config"]})
+    best = evaluate_run(run, num_samples=1, device="cpu", collapse_samples=0)
+    last = evaluate_run(run, num_samples=1, device="cpu", collapse_samples=0, checkpoint="last")
+    assert best["checkpoint"] == "best.pt (best by val_loss 1, epoch 1)" and best["epochs_trained"] == 1
+    assert last["checkpoint"] == "checkpoint.pt (last, epoch 2)" and last["epochs_trained"] == 2
+    assert best["nll"] != last["nll"]  # other weights, other scores
+    res = CliRunner().invoke(cli, ["evaluate", str(run), "--device", "cpu", "--num-samples", "1", "--collapse-samples", "0"])
+    assert res.exit_code == 0, res.output
+    assert "weights: best.pt (best by val_loss 1, epoch 1)" in res.output
+    (run / "best.pt").unlink()
+    assert evaluate_run(run, num_samples=1, device="cpu", collapse_samples=0)["checkpoint"] == (
+        "checkpoint.pt (last, epoch 2); the run has no best.pt")
+    res = CliRunner().invoke(cli, ["evaluate", str(run), "--device", "cpu", "--checkpoint", "best"])
+    assert res.exit_code == 2 and "Error: --checkpoint best:" in res.output and "no best.pt" in res.output
