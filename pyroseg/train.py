@@ -542,7 +542,7 @@ class FitRun:
         while self.progress.epoch < self.config.epochs and not self.out_of_patience():
             self.train_epoch(checkpoint_every)
             self.end_epoch()
-        if self.out_of_patience():
+        if self.progress.epoch < self.config.epochs:  # out of patience
             best = self.progress.best or {}
             log.info("stopped after epoch %d: %s has not improved for %d epochs (best %s at epoch %s)", self.progress.epoch,
                      self.select_by, self.config.patience, best.get("value"), best.get("epoch"))
