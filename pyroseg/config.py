@@ -29,7 +29,7 @@ class FitConfig:
     """Everything one training run depends on (``pyroseg fit`` options)."""
 
     model: str = "unet"
-    data: str = "synthetic"  # "synthetic", "synthetic-ambiguous" or a folder in the LGG layout
+    data: str = "synthetic"  # "synthetic", "synthetic-ambiguous", an LGG or QUBIQ folder, or a LIDC pickle
     out: str = "runs/unet"
     image_size: int = 64
     epochs: int = 20
@@ -68,6 +68,11 @@ class FitConfig:
     num_workers: int = 0
     # speed: channels-last weights and activations (measured 1.2-1.27x faster steps on CPU)
     channels_last: bool = True
+    # multi-rater sources (issue 12): the QUBIQ task (None: the only one there) and the axis
+    # a 3-D NIfTI volume is sliced along (-1: the last); the intensity scaling used is
+    # recorded in config.json's "data" section
+    task: str | None = None
+    slice_axis: int = -1
 
     def validate(self) -> FitConfig:
         """Refuse values that cannot work, naming the option (UsageError, exit 2),
@@ -100,11 +105,19 @@ class FitConfig:
             (self.free_bits >= 0, f"--free-bits {self.free_bits}: expected >= 0 nats"),
             (self.val_samples >= 1, f"--val-samples {self.val_samples}: expected at least 1"),
             (self.num_workers >= 0, f"--num-workers {self.num_workers}: expected >= 0"),
+            (self.task is None or (isinstance(self.task, str) and self.task.strip() != ""), f"--task {self.task!r}: expected a task name such as task01"),
+            (isinstance(self.slice_axis, int) and -3 <= self.slice_axis <= 2, f"--slice-axis {self.slice_axis}: a 3-D volume has axes 0, 1, 2 (or -1, -2, -3)"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise UsageError(msg)
         return self
+
+    def source_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`pyroseg.data.load_source` that rebuild this run's data
+        (besides ``spec`` and ``image_size``)."""
+        return {"seed": self.seed, "synthetic_patients": self.synthetic_patients, "synthetic_slices": self.synthetic_slices,
+                "cache_dir": self.cache_dir, "task": self.task, "slice_axis": self.slice_axis}
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -332,10 +332,6 @@ def fit(
 
     pyro.clear_param_store()  # a stale store would shadow freshly built networks
     pyro.set_rng_seed(config.seed)  # torch, numpy and random
-    model = build_model(config.model, image_size=config.image_size, widths=config.widths, **config.model_args).to(device)
-    if config.channels_last:  # measured 1.2-1.27x faster training steps on CPU (benchmarks/, options item)
-        model = model.to(memory_format=torch.channels_last)
-
     data = ctx.main_first(lambda: load_source(  # rank 0 first: it fills the cache the others read
         config.data,
         config.image_size,
@@ -344,7 +340,14 @@ def fit(
         synthetic_slices=config.synthetic_slices,
         cache_dir=config.cache_dir,
         progress=cb.on_load_progress,
+        task=config.task,
+        slice_axis=config.slice_axis,
     ))
+    # in_channels follows the data (1 for QUBIQ brain-growth and LIDC, 3 for LGG); loading draws no random numbers
+    model = build_model(config.model, image_size=config.image_size, widths=config.widths,
+                        **{"in_channels": data.images.shape[1], **config.model_args}).to(device)
+    if config.channels_last:  # measured 1.2-1.27x faster training steps on CPU (benchmarks/, options item)
+        model = model.to(memory_format=torch.channels_last)
     split = split_patients(data.patient_ids, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed)
     train_data, val_data = data.subset(split["train"]), data.subset(split["val"])
     cb.on_data({**data.summary(), "train_slices": len(train_data), "val_slices": len(val_data),
