@@ -189,3 +189,91 @@ def test_real_qubiq_copy(qubiq_dir, tmp_path):
     assert (d.rater_counts == d.num_annotators).all() and d.num_annotators >= 3
     frac = d.masks.mean((2, 3))  # (N, A): raters disagree, but not wildly
     assert (frac.std(1) > 0).any() and (frac > 0).all()
+
+
+@pytest.mark.slow
+def test_fit_evaluate_inspect_and_sample_a_volume_end_to_end(tmp_path):
+    """6 cases of 16x16x4 volumes with 2 or 3 raters, through the command line: fit (1 channel, 24 slices),
+    evaluate with the two references, inspect, and sample a volume back into NIfTI volumes."""
+    import json
+
+    import nibabel as nib
+    from click.testing import CliRunner
+
+    from cli.main import cli
+    from rater_files import AFFINE
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "pancreas"
+    for n in range(1, 7):
+        vol = rng.integers(0, 256, (16, 16, 4), dtype=np.uint8)
+        masks = []
+        for r in range(2 + n % 2):
+            m = np.zeros((16, 16, 4), np.uint8)
+            m[4 : 8 + r, 4:10, 1:3] = 1
+            masks.append(m)
+        write_case(root / "Training" / f"case{n:02d}", vol, masks)
+    runner, out = CliRunner(), tmp_path / "run"
+    tiny = ["--image-size", "32", "--epochs", "1", "--batch-size", "8", "--widths", "8,16,32,64", "--val-samples", "1",
+            "--device", "cpu", "--quiet", "--cache-dir", str(tmp_path / "cache"), "--no-collapse-diagnostics"]
+    res = runner.invoke(cli, ["fit", "--model", "unet", "--data", str(root), "--out", str(out), *tiny])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "config.json").read_text())
+    assert doc["model"]["hparams"]["in_channels"] == 1
+    assert doc["fit"]["task"] is None and doc["fit"]["slice_axis"] == -1
+    assert doc["data"]["task"] == "task01" and doc["data"]["intensity"] == "uint8 as stored"
+    assert doc["data"]["raters_per_slice"] == [2, 3] and doc["data"]["n_slices"] == 24
+    split = json.loads((out / "split.json").read_text())
+    assert sorted(split["train"] + split["val"] + split["test"]) == [f"case{n:02d}" for n in range(1, 7)]
+
+    res = runner.invoke(cli, ["evaluate", str(out), "--oracle", "--num-samples", "2", "--device", "cpu", "--collapse-samples", "0",
+                              "--json", str(tmp_path / "e.json")])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "e.json").read_text())
+    assert rep["references"] == ["raters (leave one out)", "majority vote"]
+    assert rep["majority vote"]["dice_majority"] == 1.0 and 0 <= rep["qubiq"] <= 1
+    assert "raters (leave one out)" in res.output and "qubiq" in res.output
+
+    res = runner.invoke(cli, ["inspect", str(root), "--image-size", "32", "--cache-dir", str(tmp_path / "cache"),
+                              "--preview", str(tmp_path / "p.png")])
+    assert res.exit_code == 0, res.output
+    assert "2 raters: 3 case(s), 3 raters: 3 case(s)" in res.output and "mean pairwise IoU" in res.output
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+    res = runner.invoke(cli, ["sample", str(out), "--input", str(root / "Training/case01/image.nii.gz"),
+                              "--out", str(tmp_path / "s"), "--num-samples", "3", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    samples = nib.load(str(tmp_path / "s/image_samples.nii.gz"))
+    mean = nib.load(str(tmp_path / "s/image_mean.nii.gz"))
+    std = nib.load(str(tmp_path / "s/image_std.nii.gz"))
+    assert samples.shape == (16, 16, 4, 3) and mean.shape == std.shape == (16, 16, 4)
+    assert np.allclose(mean.affine, AFFINE) and np.allclose(samples.affine, AFFINE)
+    s, m = np.asarray(samples.dataobj), mean.get_fdata()
+    assert set(np.unique(s)) <= {0, 1} and 0 <= m.min() and m.max() <= 1 and std.get_fdata().max() <= 0.5
+    assert (tmp_path / "s/image_grid.png").exists()
+
+
+@pytest.mark.parametrize("shape, axis", [((12, 10), -1), ((12, 10, 3), -1), ((12, 10, 3), 0)])
+def test_sample_nifti_writes_the_input_grid_back(tmp_path, shape, axis):
+    """2-D and 3-D NIfTI in, NIfTI out on the input's grid with its affine; a volume sliced along slice_axis."""
+    from types import SimpleNamespace
+
+    import nibabel as nib
+
+    from pyroseg.models import build_model
+    from pyroseg.sampling import sample_nifti
+    from rater_files import AFFINE
+
+    model = build_model("prob_unet", image_size=32, in_channels=1, widths=(8, 16, 32, 64)).eval()
+    run = SimpleNamespace(model=model, config=SimpleNamespace(image_size=32, slice_axis=axis))
+    path = write_nifti(tmp_path / "case" / "image.nii.gz", np.random.default_rng(0).normal(size=shape).astype(np.float32))
+    (tmp_path / "out").mkdir()
+    rec = sample_nifti(run, path, tmp_path / "out", num_samples=3)
+    samples = nib.load(str(tmp_path / "out/image_samples.nii.gz"))
+    mean = nib.load(str(tmp_path / "out/image_mean.nii.gz"))
+    assert samples.shape == (*shape, 3) and mean.shape == shape and np.allclose(mean.affine, AFFINE)
+    s = np.asarray(samples.dataobj)
+    assert np.array_equal(s.mean(-1) >= 0, np.ones(shape, bool)) and set(np.unique(s)) <= {0, 1}
+    m = mean.get_fdata()
+    assert 0 < m.min() and m.max() < 1  # sigmoid means, back on the input grid
+    assert str(tmp_path / "out/image_std.nii.gz") in rec["files"] and (tmp_path / "out/image_grid.png").exists()

@@ -29,7 +29,8 @@ import numpy as np
 from pyroseg.data.lgg import default_cache_dir, read_npz, write_cache
 from pyroseg.data.resize import resize_image, resize_mask
 
-__all__ = ["scale_intensity", "pad_square", "ItemStack", "cached", "file_stamp", "INTENSITY_RULES", "PERCENTILES"]
+__all__ = ["scale_intensity", "pad_square", "ItemStack", "cached", "file_stamp", "rater_agreement", "INTENSITY_RULES",
+           "PERCENTILES"]
 
 log = logging.getLogger(__name__)
 
@@ -188,3 +189,49 @@ def cached(
     if path is not None:
         write_cache(path, arrays)
     return arrays, False
+
+
+def rater_agreement(data, batch_size: int = 256) -> dict:
+    """How many raters the cases have and how much they agree (``pyroseg inspect``).
+
+    ``data``: a :class:`~pyroseg.data.core.SegData`. Returns ``raters_per_case``
+    (``{count: number of cases}``, a case's count being its slices' most),
+    ``pairwise_iou`` (mean over slices of the mean IoU over distinct pairs of the
+    slice's raters, two empty masks agreeing fully; slices with one rater left
+    out), ``pairwise_iou_marked`` (the same over slices some rater marks),
+    ``marked_slices`` and ``lesion_fraction_per_rater`` (``(A,)``: mean marked
+    fraction of each rater slot over the slices that have that rater).
+    """
+    import torch
+
+    from pyroseg.metrics import pairwise_iou
+
+    per_case: dict[str, int] = {}
+    for p, n in zip(data.patients.tolist(), data.rater_counts.tolist()):
+        per_case[p] = max(per_case.get(p, 0), int(n))
+    counts_hist: dict[int, int] = {}
+    for n in per_case.values():
+        counts_hist[n] = counts_hist.get(n, 0) + 1
+    values = np.full(len(data), np.nan)
+    for i in range(0, len(data), batch_size):
+        m = torch.from_numpy(data.masks[i : i + batch_size])
+        c = data.rater_counts[i : i + batch_size]
+        for n in np.unique(c):
+            if n < 2:
+                continue
+            sel = np.flatnonzero(c == n)
+            iou = pairwise_iou(m[sel, :n], m[sel, :n])  # (k, n, n)
+            off = (iou.sum((-2, -1)) - iou.diagonal(dim1=-2, dim2=-1).sum(-1)) / (n * (n - 1))
+            values[i + sel] = off.double().numpy()
+    marked = data.masks.reshape(len(data), data.num_annotators, -1).any(-1).any(-1)
+    valid = data.rater_valid()
+    frac = data.masks.reshape(len(data), data.num_annotators, -1).mean(-1)  # (N, A)
+    with np.errstate(invalid="ignore"):
+        per_rater = np.where(valid, frac, 0).sum(0) / valid.sum(0)
+    return {
+        "raters_per_case": dict(sorted(counts_hist.items())),
+        "pairwise_iou": float(np.nanmean(values)) if np.isfinite(values).any() else float("nan"),
+        "pairwise_iou_marked": float(np.nanmean(values[marked])) if np.isfinite(values[marked]).any() else float("nan"),
+        "marked_slices": int(marked.sum()),
+        "lesion_fraction_per_rater": [float(v) for v in per_rater],
+    }
