@@ -199,9 +199,9 @@ def test_fit_evaluate_inspect_and_sample_a_volume_end_to_end(tmp_path):
 
     import nibabel as nib
     from click.testing import CliRunner
+    from rater_files import AFFINE
 
     from cli.main import cli
-    from rater_files import AFFINE
 
     rng = np.random.default_rng(0)
     root = tmp_path / "pancreas"
@@ -259,10 +259,10 @@ def test_sample_nifti_writes_the_input_grid_back(tmp_path, shape, axis):
     from types import SimpleNamespace
 
     import nibabel as nib
+    from rater_files import AFFINE
 
     from pyroseg.models import build_model
     from pyroseg.sampling import sample_nifti
-    from rater_files import AFFINE
 
     model = build_model("prob_unet", image_size=32, in_channels=1, widths=(8, 16, 32, 64)).eval()
     run = SimpleNamespace(model=model, config=SimpleNamespace(image_size=32, slice_axis=axis))
