@@ -14,9 +14,11 @@ in it, by name). Opening a pickle must never run code, so it is read by
 has, and the ``numpy._core`` names of numpy 2.x); any other global is refused
 with one line naming the file and the global, before anything is called.
 
-Each file is read in one pass from disk (no second copy of its bytes); each
-record is converted and then dropped from the decoded dict, so the decoded and
-the converted forms of a record do not coexist for the whole file. The arrays
+Each file is read in one pass from disk (no second copy of its bytes); the
+output arrays are allocated once for its record count, and each record is
+converted into them and then dropped from the decoded dict, so the decoded and
+the converted forms of the data never both exist in full (converted at
+128x128, the 15,096 crops of 4 raters take 1.2 GB). The arrays
 are cached as the LGG reader's are (:func:`pyroseg.data.raters.cached`), keyed
 by the files' sizes and modification times.
 
@@ -160,12 +162,15 @@ def _check_record(path: Path, key, rec) -> tuple[np.ndarray, np.ndarray, str]:
     return image[:, :, None], stacked.astype(np.uint8), str(rec["series_uid"])
 
 
-def _read_file(path: Path, stack: ItemStack, seen: dict[str, int], rules: set[str],
-               progress: Callable[[int, int], None] | None) -> None:
+def _read_file(path: Path, size: int, seen: dict[str, int], rules: set[str],
+               progress: Callable[[int, int], None] | None) -> dict[str, np.ndarray]:
+    """The arrays of one pickle: allocated once for its records, each record converted then dropped."""
     records = safe_load_pickle(path)
     if not isinstance(records, dict):
         raise DataError(f"{path}: holds a {type(records).__name__}: expected a dict {{key: {{'image', 'masks', 'series_uid'}}}}")
     total = len(records)
+    most = max((len(r["masks"]) for r in records.values() if isinstance(r, dict) and isinstance(r.get("masks"), (list, tuple, np.ndarray))), default=1)
+    stack = ItemStack(size, capacity=total, raters=max(most, 1), channels=1)
     for k, key in enumerate(list(records)):
         rec = records.pop(key)  # drop the decoded record once converted: one copy at a time
         image, masks, series = _check_record(path, key, rec)
@@ -179,6 +184,7 @@ def _read_file(path: Path, stack: ItemStack, seen: dict[str, int], rules: set[st
         stack.add(image, masks, series, number)
         if progress is not None:
             progress(k + 1, total)
+    return stack.arrays()
 
 
 def load_lidc(
@@ -206,13 +212,13 @@ def load_lidc(
     root = root if root.is_dir() else root.parent
 
     def build() -> dict[str, np.ndarray]:
-        stack, seen, rules = ItemStack(size), {}, set()
+        seen, rules, parts = {}, set(), []
         for f in files:
             log.info("reading %s (only numpy arrays are admitted)", f)
-            _read_file(f, stack, seen, rules, progress)
-        if not len(stack):
+            parts.append(_read_file(f, size, seen, rules, progress))
+        arrays = ItemStack.concatenate(parts)
+        if not len(arrays["images"]):
             raise DataError(f"{path}: no records: expected {{key: {{'image', 'masks', 'series_uid'}}}}")
-        arrays = stack.arrays()
         arrays["intensity"] = np.array("; ".join(INTENSITY_RULES[r] for r in sorted(rules)))
         return arrays
 

@@ -93,45 +93,82 @@ class ItemStack:
     (slots past an item's own raters are empty), ``rater_counts`` ``(N,)``,
     ``patients``, ``slice_numbers``, ``original_sizes`` (distinct original
     sides, sorted) and ``image_size``.
+
+    With ``capacity``, ``raters`` and ``channels`` known up front (a LIDC
+    pickle: its record count and most masks), the output arrays are allocated
+    once and filled in place, so ``arrays()`` copies nothing; otherwise items are
+    kept in lists and stacked at the end.
     """
 
-    def __init__(self, image_size: int):
+    def __init__(self, image_size: int, *, capacity: int | None = None, raters: int | None = None,
+                 channels: int | None = None):
         self.size = image_size
         self.images: list[np.ndarray] = []
         self.masks: list[np.ndarray] = []
+        self.counts: list[int] = []
         self.patients: list[str] = []
         self.slice_numbers: list[int] = []
         self.sizes: set[tuple[int, int]] = set()
+        self.fixed = None
+        if capacity is not None and raters is not None and channels is not None:
+            s = image_size
+            self.fixed = (np.empty((capacity, channels, s, s), np.uint8), np.zeros((capacity, raters, s, s), np.uint8))
 
     def add(self, image: np.ndarray, masks: np.ndarray, patient: str, slice_number: int) -> None:
         self.sizes.add(tuple(int(v) for v in image.shape[:2]))
-        self.images.append(resize_image(pad_square(image), self.size))  # (C, S, S)
-        self.masks.append(np.stack([resize_mask(pad_square(m), self.size) for m in masks]))  # (A_i, S, S)
+        img = resize_image(pad_square(image), self.size)  # (C, S, S)
+        msk = np.stack([resize_mask(pad_square(m), self.size) for m in masks])  # (A_i, S, S)
+        if self.fixed is not None:
+            i = len(self.counts)
+            if i >= len(self.fixed[0]) or msk.shape[0] > self.fixed[1].shape[1] or img.shape[0] != self.fixed[0].shape[1]:
+                raise ValueError("more items, raters or channels than announced")
+            self.fixed[0][i], self.fixed[1][i, : len(msk)] = img, msk
+        else:
+            self.images.append(img)
+            self.masks.append(msk)
+        self.counts.append(len(msk))
         self.patients.append(patient)
         self.slice_numbers.append(int(slice_number))
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.counts)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        s, n = self.size, len(self.images)
-        channels = {im.shape[0] for im in self.images}
-        if len(channels) > 1:
-            raise ValueError(f"images have different numbers of channels {sorted(channels)}")
-        c = channels.pop() if channels else 1
-        a = max((m.shape[0] for m in self.masks), default=1)
-        masks = np.zeros((n, a, s, s), dtype=np.uint8)
-        for i, m in enumerate(self.masks):
-            masks[i, : len(m)] = m
+        s, n = self.size, len(self)
+        if self.fixed is not None:
+            images, masks = self.fixed[0][:n], self.fixed[1][:n]
+        else:
+            channels = {im.shape[0] for im in self.images}
+            if len(channels) > 1:
+                raise ValueError(f"images have different numbers of channels {sorted(channels)}")
+            c = channels.pop() if channels else 1
+            a = max(self.counts, default=1)
+            masks = np.zeros((n, a, s, s), dtype=np.uint8)
+            for i, m in enumerate(self.masks):
+                masks[i, : len(m)] = m
+            images = np.stack(self.images) if n else np.zeros((0, c, s, s), np.uint8)
         return {
-            "images": np.stack(self.images) if n else np.zeros((0, c, s, s), np.uint8),
+            "images": images,
             "masks": masks,
-            "rater_counts": np.array([len(m) for m in self.masks], dtype=np.int64),
+            "rater_counts": np.array(self.counts, dtype=np.int64),
             "patients": np.array(self.patients, dtype=str),
             "slice_numbers": np.array(self.slice_numbers, dtype=np.int64),
             "original_sizes": np.array(sorted({max(hw) for hw in self.sizes}), dtype=np.int64),
             "image_size": np.array(s, dtype=np.int64),
         }
+
+    @staticmethod
+    def concatenate(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """The :meth:`arrays` of several stacks as one (masks padded to the most raters); one part: as is."""
+        if len(parts) == 1:
+            return parts[0]
+        a = max(p["masks"].shape[1] for p in parts)
+        pad = [np.pad(p["masks"], ((0, 0), (0, a - p["masks"].shape[1]), (0, 0), (0, 0))) for p in parts]
+        out = {k: np.concatenate([p[k] for p in parts]) for k in ("images", "rater_counts", "patients", "slice_numbers")}
+        out["masks"] = np.concatenate(pad)
+        out["original_sizes"] = np.unique(np.concatenate([p["original_sizes"] for p in parts]))
+        out["image_size"] = parts[0]["image_size"]
+        return out
 
 
 _KEYS = ("images", "masks", "rater_counts", "patients", "slice_numbers", "original_sizes", "image_size", "intensity")
