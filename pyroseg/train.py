@@ -367,7 +367,8 @@ def fit(
     loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, collate_fn=collate_batch,
                         generator=torch.Generator().manual_seed(config.seed))
     steps_per_epoch = math.ceil(sampler.num_samples / local_batch)
-    geco: GECO | None = geco_from_config(config, train_data.masks, steps_per_epoch) if config.objective == "geco" else None
+    real_masks = train_data.masks if train_data.uniform_raters else train_data.masks[train_data.rater_valid()]  # no padding
+    geco: GECO | None = geco_from_config(config, real_masks, steps_per_epoch) if config.objective == "geco" else None
 
     history: list[dict[str, Any]] = []
     epoch, batch_in_epoch, global_step = 0, 0, 0
