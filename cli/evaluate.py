@@ -8,11 +8,11 @@ import click
 
 from cli.common import CONTEXT, LoadBar, format_table, handle_errors
 from pyroseg.errors import UsageError
-from pyroseg.evaluate import EVAL_SPLITS, ORACLE, ORACLE_ONE_MASK, evaluate_run, reliability_png_for
+from pyroseg.evaluate import EVAL_SPLITS, ORACLE, evaluate_run, reliability_png_for
 from pyroseg.runs import CHECKPOINTS, write_json
 
 _SHOWN = ["dice_all", "dice_tumour", "dice_volume", "iou_tumour", "bce", "false_positive_slices", "empty_slices", "elbo", "nll"]
-_DISTRIBUTION = ["ged", "ged_unbiased", "hm_iou", "sample_diversity", "ece", "ece_lesion"]
+_DISTRIBUTION = ["ged", "ged_unbiased", "hm_iou", "sample_diversity", "ece", "ece_lesion", "qubiq", "dice_raters", "dice_majority"]
 
 
 @click.command("evaluate", context_settings=CONTEXT)
@@ -25,8 +25,9 @@ _DISTRIBUTION = ["ged", "ged_unbiased", "hm_iou", "sample_diversity", "ece", "ec
 @click.option("--collapse-samples", type=int, default=8, show_default=True,
               help="Samples per point prediction for the per-site collapse diagnostics (0: skip them).")
 @click.option("--oracle", is_flag=True,
-              help="Also score the true mask distribution on the same slices, and its best single mask "
-                   "(synthetic-ambiguous data only).")
+              help="Also score the references on the same slices: the true mask distribution and its best single "
+                   "mask (synthetic-ambiguous), or one rater against the others and the majority-vote mask "
+                   "(QUBIQ, LIDC: any data with several raters).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling, so a rerun gives the same numbers.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True)
@@ -68,10 +69,10 @@ def evaluate_cmd(run_dir, data, split, num_samples, collapse_samples, oracle, se
         click.echo("site at its prior mean, change of dice_all / 1 - Dice(prediction, changed): " + ", ".join(
             f"{s} {report['dice_change_' + s]:+.3f} / {report['effect_' + s]:.3f}" for s in sites))
     rows = [{"": report["model"], **{k: report[k] for k in _DISTRIBUTION}}]
-    if oracle:
-        rows.append({"": f"{ORACLE} ({report[ORACLE]['num_samples']} samples)", **{k: report[ORACLE][k] for k in _DISTRIBUTION}})
-        rows.append({"": ORACLE_ONE_MASK, **{k: report[ORACLE_ONE_MASK][k] for k in _DISTRIBUTION}})
-    click.echo("Distribution of masks against all annotators (GED: lower is better; HM-IoU: higher):")
+    for name in report.get("references", []):
+        label = f"{name} ({report[name]['num_samples']} samples)" if name == ORACLE else name
+        rows.append({"": label, **{k: report[name][k] for k in _DISTRIBUTION}})
+    click.echo("Against all annotators (GED: lower is better; HM-IoU, QUBIQ score, Dice: higher):")
     click.echo(format_table(rows))
     if json_path:
         try:

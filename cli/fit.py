@@ -88,7 +88,11 @@ def _parse_model_args(items: tuple[str, ...]) -> dict:
 @click.command("fit", context_settings=CONTEXT)
 @click.option("--model", type=click.Choice(list(MODELS)), default=_DEFAULTS.model, show_default=True, help="Which model.")
 @click.option("--data", default=_DEFAULTS.data, show_default=True,
-              help="'synthetic', 'synthetic-ambiguous', or a folder in the LGG kaggle_3m layout.")
+              help="'synthetic', 'synthetic-ambiguous', a folder in the LGG kaggle_3m layout, a QUBIQ task folder "
+                   "(NIfTI, several raters), or a LIDC data_lidc.pickle (or a folder of them).")
+@click.option("--task", default=None, help="QUBIQ: the task (task01, ...) when the cases hold several.")
+@click.option("--slice-axis", type=int, default=_DEFAULTS.slice_axis, show_default=True,
+              help="QUBIQ: the axis a 3-D NIfTI volume is sliced along into 2-D items (-1: the last).")
 @click.option("--image-size", type=int, default=_DEFAULTS.image_size, show_default=True, help="Training size (power of two).")
 @click.option("--epochs", type=int, default=None, help=f"Epochs to train [default: {_DEFAULTS.epochs}; with --resume: the run's].")
 @click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True)
@@ -157,7 +161,7 @@ def _parse_model_args(items: tuple[str, ...]) -> dict:
               help="Stop after this many epochs without a better --select-by score [default: never].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
-def fit_cmd(model, data, image_size, epochs, batch_size, lr, device, seed, out, resume_dir, overwrite, beta, beta_warmup,
+def fit_cmd(model, data, task, slice_axis, image_size, epochs, batch_size, lr, device, seed, out, resume_dir, overwrite, beta, beta_warmup,
             beta_cycle, elbo, objective, geco_kappa, geco_alpha, geco_rate, geco_warmup, geco_max_step, free_bits,
             clip_norm, max_nonfinite, val_fraction, test_fraction, val_samples, collapse_diagnostics, model_args, widths,
             synthetic_patients, synthetic_slices, cache_dir, checkpoint_every, channels_last, launcher, nproc_per_node,
@@ -198,6 +202,7 @@ def fit_cmd(model, data, image_size, epochs, batch_size, lr, device, seed, out, 
             synthetic_patients=synthetic_patients, synthetic_slices=synthetic_slices, cache_dir=cache_dir,
             channels_last=channels_last, augment=augment, lr_schedule=lr_schedule, lr_warmup=lr_warmup,
             select_by=select_by, patience=patience,
+            task=task, slice_axis=slice_axis,
         ).validate()
     rank, _ = distributed.env_rank()
     with distributed.collective_errors():

@@ -235,8 +235,7 @@ def plot_latent_scales(
     if not run.model.has_latent:
         raise UsageError(f"--latents: model {run.model.name!r} of {run_dir} has no latent sites to show")
     cfg = run.config
-    data = load_source(cfg.data, cfg.image_size, seed=cfg.seed, synthetic_patients=cfg.synthetic_patients,
-                       synthetic_slices=cfg.synthetic_slices, cache_dir=cache_dir or cfg.cache_dir)
+    data = load_source(cfg.data, cfg.image_size, **{**cfg.source_options(), "cache_dir": cache_dir or cfg.cache_dir})
     subset = select_split(data, run.split, split, source=cfg.data)
     png = Path(png) if png else Path(run_dir) / "latent_scales.png"
     return plots.latent_scales_grid(run.model, subset, png, device=dev, n_images=n_images, num_samples=num_samples)

@@ -11,7 +11,9 @@ On ``synthetic-ambiguous`` data the table ends with an ``oracle`` row: the
 true annotator distribution scored by the same metrics on the same test
 slices (:func:`pyroseg.evaluate.evaluate_oracle`), what a perfect model gets;
 and ``oracle (one mask)``: the true marginal thresholded at 0.5, what a
-perfect deterministic model (an ideal U-Net) gets.
+perfect deterministic model (an ideal U-Net) gets. On other multi-rater data
+(QUBIQ, LIDC) the rows are ``raters (leave one out)`` (the human level) and
+``majority vote`` (:func:`pyroseg.evaluate.evaluate_reference`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 from pyroseg.checkpoint import atomic_write_text
 from pyroseg.config import FitConfig, versions
 from pyroseg.errors import UsageError
-from pyroseg.evaluate import ORACLE, evaluate_run, evaluate_run_oracle
+from pyroseg.evaluate import ORACLE, RATERS_LOO, evaluate_run, evaluate_run_references
 from pyroseg.models import MODELS
 from pyroseg.runs import read_metrics_csv
 from pyroseg.train import FitCallbacks, fit
@@ -50,6 +52,9 @@ COLUMNS = [
     ("sample_diversity", "diversity"),
     ("ece", "ECE"),
     ("ece_lesion", "ECE (lesion region)"),
+    ("qubiq", "QUBIQ score"),
+    ("dice_raters", "Dice (each rater)"),
+    ("dice_majority", "Dice (majority)"),
     ("elbo", "-ELBO / image"),
     ("collapsed_sites", "collapsed sites"),
     ("num_params", "params"),
@@ -123,10 +128,11 @@ def compare_models(
         report["collapsed_sites"] = collapsed_sites(report)
         rows.append(report)
         _write(out, base, rows, num_samples)
-    if rows and base.data == "synthetic-ambiguous":
-        rows.append(evaluate_run_oracle(out / models[0], num_samples=num_samples, sample_seed=base.seed))
-        rows.append(evaluate_run_oracle(out / models[0], one_mask=True))
-        _write(out, base, rows, num_samples)
+    if rows:  # the data's references (oracle rows on synthetic-ambiguous, raters / majority on QUBIQ, LIDC)
+        refs = evaluate_run_references(out / models[0], num_samples=num_samples, sample_seed=base.seed)
+        if refs:
+            rows.extend(refs)
+            _write(out, base, rows, num_samples)
     _reliability(out, rows, num_samples)
     return rows
 
@@ -196,6 +202,10 @@ def _write(out: Path, base: FitConfig, rows: list[dict], num_samples: int) -> No
         + (" 'oracle': samples of the true annotator distribution; 'oracle (one mask)': the best deterministic "
            "model, the true per-pixel marginal (its probability) thresholded at 0.5 (its one sample)."
            if any(r["model"] == ORACLE for r in rows) else "")
+        + (" QUBIQ score: raters' mean and the mean prediction thresholded at 0.1..0.9, Dice averaged; "
+           "'raters (leave one out)': each rater scored against the others (the human level); 'majority vote': "
+           "the mask at least half of the raters mark, as a deterministic prediction."
+           if any(r["model"] == RATERS_LOO for r in rows) else "")
         + "\n"
     )
     atomic_write_text(out / "comparison.md", md)

@@ -39,7 +39,7 @@ class FitConfig:
     """Everything one training run depends on (``pyroseg fit`` options)."""
 
     model: str = "unet"
-    data: str = "synthetic"  # "synthetic", "synthetic-ambiguous" or a folder in the LGG layout
+    data: str = "synthetic"  # "synthetic", "synthetic-ambiguous", an LGG or QUBIQ folder, or a LIDC pickle
     out: str = "runs/unet"
     image_size: int = 64
     epochs: int = 20
@@ -84,6 +84,11 @@ class FitConfig:
     lr_warmup: float = 0.0  # epochs of linear learning-rate warm-up from 0 to --lr
     select_by: str = "auto"  # validation column that picks best.pt; auto: val_dice_tumour (one annotator) or val_ged (several)
     patience: int | None = None  # stop after this many epochs without a better select_by; None: never
+    # multi-rater sources (issue 12): the QUBIQ task (None: the only one there) and the axis
+    # a 3-D NIfTI volume is sliced along (-1: the last); the intensity scaling used is
+    # recorded in config.json's "data" section
+    task: str | None = None
+    slice_axis: int = -1
 
     def validate(self) -> FitConfig:
         """Refuse values that cannot work, naming the option (UsageError, exit 2),
@@ -121,11 +126,19 @@ class FitConfig:
             (self.lr_warmup >= 0, f"--lr-warmup {self.lr_warmup}: expected >= 0 epochs"),
             (self.select_by in SELECT_BY, f"--select-by {self.select_by!r}: expected one of {', '.join(SELECT_BY)}"),
             (self.patience is None or self.patience >= 1, f"--patience {self.patience}: expected at least 1 epoch"),
+            (self.task is None or (isinstance(self.task, str) and self.task.strip() != ""), f"--task {self.task!r}: expected a task name such as task01"),
+            (isinstance(self.slice_axis, int) and -3 <= self.slice_axis <= 2, f"--slice-axis {self.slice_axis}: a 3-D volume has axes 0, 1, 2 (or -1, -2, -3)"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise UsageError(msg)
         return self
+
+    def source_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`pyroseg.data.load_source` that rebuild this run's data
+        (besides ``spec`` and ``image_size``)."""
+        return {"seed": self.seed, "synthetic_patients": self.synthetic_patients, "synthetic_slices": self.synthetic_slices,
+                "cache_dir": self.cache_dir, "task": self.task, "slice_axis": self.slice_axis}
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

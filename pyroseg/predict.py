@@ -80,7 +80,8 @@ def predict_dataset(
     A model without a latent draws one sample (all its samples are that one).
     ``distribution``: also score, batch by batch, the samples thresholded at
     ``threshold`` against all ``A`` annotator masks of ``data`` (GED, matched
-    IoU, diversity: :attr:`Predictions.distribution`), without keeping them.
+    IoU, diversity: :attr:`Predictions.distribution`), without keeping them;
+    each slice against its own ``data.rater_counts[i]`` raters only.
     """
     was_training = model.training
     model.eval()
@@ -98,7 +99,7 @@ def predict_dataset(
                 if keep_samples:
                     samples.append(binary.to(torch.uint8).cpu())
                 if dist is not None:
-                    dist.update(binary, batch["masks"].to(device))
+                    dist.update(binary, batch["masks"].to(device), batch["rater_count"])
             if with_terms:
                 for k, v in elbo_terms(model, image, batch["mask"].to(device)).items():
                     terms.setdefault(k, []).append(v.float().cpu())

@@ -430,13 +430,16 @@ class FitRun:
         return run
 
     # -- build_model --------------------------------------------------------------------------------
-    def build_model(self) -> None:
+    def build_model(self, in_channels: int | None = None) -> None:
         """The model, its weights drawn from ``config.seed`` (before the data is read: a
-        bad ``--model-arg`` fails at once)."""
+        bad ``--model-arg`` fails at once). ``in_channels``: the data's channels
+        (None: the models' default, 3); :meth:`load_data` rebuilds the model with
+        them when the data has another count (QUBIQ, LIDC: 1)."""
         cfg = self.config
         pyro.clear_param_store()  # a stale store would shadow freshly built networks
         pyro.set_rng_seed(cfg.seed)  # torch, numpy and random
-        model = build_model(cfg.model, image_size=cfg.image_size, widths=cfg.widths, **cfg.model_args).to(self.device)
+        channels = {} if in_channels is None else {"in_channels": in_channels}
+        model = build_model(cfg.model, image_size=cfg.image_size, widths=cfg.widths, **{**channels, **cfg.model_args}).to(self.device)
         if cfg.channels_last:  # measured 1.2-1.27x faster training steps on CPU (benchmarks/, options item)
             model = model.to(memory_format=torch.channels_last)
         self.model = model
@@ -453,7 +456,12 @@ class FitRun:
             synthetic_slices=cfg.synthetic_slices,
             cache_dir=cfg.cache_dir,
             progress=self.cb.on_load_progress,
+            task=cfg.task,
+            slice_axis=cfg.slice_axis,
         ))
+        channels = int(self.data.images.shape[1])
+        if channels != self.model.in_channels and "in_channels" not in cfg.model_args:
+            self.build_model(in_channels=channels)  # in_channels follows the data; same seed, same draws
         split = split_patients(self.data.patient_ids, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
         self.split = split
         self.train_data, self.val_data = self.data.subset(split["train"]), self.data.subset(split["val"])
@@ -474,7 +482,8 @@ class FitRun:
             trainer.reduce = ctx.mean
         self.sampler, self.loader = make_loader(self.train_data, cfg, self.local_batch, ctx)
         self.steps_per_epoch = math.ceil(self.sampler.num_samples / self.local_batch)
-        self.geco: GECO | None = (geco_from_config(cfg, self.train_data.masks, self.steps_per_epoch)
+        real_masks = self.train_data.masks if self.train_data.uniform_raters else self.train_data.masks[self.train_data.rater_valid()]
+        self.geco: GECO | None = (geco_from_config(cfg, real_masks, self.steps_per_epoch)  # no padded rater slots
                                   if cfg.objective == "geco" else None)
         self.augment = SPECS[cfg.augment]
         self.select_by, self.select_mode = select_metric(cfg.select_by, self.data.num_annotators)

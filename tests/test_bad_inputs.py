@@ -24,6 +24,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from rater_files import lidc_record, write_evil_lidc, write_lidc, write_nifti, write_qubiq
 
 import pyroseg.checkpoint as ck
 from cli.main import cli
@@ -83,6 +84,13 @@ class Ctx:
                 mask = np.zeros((32, 32), np.uint8)
                 mask[8:20, 10:22] = 255
                 _tif(root / p / f"{p}_{n}_mask.tif", mask)
+        if damage:
+            damage(root)
+        return root
+
+    def qubiq(self, damage: Callable[[Path], None] | None = None) -> Path:
+        """A small QUBIQ task folder (tests/rater_files.py: 5 cases, 16x16, 2-3 raters), then ``damage(root)``."""
+        root = write_qubiq(self.tmp / "brain-growth")
         if damage:
             damage(root)
         return root
@@ -231,6 +239,10 @@ def _rgb(h=32, w=32):
     return lambda: np.full((h, w, 3), 90, np.uint8)
 
 
+def _qubiq_case(what, damage, *names):
+    return Bad(what, lambda c: c.fit_data(c.qubiq(damage)), 1, names)
+
+
 DATA_CASES = [
     Bad("data folder missing", lambda c: c.fit_data(c.tmp / "nowhere"), 1, ("nowhere", "does not exist")),
     Bad("data path is a file", lambda c: c.fit_data(_touch(c.tmp / "data.csv")), 1, ("data.csv", "not a directory", "expected the kaggle_3m folder")),
@@ -247,7 +259,39 @@ DATA_CASES = [
     _lgg_case("mask not single-channel", _save(f"{P1}/{P1}_2_mask.tif", _rgb(), "RGB"), f"{P1}_2_mask.tif", "mode RGB", "expected a single-channel mask"),
     _lgg_case("truncated TIFF", _truncate(f"{P2}/{P2}_2.tif"), f"{P2}_2.tif", "unreadable or truncated TIFF"),
     _lgg_case("non-binary mask", _nonbinary, f"{P2}_1_mask.tif", "values 1, 128", "expected only 0 and 255"),
+    _qubiq_case("QUBIQ case without image.nii.gz", lambda r: (r / "Training/case02/image.nii.gz").unlink(), "Training/case02", "has no image.nii.gz"),
+    _qubiq_case("QUBIQ rater shape differs from its image", lambda r: [write_nifti(r / f"Training/case01/task01_seg0{k}.nii.gz", np.zeros((8, 8), np.uint8)) for k in (1, 2, 3)],
+                "case01/image.nii.gz", "16x16", "raters are 8x8", "expected the same spatial shape"),
+    _qubiq_case("QUBIQ mask not 0/1", lambda r: write_nifti(r / "Validation/case05/task01_seg02.nii.gz", np.full((16, 16), 255, np.uint8)),
+                "case05/task01_seg02.nii.gz", "values 255", "expected only 0 and 1 (QUBIQ masks are 0/1)"),
+    _qubiq_case("QUBIQ case with no rater", lambda r: [p.unlink() for p in (r / "Validation/case04").glob("task01_*")], "case04", "has no rater for task01"),
+    Bad("--task not present", lambda c: [*c.fit_data(c.qubiq()), "--task", "task02"], 2, ("--task task02", "not present", "task01")),
+    _qubiq_case("NIfTI not 2-D or 3-D", lambda r: write_nifti(r / "Training/case03/image.nii.gz", np.zeros((16, 16, 2, 2, 2), np.uint8)),
+                "case03/image.nii.gz", "5-D", "expected a 2-D image or a 3-D volume"),
+    Bad("pickle with a foreign global", lambda c: c.fit_data(write_evil_lidc(c.tmp / "data_lidc.pickle", c.tmp / "PWNED")), 1,
+        ("data_lidc.pickle", "refused to load the global io.open", "may only hold numpy arrays")),
+    Bad("truncated pickle", lambda c: c.fit_data(_truncated_pickle(c.tmp / "data_lidc.pickle")), 1, ("data_lidc.pickle", "truncated or not a pickle")),
+    Bad("pickle record without masks", lambda c: c.fit_data(write_lidc(c.tmp / "data_lidc.pickle", {"k1": lidc_record("s1"), "k2": _without(lidc_record("s2"), "masks")})), 1,
+        ("data_lidc.pickle", "record 'k2' lacks 'masks'", "expected keys image, masks, series_uid")),
+    Bad("masks of different sizes in one record", lambda c: c.fit_data(write_lidc(c.tmp / "data_lidc.pickle", {"k1": _odd_mask(lidc_record("s1"))})), 1,
+        ("data_lidc.pickle", "record 'k1'", "'masks'[1] is 8x8 but 'masks'[0] is 16x16")),
 ]  # fmt: skip
+
+
+def _truncated_pickle(path: Path) -> Path:
+    write_lidc(path, {f"k{i}": lidc_record(f"s{i}") for i in range(3)})
+    path.write_bytes(path.read_bytes()[:300])
+    return path
+
+
+def _without(rec: dict, key: str) -> dict:
+    del rec[key]
+    return rec
+
+
+def _odd_mask(rec: dict) -> dict:
+    rec["masks"][1] = np.zeros((8, 8), np.uint8)
+    return rec
 
 
 def _touch(p: Path) -> Path:

@@ -216,3 +216,52 @@ def test_evaluate_uses_best_pt_by_default_and_says_so(tmp_path):
         "checkpoint.pt (last, epoch 2); the run has no best.pt")
     res = CliRunner().invoke(cli, ["evaluate", str(run), "--device", "cpu", "--checkpoint", "best"])
     assert res.exit_code == 2 and "Error: --checkpoint best:" in res.output and "no best.pt" in res.output
+# --------------------------------------------------------------------------- real raters: the references
+
+from pyroseg.data.core import SegData  # noqa: E402
+from pyroseg.evaluate import MAJORITY, ORACLE_ONE_MASK, RATERS_LOO, evaluate_reference, reference_names  # noqa: E402
+
+
+def _raters(counts=(2, 2)) -> SegData:
+    """Two slices of two patients, 4x4: rater 0 marks the top 2 rows, rater 1 the top row (IoU 0.5);
+    a third slot is padding."""
+    masks = np.zeros((2, 3, 4, 4), np.uint8)
+    masks[:, 0, :2] = 1
+    masks[:, 1, :1] = 1
+    return SegData(np.zeros((2, 1, 4, 4), np.uint8), masks, np.array(["a", "b"]), np.zeros(2, int),
+                   rater_counts=np.array(counts))
+
+
+def test_reference_names_by_data():
+    amb = make_synthetic_ambiguous(SIZE, n_patients=2, slices_per_patient=2, seed=0)
+    assert reference_names(amb) == (ORACLE, ORACLE_ONE_MASK)
+    assert reference_names(_raters()) == (RATERS_LOO, MAJORITY)
+    assert reference_names(make_synthetic(SIZE, n_patients=2, slices_per_patient=2)) == ()
+
+
+def test_leave_one_out_by_hand():
+    """Each rater against the other: one mask against one, d = 1 - IoU = 0.5, so GED = 2 x 0.5 = 1,
+    HM-IoU 0.5; Dice of 2 rows vs 1 row = 2/3; the padded slot is never a rater."""
+    r = evaluate_reference(_raters(), RATERS_LOO)
+    assert r["n_pairs"] == 4 and r["n_slices"] == 2 and r["model"] == RATERS_LOO
+    assert r["ged"] == pytest.approx(1.0) and r["hm_iou"] == pytest.approx(0.5)
+    assert r["dice_raters"] == pytest.approx(2 / 3) and r["dice_majority"] == pytest.approx(2 / 3)
+    assert r["qubiq"] == pytest.approx(2 / 3)  # one other rater: its mean is its mask
+    assert r["raters_per_slice"] == [1, 1]
+
+
+def test_majority_vote_by_hand():
+    """The majority of 2 raters (a tie counts) is rater 0's 2 rows: Dice 1 with it and the majority,
+    2/3 with rater 1; GED = 2 E d(S, Y) - 0 - E d(Y, Y') = 2 (0 + 0.5) / 2 - (0 + 0.5 + 0.5 + 0) / 4 = 0.25."""
+    r = evaluate_reference(_raters(), MAJORITY)
+    assert r["dice_majority"] == 1.0 and r["dice_raters"] == pytest.approx((1 + 2 / 3) / 2)
+    assert r["dice_per_rater"][:2] == pytest.approx([1.0, 2 / 3]) and math.isnan(r["dice_per_rater"][2])
+    assert r["ged"] == pytest.approx(0.25) and r["hm_iou"] == pytest.approx(0.75)
+    # rater mean: row 0 = 1, row 1 = 0.5; the majority says 1 on both rows: the 4 px of row 1 are off
+    # by 0.5, out of 16 px: ECE 0.125
+    assert r["ece"] == pytest.approx(0.125)
+
+
+def test_one_rater_slices_have_no_leave_one_out_pair():
+    r = evaluate_reference(_raters((1, 2)), RATERS_LOO, ["a", "b"])
+    assert r["n_pairs"] == 2 and r["n_slices"] == 1
