@@ -27,6 +27,9 @@ _DISTRIBUTION = ["ged", "ged_unbiased", "hm_iou", "sample_diversity", "ece", "ec
 @click.option("--oracle", is_flag=True,
               help="Also score the true mask distribution on the same slices, and its best single mask "
                    "(synthetic-ambiguous data only).")
+@click.option("--tta", is_flag=True,
+              help="Test-time augmentation: draw the samples over the four flips of each image "
+                   "(a deterministic model then has four).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling, so a rerun gives the same numbers.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True)
@@ -34,7 +37,7 @@ _DISTRIBUTION = ["ged", "ged_unbiased", "hm_iou", "sample_diversity", "ece", "ec
               help="Also write the report here, and the reliability diagram beside it (<stem>_reliability.png).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
 @handle_errors
-def evaluate_cmd(run_dir, data, split, num_samples, collapse_samples, oracle, seed, batch_size, device, json_path, cache_dir):
+def evaluate_cmd(run_dir, data, split, num_samples, collapse_samples, oracle, tta, seed, batch_size, device, json_path, cache_dir):
     """Print Dice (per slice, tumour slices, per patient), IoU, BCE and the ELBO of RUN_DIR, how well its
     samples match the annotators (GED, Hungarian-matched IoU, sample diversity, calibration (ECE)), and
     per latent site whether it collapsed (KL, active units, effect)."""
@@ -48,7 +51,7 @@ def evaluate_cmd(run_dir, data, split, num_samples, collapse_samples, oracle, se
     report = evaluate_run(run_dir, data=data, split=split, num_samples=num_samples, batch_size=batch_size,
                           device=device, cache_dir=cache_dir, progress=bar, oracle=oracle, seed=seed, oracle_seed=seed,
                           reliability_png=reliability_png_for(json_path) if json_path else None,
-                          collapse_samples=collapse_samples)
+                          collapse_samples=collapse_samples, tta=tta)
     bar.close()
     click.echo(f"{report['model']} on {report['data']} [{report['split']}]: {report['n_patients']} patients, "
                f"{report['n_slices']} slices, {report['n_annotators']} annotator(s), "

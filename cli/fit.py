@@ -90,6 +90,8 @@ def _parse_model_args(items: tuple[str, ...]) -> dict:
 @click.option("--lr", type=float, default=_DEFAULTS.lr, show_default=True, help="Adam learning rate.")
 @click.option("--device", default=_DEFAULTS.device, show_default=True, help="auto, cpu or cuda.")
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True, help="Seeds weights, split, shuffling and sampling.")
+@click.option("--init-seed", type=int, default=None,
+              help="Seeds weights, shuffling and sampling only; data and split stay --seed's (deep-ensemble members).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder [default: runs/<model>].")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
               help="Continue the run in this folder from its last checkpoint.")
@@ -140,7 +142,7 @@ def _parse_model_args(items: tuple[str, ...]) -> dict:
               help="Channels-last memory format for training (about 1.2x faster steps on CPU).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
-def fit_cmd(model, data, image_size, epochs, batch_size, lr, device, seed, out, resume_dir, overwrite, beta, beta_warmup,
+def fit_cmd(model, data, image_size, epochs, batch_size, lr, device, seed, init_seed, out, resume_dir, overwrite, beta, beta_warmup,
             beta_cycle, elbo, objective, geco_kappa, geco_alpha, geco_rate, geco_warmup, geco_max_step, free_bits,
             clip_norm, max_nonfinite, val_fraction, test_fraction, val_samples, collapse_diagnostics, model_args, widths,
             synthetic_patients, synthetic_slices, cache_dir, checkpoint_every, channels_last, launcher, nproc_per_node, quiet):
@@ -178,7 +180,7 @@ def fit_cmd(model, data, image_size, epochs, batch_size, lr, device, seed, out, 
             geco_rate=geco_rate, geco_warmup=geco_warmup, geco_max_step=geco_max_step, free_bits=free_bits, clip_norm=clip_norm, max_nonfinite=max_nonfinite,
             val_samples=val_samples, collapse_diagnostics=collapse_diagnostics, model_args=_parse_model_args(model_args), widths=widths_t,
             synthetic_patients=synthetic_patients, synthetic_slices=synthetic_slices, cache_dir=cache_dir,
-            channels_last=channels_last,
+            channels_last=channels_last, init_seed=init_seed,
         ).validate()
     rank, _ = distributed.env_rank()
     with distributed.collective_errors():

@@ -37,6 +37,7 @@ from pyroseg.data.resize import resize_image, resize_mask
 from pyroseg.errors import DataError, UsageError
 from pyroseg.runs import load_run
 from pyroseg.train import resolve_device
+from pyroseg.tta import TestTimeAugmentation
 
 __all__ = ["find_inputs", "sample_images", "sample_split", "pick_slices", "IMAGE_SUFFIXES"]
 
@@ -151,6 +152,7 @@ def sample_images(
     out: str | Path,
     *,
     num_samples: int = 16,
+    tta: bool = False,
     device: str = "auto",
     grid_samples: int = 6,
     progress: Callable[[int, int], None] | None = None,
@@ -161,6 +163,8 @@ def sample_images(
         raise UsageError(f"--num-samples {num_samples}: expected at least 1")
     dev = resolve_device(device)
     run = load_run(run_dir, device=dev)
+    if tta:
+        run.model = TestTimeAugmentation(run.model)
     size = run.config.image_size
     pairs = find_inputs(inputs)
     out = _out_dir(out)
@@ -191,6 +195,7 @@ def sample_split(
     *,
     num_images: int = 4,
     num_samples: int = 16,
+    tta: bool = False,
     device: str = "auto",
     grid_samples: int = 6,
     cache_dir: str | None = None,
@@ -213,6 +218,8 @@ def sample_split(
         raise UsageError(f"--split {split!r}: expected one of {', '.join(EVAL_SPLITS)}")
     dev = resolve_device(device)
     run = load_run(run_dir, device=dev)
+    if tta:
+        run.model = TestTimeAugmentation(run.model)
     cfg = run.config
     data = load_source(cfg.data, cfg.image_size, seed=cfg.seed, synthetic_patients=cfg.synthetic_patients,
                        synthetic_slices=cfg.synthetic_slices, cache_dir=cache_dir or cfg.cache_dir)

@@ -331,7 +331,7 @@ def fit(
         cb = FitCallbacks()
 
     pyro.clear_param_store()  # a stale store would shadow freshly built networks
-    pyro.set_rng_seed(config.seed)  # torch, numpy and random
+    pyro.set_rng_seed(config.train_seed)  # torch, numpy and random
     model = build_model(config.model, image_size=config.image_size, widths=config.widths, **config.model_args).to(device)
     if config.channels_last:  # measured 1.2-1.27x faster training steps on CPU (benchmarks/, options item)
         model = model.to(memory_format=torch.channels_last)
@@ -358,11 +358,11 @@ def fit(
         trainer.loss_fn = ctx.wrap(trainer.loss_fn, find_unused_parameters=model.has_latent)
         trainer.reduce = ctx.mean
     dataset = SegDataset(train_data, random_annotator=True)
-    sampler = EpochSampler(dataset, seed=config.seed, num_replicas=ctx.world_size, rank=ctx.rank)
+    sampler = EpochSampler(dataset, seed=config.train_seed, num_replicas=ctx.world_size, rank=ctx.rank)
     # its own generator: starting an iterator draws a seed from it, and drawing from the global RNG
     # instead would make a mid-epoch resume (a new iterator) shift every later draw
     loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, collate_fn=collate_batch,
-                        generator=torch.Generator().manual_seed(config.seed))
+                        generator=torch.Generator().manual_seed(config.train_seed))
     steps_per_epoch = math.ceil(sampler.num_samples / local_batch)
     geco: GECO | None = geco_from_config(config, train_data.masks, steps_per_epoch) if config.objective == "geco" else None
 
@@ -378,7 +378,7 @@ def fit(
             epoch, batch_in_epoch, global_step = int(ckpt["epoch"]), int(ckpt["batch_in_epoch"]), int(ckpt["global_step"])
             history = list(ckpt["history"])
             partial = dict(ckpt.get("partial", partial))
-            _restore_rng(ckpt, ctx, config.seed, global_step)
+            _restore_rng(ckpt, ctx, config.train_seed, global_step)
             if geco is not None:
                 geco.load_state_dict(ckpt["geco"])
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
@@ -389,7 +389,7 @@ def fit(
     elif resume:  # killed before its first checkpoint: start again, with the saved config
         log.warning("%s has no checkpoint yet (stopped during its first epoch): starting it from the beginning", out)
         doc.setdefault("resumed", []).append({"at_epoch": 0, "at_batch": 0, "time": _now()})
-        ctx.seed(config.seed)  # as for a new run: each rank its own z noise
+        ctx.seed(config.train_seed)  # as for a new run: each rank its own z noise
     else:
         if overwrite and ctx.is_main:  # only now: a bad --data or --model-arg must not cost the previous run
             clear_run_files(out)
@@ -408,7 +408,7 @@ def fit(
         if geco is not None:
             doc["geco"] = {"kappa": geco.kappa, "kappa_from": "auto" if config.geco_kappa is None else "--geco-kappa",
                            "warmup_steps": geco.warmup_steps}
-        ctx.seed(config.seed)  # after the model is built: each rank its own z noise
+        ctx.seed(config.train_seed)  # after the model is built: each rank its own z noise
         if ctx.is_main:
             write_json(out / SPLIT, {"seed": config.seed, "val_fraction": config.val_fraction,
                                      "test_fraction": config.test_fraction, **split})
