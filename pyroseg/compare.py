@@ -51,6 +51,7 @@ COLUMNS = [
     ("ece", "ECE"),
     ("ece_lesion", "ECE (lesion region)"),
     ("elbo", "-ELBO / image"),
+    ("nll", "NLL / image"),  # models without an ELBO: unet, mc_dropout, ssn (its M-sample estimate), ensembles
     ("collapsed_sites", "collapsed sites"),
     ("num_params", "params"),
     ("sec_per_epoch", "s / epoch"),

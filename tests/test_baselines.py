@@ -242,6 +242,10 @@ def test_ensemble_command_joins_runs_that_evaluate_opens(tmp_path):
     assert report["model"] == "ensemble" and report["num_samples"] == 2 and "nll" in report
     tta = evaluate_run(a, num_samples=8, device="cpu", collapse_samples=0, tta=True)
     assert tta["model"] == "unet+tta" and tta["num_samples"] == 4 and tta["tta"] is True
+    res = CliRunner().invoke(cli, ["sample", str(tmp_path / "ens"), "--split", "test", "--num-images", "1",
+                                   "--num-samples", "4", "--tta", "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "s").glob("*_sample_*.png"))) == 4
     nll_b = evaluate_run(b, num_samples=1, device="cpu", collapse_samples=0)["nll"]
     # the mixture's NLL, -log (p_a + p_b) / 2 per image, is below the members' mean NLL (Jensen)
     assert report["nll"] < (tta["nll"] + nll_b) / 2

@@ -20,6 +20,7 @@ Conventions shared by every model (see :mod:`pyroseg.models` for the registry):
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, ClassVar
 
 import pyro
@@ -53,7 +54,7 @@ def positive_int(name: str, value: Any) -> int:
     if isinstance(value, str):
         ok = value.strip().isdigit()
     else:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer()
     if not ok or int(value) < 1:
         raise _bad(name, value, "a positive integer")
     return int(value)
