@@ -28,6 +28,9 @@ _DISTRIBUTION = ["ged", "ged_unbiased", "hm_iou", "sample_diversity", "ece", "ec
               help="Also score the references on the same slices: the true mask distribution and its best single "
                    "mask (synthetic-ambiguous), or one rater against the others and the majority-vote mask "
                    "(QUBIQ, LIDC: any data with several raters).")
+@click.option("--tta", is_flag=True,
+              help="Test-time augmentation: draw the samples over the four flips of each image "
+                   "(a deterministic model then has four).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling, so a rerun gives the same numbers.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True)
@@ -38,7 +41,7 @@ _DISTRIBUTION = ["ged", "ged_unbiased", "hm_iou", "sample_diversity", "ece", "ec
               help="Weights to score: best (best.pt, the best validation epoch) or last (checkpoint.pt) "
                    "[default: best when the run has a best.pt, else last].")
 @handle_errors
-def evaluate_cmd(run_dir, data, split, num_samples, collapse_samples, oracle, seed, batch_size, device, json_path, cache_dir,
+def evaluate_cmd(run_dir, data, split, num_samples, collapse_samples, oracle, tta, seed, batch_size, device, json_path, cache_dir,
                  checkpoint):
     """Print Dice (per slice, tumour slices, per patient), IoU, BCE and the ELBO of RUN_DIR, how well its
     samples match the annotators (GED, Hungarian-matched IoU, sample diversity, calibration (ECE)), and
@@ -53,7 +56,7 @@ def evaluate_cmd(run_dir, data, split, num_samples, collapse_samples, oracle, se
     report = evaluate_run(run_dir, data=data, split=split, num_samples=num_samples, batch_size=batch_size,
                           device=device, cache_dir=cache_dir, progress=bar, oracle=oracle, seed=seed, oracle_seed=seed,
                           reliability_png=reliability_png_for(json_path) if json_path else None,
-                          collapse_samples=collapse_samples, checkpoint=checkpoint)
+                          collapse_samples=collapse_samples, checkpoint=checkpoint, tta=tta)
     bar.close()
     click.echo(f"{report['model']} on {report['data']} [{report['split']}]: {report['n_patients']} patients, "
                f"{report['n_slices']} slices, {report['n_annotators']} annotator(s), "

@@ -99,6 +99,8 @@ def _parse_model_args(items: tuple[str, ...]) -> dict:
 @click.option("--lr", type=float, default=_DEFAULTS.lr, show_default=True, help="Adam learning rate.")
 @click.option("--device", default=_DEFAULTS.device, show_default=True, help="auto, cpu or cuda.")
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True, help="Seeds weights, split, shuffling and sampling.")
+@click.option("--init-seed", type=int, default=None,
+              help="Seeds weights, shuffling and sampling only; data and split stay --seed's (deep-ensemble members).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder [default: runs/<model>].")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
               help="Continue the run in this folder from its last checkpoint.")
@@ -161,7 +163,7 @@ def _parse_model_args(items: tuple[str, ...]) -> dict:
               help="Stop after this many epochs without a better --select-by score [default: never].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
-def fit_cmd(model, data, task, slice_axis, image_size, epochs, batch_size, lr, device, seed, out, resume_dir, overwrite, beta, beta_warmup,
+def fit_cmd(model, data, task, slice_axis, image_size, epochs, batch_size, lr, device, seed, init_seed, out, resume_dir, overwrite, beta, beta_warmup,
             beta_cycle, elbo, objective, geco_kappa, geco_alpha, geco_rate, geco_warmup, geco_max_step, free_bits,
             clip_norm, max_nonfinite, val_fraction, test_fraction, val_samples, collapse_diagnostics, model_args, widths,
             synthetic_patients, synthetic_slices, cache_dir, checkpoint_every, channels_last, launcher, nproc_per_node,
@@ -203,6 +205,7 @@ def fit_cmd(model, data, task, slice_axis, image_size, epochs, batch_size, lr, d
             channels_last=channels_last, augment=augment, lr_schedule=lr_schedule, lr_warmup=lr_warmup,
             select_by=select_by, patience=patience,
             task=task, slice_axis=slice_axis,
+            init_seed=init_seed,
         ).validate()
     rank, _ = distributed.env_rank()
     with distributed.collective_errors():

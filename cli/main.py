@@ -31,12 +31,13 @@ def cli(debug: bool, verbose: int) -> None:
 
 from cli.compare import compare_cmd  # noqa: E402
 from cli.data import inspect_cmd  # noqa: E402
+from cli.ensemble import ensemble_cmd  # noqa: E402
 from cli.evaluate import evaluate_cmd  # noqa: E402
 from cli.fit import fit_cmd  # noqa: E402
 from cli.plot import plot_cmd  # noqa: E402
 from cli.sample import sample_cmd  # noqa: E402
 
-for _cmd in (fit_cmd, evaluate_cmd, sample_cmd, compare_cmd, inspect_cmd, plot_cmd):
+for _cmd in (fit_cmd, evaluate_cmd, sample_cmd, compare_cmd, inspect_cmd, plot_cmd, ensemble_cmd):
     cli.add_command(_cmd)
 
 

@@ -176,7 +176,7 @@ def collapse_report(
     "dice_change_<site>": ..., "effect_<site>": ...}`` (see module docs);
     empty for a model without latents or empty data.
     """
-    if not model.has_latent or len(data) == 0:
+    if not model.latent_sites or model.guide_is_prior or len(data) == 0:
         return {}
     was_training = model.training
     model.eval()
@@ -232,7 +232,7 @@ def plot_latent_scales(
 
     dev = resolve_device(device)
     run = load_run(run_dir, device=dev)
-    if not run.model.has_latent:
+    if not run.model.latent_sites or run.model.guide_is_prior:
         raise UsageError(f"--latents: model {run.model.name!r} of {run_dir} has no latent sites to show")
     cfg = run.config
     data = load_source(cfg.data, cfg.image_size, **{**cfg.source_options(), "cache_dir": cache_dir or cfg.cache_dir})

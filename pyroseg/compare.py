@@ -56,6 +56,7 @@ COLUMNS = [
     ("dice_raters", "Dice (each rater)"),
     ("dice_majority", "Dice (majority)"),
     ("elbo", "-ELBO / image"),
+    ("nll", "NLL / image"),  # models without an ELBO: unet, mc_dropout, ssn (its M-sample estimate), ensembles
     ("collapsed_sites", "collapsed sites"),
     ("num_params", "params"),
     ("sec_per_epoch", "s / epoch"),

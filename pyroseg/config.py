@@ -89,6 +89,14 @@ class FitConfig:
     # recorded in config.json's "data" section
     task: str | None = None
     slice_axis: int = -1
+    # deep ensembles (issue 15): seed of the weights, the shuffle and the sampling noise; None: --seed.
+    # The data and the split always come from --seed, so members that differ only here share them.
+    init_seed: int | None = None
+
+    @property
+    def train_seed(self) -> int:
+        """The seed of the weights, the shuffle and the noise (``init_seed``, else ``seed``)."""
+        return self.seed if self.init_seed is None else self.init_seed
 
     def validate(self) -> FitConfig:
         """Refuse values that cannot work, naming the option (UsageError, exit 2),
@@ -128,6 +136,8 @@ class FitConfig:
             (self.patience is None or self.patience >= 1, f"--patience {self.patience}: expected at least 1 epoch"),
             (self.task is None or (isinstance(self.task, str) and self.task.strip() != ""), f"--task {self.task!r}: expected a task name such as task01"),
             (isinstance(self.slice_axis, int) and -3 <= self.slice_axis <= 2, f"--slice-axis {self.slice_axis}: a 3-D volume has axes 0, 1, 2 (or -1, -2, -3)"),
+            (self.init_seed is None or (isinstance(self.init_seed, int) and self.init_seed >= 0),
+             f"--init-seed {self.init_seed}: expected an integer >= 0"),
         ]
         for ok, msg in checks:
             if not ok:

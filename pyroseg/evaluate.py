@@ -61,6 +61,7 @@ from pyroseg.metrics import (
 )
 from pyroseg.predict import Predictions, predict_dataset
 from pyroseg.runs import EVAL_SPLITS, load_run, read_run_files, select_split
+from pyroseg.tta import TestTimeAugmentation
 
 __all__ = [
     "evaluate_run",
@@ -111,6 +112,7 @@ def evaluate_run(
     seed: int | None = 0,
     collapse_samples: int = 8,
     checkpoint: str | None = None,
+    tta: bool = False,
 ) -> dict[str, Any]:
     """Evaluate the run in ``run_dir``.
 
@@ -143,6 +145,8 @@ def evaluate_run(
     ``checkpoint``: ``"best"``, ``"last"`` or ``None`` (best.pt when the run has
     one; :func:`pyroseg.runs.pick_checkpoint`); ``report["checkpoint"]`` names
     the file used, and ``epochs_trained`` is its epoch.
+    ``tta``: the samples are drawn over the four flips of each image
+    (:class:`~pyroseg.tta.TestTimeAugmentation`), so a deterministic model gets four.
     """
     if num_samples < 1:
         raise UsageError(f"--num-samples {num_samples}: expected at least 1")
@@ -161,9 +165,10 @@ def evaluate_run(
     subset = select_split(dataset, run.split, which, source=spec)
     if seed is not None:
         pyro.set_rng_seed(seed)
-    pred = predict_dataset(run.model, subset, num_samples=num_samples, batch_size=batch_size, device=dev, distribution=True)
+    sampler = TestTimeAugmentation(run.model) if tta else run.model
+    pred = predict_dataset(sampler, subset, num_samples=num_samples, batch_size=batch_size, device=dev, distribution=True)
     report = score_predictions(pred, subset)
-    if run.model.has_latent:
+    if run.model.latent_sites and not run.model.guide_is_prior:
         report["elbo"] = float(np.mean(pred.terms["loss"]))
         report["recon"] = float(np.mean(pred.terms["recon"]))
         for k, v in pred.terms.items():
@@ -175,12 +180,13 @@ def evaluate_run(
         report["nll"] = float(np.mean(pred.terms["loss"]))
     report.update(
         {
-            "model": run.model.name,
+            "model": sampler.name,
             "run": str(Path(run_dir)),
             "data": str(spec),
             "split": which,
-            "num_samples": num_samples if run.model.has_latent else 1,
-            "z_from": run.model.sample_from,
+            "num_samples": sampler.num_draws(num_samples),
+            "z_from": sampler.sample_from,
+            "tta": tta,
             "epochs_trained": run.epochs_done,
             "checkpoint": run.checkpoint_used,
             "image_size": cfg.image_size,
@@ -196,11 +202,11 @@ def evaluate_run(
     if reliability_png is not None:
         from pyroseg.plots import reliability_diagram  # matplotlib only when a picture is drawn
 
-        curves = {f"{run.model.name} (ECE {report['ece']:.4f})": report["reliability"]}
+        curves = {f"{sampler.name} (ECE {report['ece']:.4f})": report["reliability"]}
         for name in report.get("references", []):
             curves[f"{name} (ECE {report[name]['ece']:.4f})"] = report[name]["reliability"]
         reliability_diagram(curves, reliability_png,
-                            title=f"{run.model.name} on {spec} [{which}]: per-pixel mean of {report['num_samples']} sample(s)")
+                            title=f"{sampler.name} on {spec} [{which}]: per-pixel mean of {report['num_samples']} sample(s)")
         report["reliability_png"] = str(reliability_png)
     return report
 

@@ -201,7 +201,7 @@ def validation_grid(model, data, png: str | Path, *, device="cpu", n_images: int
     was = model.training
     model.eval()
     images = torch.from_numpy(data.images[pick]).float().div(255).to(device)
-    probs = model.sample(images, num_samples if model.has_latent else 1).cpu().numpy()  # (S, B, 1, H, W)
+    probs = model.sample(images, model.num_draws(num_samples)).cpu().numpy()  # (S, B, 1, H, W)
     model.train(was)
     from pyroseg.metrics import ged, hm_iou
 

@@ -37,7 +37,11 @@ def elbo_terms(model: SegModel, image: torch.Tensor, mask: torch.Tensor) -> dict
     terms = {"recon": -site["fn"].log_prob(site["value"])}  # (B,)
     total = terms["recon"]
     for name in model.latent_sites:
-        kl = kl_divergence(guide_trace.nodes[name]["fn"], model_trace.nodes[name]["fn"])  # (B,)
+        q, p = guide_trace.nodes[name]["fn"], model_trace.nodes[name]["fn"]
+        if guide_trace.nodes[name]["infer"].get("guide_is_prior"):  # ssn: KL 0 by construction
+            kl = torch.zeros(p.batch_shape, device=image.device)
+        else:
+            kl = kl_divergence(q, p)  # (B,)
         terms[f"kl_{name}"] = kl
         total = total + kl
     terms["loss"] = total
@@ -86,7 +90,7 @@ def predict_dataset(
     was_training = model.training
     model.eval()
     loader = DataLoader(SegDataset(data), batch_size=batch_size, shuffle=False, collate_fn=collate_batch)
-    n_draw = num_samples if model.has_latent else 1
+    n_draw = model.num_draws(num_samples)
     means, samples, terms = [], [], {}
     dist = DistributionAccumulator() if distribution else None
     try:

@@ -48,6 +48,7 @@ from pyroseg.data.resize import resize_image, resize_mask
 from pyroseg.devices import resolve_device
 from pyroseg.errors import DataError, UsageError
 from pyroseg.runs import load_run
+from pyroseg.tta import TestTimeAugmentation
 
 __all__ = ["find_inputs", "sample_images", "sample_split", "sample_nifti", "pick_slices", "IMAGE_SUFFIXES", "is_nifti"]
 
@@ -175,6 +176,7 @@ def sample_images(
     out: str | Path,
     *,
     num_samples: int = 16,
+    tta: bool = False,
     device: str = "auto",
     grid_samples: int = 6,
     progress: Callable[[int, int], None] | None = None,
@@ -188,6 +190,8 @@ def sample_images(
     dev = resolve_device(device)
     run = load_run(run_dir, device=dev, checkpoint=checkpoint)
     log.info("sampling from %s", run.checkpoint_used)
+    if tta:
+        run.model = TestTimeAugmentation(run.model)
     size = run.config.image_size
     pairs = find_inputs(inputs)
     out = _out_dir(out)
@@ -225,6 +229,7 @@ def sample_split(
     *,
     num_images: int = 4,
     num_samples: int = 16,
+    tta: bool = False,
     device: str = "auto",
     grid_samples: int = 6,
     cache_dir: str | None = None,
@@ -249,6 +254,8 @@ def sample_split(
     dev = resolve_device(device)
     run = load_run(run_dir, device=dev, checkpoint=checkpoint)
     log.info("sampling from %s", run.checkpoint_used)
+    if tta:
+        run.model = TestTimeAugmentation(run.model)
     cfg = run.config
     data = load_source(cfg.data, cfg.image_size, **{**cfg.source_options(), "cache_dir": cache_dir or cfg.cache_dir})
     data = select_split(data, run.split, split, source=cfg.data)

@@ -375,11 +375,11 @@ def make_loader(train_data: SegData, config: FitConfig, local_batch: int, ctx: d
     """The training batches: a random annotator per slice, shuffled by (seed, epoch),
     sharded over ranks. Returns the sampler (to position it) and the loader."""
     dataset = SegDataset(train_data, random_annotator=True)
-    sampler = EpochSampler(dataset, seed=config.seed, num_replicas=ctx.world_size, rank=ctx.rank)
+    sampler = EpochSampler(dataset, seed=config.train_seed, num_replicas=ctx.world_size, rank=ctx.rank)
     # its own generator: starting an iterator draws a seed from it, and drawing from the global RNG
     # instead would make a mid-epoch resume (a new iterator) shift every later draw
     loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, collate_fn=collate_batch,
-                        generator=torch.Generator().manual_seed(config.seed))
+                        generator=torch.Generator().manual_seed(config.train_seed))
     return sampler, loader
 
 
@@ -437,7 +437,7 @@ class FitRun:
         them when the data has another count (QUBIQ, LIDC: 1)."""
         cfg = self.config
         pyro.clear_param_store()  # a stale store would shadow freshly built networks
-        pyro.set_rng_seed(cfg.seed)  # torch, numpy and random
+        pyro.set_rng_seed(cfg.train_seed)  # torch, numpy and random
         channels = {} if in_channels is None else {"in_channels": in_channels}
         model = build_model(cfg.model, image_size=cfg.image_size, widths=cfg.widths, **{**channels, **cfg.model_args}).to(self.device)
         if cfg.channels_last:  # measured 1.2-1.27x faster training steps on CPU (benchmarks/, options item)
@@ -500,7 +500,7 @@ class FitRun:
             try:
                 self.trainer.load_state_dict(ckpt["trainer"])
                 self.progress.load_state_dict(ckpt)
-                _restore_rng(ckpt, ctx, self.config.seed, self.progress.global_step)
+                _restore_rng(ckpt, ctx, self.config.train_seed, self.progress.global_step)
                 if self.geco is not None:
                     self.geco.load_state_dict(ckpt["geco"])
             except (KeyError, ValueError, TypeError, RuntimeError) as e:
@@ -512,7 +512,7 @@ class FitRun:
         else:  # killed before its first checkpoint: start again, with the saved config
             log.warning("%s has no checkpoint yet (stopped during its first epoch): starting it from the beginning", out)
             doc.setdefault("resumed", []).append({"at_epoch": 0, "at_batch": 0, "time": _now()})
-            ctx.seed(self.config.seed)  # as for a new run: each rank its own z noise
+            ctx.seed(self.config.train_seed)  # as for a new run: each rank its own z noise
         if ctx.is_main:
             write_json(out / CONFIG, doc)
 
@@ -537,7 +537,7 @@ class FitRun:
             doc["geco"] = {"kappa": self.geco.kappa, "kappa_from": "auto" if cfg.geco_kappa is None else "--geco-kappa",
                            "warmup_steps": self.geco.warmup_steps}
         self.doc = doc
-        ctx.seed(cfg.seed)  # after the model is built: each rank its own z noise
+        ctx.seed(cfg.train_seed)  # after the model is built: each rank its own z noise
         if ctx.is_main:
             write_json(out / SPLIT, {"seed": cfg.seed, "val_fraction": cfg.val_fraction,
                                      "test_fraction": cfg.test_fraction, **self.split})
@@ -602,7 +602,7 @@ class FitRun:
         image = batch["image"].to(self.device, non_blocking=True)
         mask = batch["mask"].to(self.device, non_blocking=True)
         if self.config.augment != "none":
-            g = step_generator(self.config.seed, self.progress.global_step, self.ctx.rank, self.device)
+            g = step_generator(self.config.train_seed, self.progress.global_step, self.ctx.rank, self.device)
             image, mask = augment_batch(image, mask, self.augment, generator=g)
         return image, mask
 

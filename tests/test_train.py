@@ -28,7 +28,7 @@ def _batch(b=4, seed=0):
     return image, mask
 
 
-@pytest.mark.parametrize("name", ["unet", "prob_unet", "hvae"])
+@pytest.mark.parametrize("name", ["unet", "prob_unet", "hvae", "mc_dropout"])
 def test_trainer_step_equals_pyro_svi_step(name):
     """Our step (differentiable_loss + torch Adam) is Pyro's SVI step with
     pyro.optim.Adam: after two steps from the same weights and noise, the
@@ -178,10 +178,12 @@ def test_fit_refuses_an_existing_run_unless_told(tmp_path):
     fit(cfg, overwrite=True, pictures=False)
 
 
-def test_resume_continues_to_the_same_weights(tmp_path):
-    """2 epochs, then resume to 3, equals 3 epochs straight (CPU, fixed seed)."""
-    straight = fit(_tiny_config(tmp_path, model="prob_unet", epochs=3, beta_warmup=1.0, out=str(tmp_path / "straight")), pictures=False)
-    part = fit(_tiny_config(tmp_path, model="prob_unet", epochs=2, beta_warmup=1.0, out=str(tmp_path / "part")), pictures=False)
+@pytest.mark.parametrize("name", ["prob_unet", "ssn", "mc_dropout"])
+def test_resume_continues_to_the_same_weights(tmp_path, name):
+    """2 epochs, then resume to 3, equals 3 epochs straight (CPU, fixed seed): the
+    noise (z, eta, dropout masks) is restored with the weights."""
+    straight = fit(_tiny_config(tmp_path, model=name, epochs=3, beta_warmup=1.0, out=str(tmp_path / "straight")), pictures=False)
+    part = fit(_tiny_config(tmp_path, model=name, epochs=2, beta_warmup=1.0, out=str(tmp_path / "part")), pictures=False)
     fit(FitConfig(out=str(part), epochs=3), resume=True, pictures=False)
     s1 = torch.load(straight / "checkpoint.pt", weights_only=True)
     s2 = torch.load(part / "checkpoint.pt", weights_only=True)
