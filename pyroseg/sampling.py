@@ -264,7 +264,7 @@ def sample_split(
     for i in pick_slices(data.masks, num_images):
         image = torch.from_numpy(data.images[i : i + 1]).float().div(255).to(dev)  # (1, C, H, W)
         stem = f"{data.patients[i]}_{data.slice_numbers[i]}"
-        rec = _sample_one(run, image, data.masks[i], stem, out, num_samples=num_samples, grid_samples=grid_samples)
+        rec = _sample_one(run, image, data.masks[i, : data.rater_counts[i]], stem, out, num_samples=num_samples, grid_samples=grid_samples)
         rec["input"] = f"{cfg.data} [{split}] {data.patients[i]} slice {data.slice_numbers[i]}"
         rec["checkpoint"] = run.checkpoint_used
         records.append(rec)
