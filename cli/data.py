@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 
 from cli.common import CONTEXT, LoadBar, handle_errors
-from pyroseg.data import load_source
 
 
 @click.command("inspect", context_settings=CONTEXT)
@@ -17,6 +16,7 @@ from pyroseg.data import load_source
 @handle_errors
 def inspect_cmd(data, image_size, seed, preview, cache_dir):
     """Load DATA ('synthetic', 'synthetic-ambiguous' or an LGG folder), check it, print its counts."""
+    from pyroseg.data import load_source
     from pyroseg.nets import check_image_size
 
     check_image_size(image_size, 1, min_bottleneck=8)

@@ -68,6 +68,8 @@ class FitConfig:
     num_workers: int = 0
     # speed: channels-last weights and activations (measured 1.2-1.27x faster steps on CPU)
     channels_last: bool = True
+    # provenance: the config.json this run was trained again from (``fit --config``); None: from options
+    source_config: str | None = None
 
     def validate(self) -> FitConfig:
         """Refuse values that cannot work, naming the option (UsageError, exit 2),
