@@ -267,12 +267,24 @@ def _unreadable_lgg(ctx: Ctx) -> Path:
     return root
 
 
+def _touch_json(path: Path) -> Path:
+    path.write_text('{"not": "a config"}')
+    return path
+
+
 def _fit(*args):
     return lambda c: ["fit", *TINY, "--out", str(c.tmp / "out"), *args]
 
 
 OPTION_CASES = [
     Bad("unknown --model", _fit("--model", "nope"), 2, ("--model", "'nope'", "unknown model", "unet", "import path")),
+    Bad("--model import path that does not import", _fit("--model", "no_such_pkg.models:Net"), 2, ("--model 'no_such_pkg.models:Net'", "no module named 'no_such_pkg'")),
+    Bad("--model import path to something not a SegModel", _fit("--model", "pathlib:Path"), 2, ("--model 'pathlib:Path'", "not a subclass of pyroseg.models.SegModel")),
+    Bad("--tensorboard without the extra", lambda c: (c.monkeypatch.setitem(__import__("sys").modules, "tensorboard", None),
+                                                      ["fit", *TINY, "--out", str(c.tmp / "out"), "--tensorboard"])[1],
+        2, ("--tensorboard", "pip install 'pyroseg[tensorboard]'")),
+    Bad("--config and --resume", lambda c: ["fit", "--config", str(c.run / "config.json"), "--resume", str(c.run)], 2, ("--config with --resume", "give one or the other")),
+    Bad("--config not a pyroseg config", lambda c: ["fit", "--config", str(_touch_json(c.tmp / "other.json")), "--out", str(c.tmp / "o")], 1, ("other.json", "not a pyroseg config")),
     Bad("--image-size not a power of two", _fit("--image-size", "48"), 2, ("--image-size 48", "expected a power of two")),
     Bad("--image-size too small for the network", _fit("--image-size", "8"), 2, ("--image-size 8", "too small")),
     Bad("--epochs 0", _fit("--epochs", "0"), 2, ("--epochs 0", "expected at least 1")),
