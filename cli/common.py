@@ -83,8 +83,9 @@ class LoadBar:
     """A ``progress(done, total)`` callable that draws a tqdm bar (for data loading);
     when standard error is not a terminal (``bar=False``), one line at the end instead."""
 
-    def __init__(self, desc: str, *, bar: bool | None = None):
+    def __init__(self, desc: str, *, unit: str = "slice", bar: bool | None = None):
         self.desc = desc
+        self.unit = unit
         self.bar = None
         self.draw = stderr_is_terminal() if bar is None else bar
         self.t0: float | None = None
@@ -96,7 +97,7 @@ class LoadBar:
                     return
                 self.t0 = time.perf_counter()
             if done >= total:
-                click.echo(f"{self.desc}: {total} done in {time.perf_counter() - self.t0:.1f} s", err=True)
+                click.echo(f"{self.desc}: {total} {self.unit}s in {time.perf_counter() - self.t0:.1f} s", err=True)
                 self.t0 = None
             return
         if self.bar is None:
@@ -104,7 +105,7 @@ class LoadBar:
                 return
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc=self.desc, unit="slice", leave=False, file=sys.stderr)
+            self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, leave=False, file=sys.stderr)
         self.bar.n = done
         self.bar.refresh()
         if done >= total:

@@ -43,7 +43,7 @@ class BarCallbacks:
         self.epoch_label = ""
 
     def on_load_progress(self, done, total):
-        if not self.quiet:
+        if not self.quiet and self.bars:  # without bars, the data line below says when loading ended
             self.load(done, total)
 
     def on_data(self, s):
@@ -132,7 +132,7 @@ def _parse_model_args(items: tuple[str, ...]) -> dict:
 @click.option("--data", default=_DEFAULTS.data, show_default=True,
               help="'synthetic', 'synthetic-ambiguous', or a folder in the LGG kaggle_3m layout.")
 @click.option("--image-size", type=int, default=_DEFAULTS.image_size, show_default=True, help="Training size (power of two).")
-@click.option("--epochs", type=int, default=None, help=f"Epochs to train [default: {_DEFAULTS.epochs}; with --resume: the run's].")
+@click.option("--epochs", type=int, default=None, help=f"Epochs to train [default: {_DEFAULTS.epochs}; with --resume or --config: the run's].")
 @click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True)
 @click.option("--lr", type=float, default=_DEFAULTS.lr, show_default=True, help="Adam learning rate.")
 @click.option("--device", default=_DEFAULTS.device, show_default=True, help="auto, cpu or cuda.")
@@ -340,8 +340,7 @@ def _config_from_file(path: str, **parsed) -> FitConfig:
             changes[name] = parsed[name]
         elif name in fields:
             changes[name] = ctx.params[name]
-    if "model" in changes:
-        _check_model(changes["model"])
+    _check_model(changes.get("model", config.model))  # an external model's module must import here too
     if "out" not in changes:
         changes["out"] = str(src.resolve().parent) + "-rerun"
     return dataclasses.replace(config, **changes, source_config=str(src.resolve())).validate()

@@ -27,7 +27,7 @@ def sample_cmd(run_dir, inputs, split, num_images, num_samples, out, device):
     if split is not None:
         records = sample_split(run_dir, split, out, num_images=num_images, num_samples=num_samples, device=device)
     else:
-        bar = LoadBar("sampling")
+        bar = LoadBar("sampling", unit="image")
         records = sample_images(run_dir, inputs, out, num_samples=num_samples, device=device, progress=bar)
         bar.close()
     for r in records:

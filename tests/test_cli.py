@@ -273,6 +273,7 @@ def test_fit_log_in_a_file_has_one_line_per_epoch(tmp_path):
     args = [a for a in TINY if a != "--quiet"]
     args[args.index("--epochs") + 1] = "3"
     args[args.index("--batch-size") + 1] = "8"  # 32 training slices: 4 batches an epoch
+    args.append("--no-collapse-diagnostics")  # (time)
     with open(log_file, "w") as err:
         proc = subprocess.run([sys.executable, "-m", "pyroseg", "fit", "--model", "prob_unet", "--out",
                                str(tmp_path / "run"), *args], stdout=subprocess.PIPE, stderr=err, text=True,
@@ -293,11 +294,6 @@ def test_fit_log_in_a_file_has_one_line_per_epoch(tmp_path):
     assert f"loss {float(row[header.index('train_loss')]):.1f}" in epochs[0]
 
 
-def test_fit_quiet_in_a_file_says_nothing(tmp_path):
-    res = _ok(invoke("fit", "--out", str(tmp_path / "run"), *TINY))
-    assert res.stderr == ""
-
-
 # ------------------------------------------------------------------ training a run again from its config.json
 
 
@@ -314,7 +310,8 @@ def test_fit_again_from_config_gives_identical_weights(runs, tmp_path):
 
     first = runs["prob_unet"]
     again = tmp_path / "again"
-    _ok(invoke("fit", "--config", str(first / "config.json"), "--out", str(again), "--quiet"))
+    res = _ok(invoke("fit", "--config", str(first / "config.json"), "--out", str(again), "--quiet"))
+    assert res.stderr == ""  # --quiet: no progress output, bars or lines
     a, b = _weights(first), _weights(again)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     old, new = (json.loads((r / "config.json").read_text())["fit"] for r in (first, again))
@@ -326,22 +323,28 @@ def test_fit_again_from_config_gives_identical_weights(runs, tmp_path):
 def test_fit_again_from_config_with_options_overriding_the_files(runs, tmp_path):
     import torch
 
-    again = tmp_path / "seed1"
-    _ok(invoke("fit", "--config", str(runs["unet"]), "--out", str(again), "--seed", "1", "--epochs", "2", "--quiet"))
+    copy = tmp_path / "x"
+    shutil.copytree(runs["unet"], copy)
+    _ok(invoke("fit", "--config", str(copy), "--seed", "1", "--epochs", "2", "--quiet"))  # a run folder works too
+    again = tmp_path / "x-rerun"  # the default --out
     doc = json.loads((again / "config.json").read_text())
     assert doc["fit"]["seed"] == 1 and doc["fit"]["epochs"] == 2  # from the command line
     assert doc["fit"]["image_size"] == SIZE and doc["fit"]["widths"] == [8, 16, 32, 64]  # from the file
-    assert doc["fit"]["source_config"] == str((runs["unet"] / "config.json").resolve())  # a run folder works too
+    assert doc["fit"]["source_config"] == str((copy / "config.json").resolve())
     assert len((again / "metrics.csv").read_text().splitlines()) == 3
     a, b = _weights(runs["unet"]), _weights(again)
     assert not all(torch.equal(a[k], b[k]) for k in a)  # another seed: other weights
-
-
-def test_fit_config_default_out_and_refusals(runs, tmp_path):
-    copy = tmp_path / "x"
-    shutil.copytree(runs["unet"], copy)
-    res = invoke("fit", "--config", str(copy / "config.json"), "--epochs", "1", "--quiet")
-    _ok(res)
-    assert (tmp_path / "x-rerun" / "checkpoint.pt").is_file()
     res = invoke("fit", "--config", str(copy / "config.json"), "--resume", str(copy))
     assert res.exit_code == 2 and "--config with --resume" in res.stderr
+
+
+def test_load_progress_without_a_terminal_is_one_line(capsys):
+    from cli.common import LoadBar
+
+    bar = LoadBar("decoding data", bar=False)
+    for done in range(0, 501, 50):
+        bar(done, 500)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("decoding data: 500 slices in ") and "\r" not in err
+    LoadBar("decoding data", bar=False)(500, 500)  # a cache hit: nothing to say
+    assert capsys.readouterr().err == ""

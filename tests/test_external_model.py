@@ -5,6 +5,7 @@ example) plugs in by import path or entry point: trained by ``pyroseg fit``, ope
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -54,9 +55,22 @@ def test_the_example_is_a_proper_pyro_pair(on_path):
     assert model_import_path(model) == REF and model_import_path(MODELS["unet"]) is None
 
 
-def test_fit_evaluate_and_sample_a_model_from_outside(on_path, tmp_path):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One tiny run of the example model, trained through `pyroseg fit --model my_models:LatentShiftUNet`."""
+    mp = pytest.MonkeyPatch()
+    mp.syspath_prepend(str(EXAMPLES))
+    try:
+        run = tmp_path_factory.mktemp("external") / "shift"
+        _ok(invoke("fit", "--model", REF, "--out", str(run), *TINY))
+    finally:
+        mp.undo()
+    return run
+
+
+def test_fit_evaluate_and_sample_a_model_from_outside(on_path, trained, tmp_path):
     run = tmp_path / "shift"
-    _ok(invoke("fit", "--model", REF, "--out", str(run), *TINY))
+    shutil.copytree(trained, run)
     doc = json.loads((run / "config.json").read_text())
     assert doc["fit"]["model"] == REF and doc["model"]["import_path"] == REF and doc["model"]["name"] == "latent_shift_unet"
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
@@ -105,9 +119,8 @@ def test_bad_import_paths_are_option_errors(on_path, tmp_path, ref, words):
     assert not run.exists()
 
 
-def test_a_run_whose_module_is_gone_names_its_config(on_path, tmp_path, monkeypatch):
-    run = tmp_path / "shift"
-    _ok(invoke("fit", "--model", REF, "--out", str(run), *[a if a != "2" else "1" for a in TINY]))
+def test_a_run_whose_module_is_gone_names_its_config(trained, monkeypatch):
+    run = trained
     monkeypatch.setitem(sys.modules, "my_models", None)  # the module is gone: importing it fails
     res = invoke("evaluate", str(run), "--num-samples", "2", "--device", "cpu")
     assert res.exit_code == 1
