@@ -24,7 +24,7 @@ __all__ = ["CONTEXT", "EVAL_SPLITS", "handle_errors", "LoadBar", "format_table",
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
-#: ``pyroseg.evaluate.EVAL_SPLITS``, repeated here so that ``--help`` need not
+#: ``pyroseg.runs.EVAL_SPLITS``, repeated here so that ``--help`` need not
 #: import the library (tests/test_cli.py checks that the two agree).
 EVAL_SPLITS = ("test", "val", "train", "all")
 

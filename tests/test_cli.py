@@ -250,7 +250,7 @@ def test_importing_the_cli_imports_no_heavy_library():
 
 def test_eval_splits_of_the_cli_are_the_librarys():
     from cli.common import EVAL_SPLITS
-    from pyroseg.evaluate import EVAL_SPLITS as LIB_SPLITS
+    from pyroseg.runs import EVAL_SPLITS as LIB_SPLITS
 
     assert EVAL_SPLITS == LIB_SPLITS
 
