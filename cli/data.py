@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 
 from cli.common import CONTEXT, LoadBar, handle_errors
-from pyroseg.data import load_source
 
 
 @click.command("inspect", context_settings=CONTEXT)
@@ -20,6 +19,7 @@ from pyroseg.data import load_source
 def inspect_cmd(data, image_size, seed, preview, cache_dir, task, slice_axis):
     """Load DATA ('synthetic', 'synthetic-ambiguous', an LGG or QUBIQ folder, a LIDC pickle), check it,
     print its counts (and, with several raters, how many per case and how much they agree)."""
+    from pyroseg.data import load_source
     from pyroseg.nets import check_image_size
 
     check_image_size(image_size, 1, min_bottleneck=8)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 
 from cli.common import CONTEXT, handle_errors
-from pyroseg.ensemble import join_runs
 
 
 @click.command("ensemble", context_settings=CONTEXT)
@@ -17,6 +16,8 @@ def ensemble_cmd(runs, out, overwrite):
     """Join RUNS (trained on the same data and split, e.g. with different --init-seed) into a deep
     ensemble in --out, which evaluate, sample and plot open as any run; its samples are the members'
     predictions."""
+    from pyroseg.ensemble import join_runs
+
     doc = join_runs(list(runs), out, overwrite=overwrite)
     members = doc["model"]["hparams"]["members"]
     click.echo(f"wrote {out}: ensemble of {len(members)} ({', '.join(m['name'] for m in members)}), "

@@ -6,10 +6,8 @@ from pathlib import Path
 
 import click
 
-from cli.common import CONTEXT, LoadBar, format_table, handle_errors
+from cli.common import CHECKPOINTS, CONTEXT, EVAL_SPLITS, LoadBar, format_table, handle_errors
 from pyroseg.errors import UsageError
-from pyroseg.evaluate import EVAL_SPLITS, ORACLE, evaluate_run, reliability_png_for
-from pyroseg.runs import CHECKPOINTS, write_json
 
 _SHOWN = ["dice_all", "dice_tumour", "dice_volume", "iou_tumour", "bce", "false_positive_slices", "empty_slices", "elbo", "nll"]
 _DISTRIBUTION = ["ged", "ged_unbiased", "hm_iou", "sample_diversity", "ece", "ece_lesion", "qubiq", "dice_raters", "dice_majority"]
@@ -46,6 +44,9 @@ def evaluate_cmd(run_dir, data, split, num_samples, collapse_samples, oracle, tt
     """Print Dice (per slice, tumour slices, per patient), IoU, BCE and the ELBO of RUN_DIR, how well its
     samples match the annotators (GED, Hungarian-matched IoU, sample diversity, calibration (ECE)), and
     per latent site whether it collapsed (KL, active units, effect)."""
+    from pyroseg.evaluate import ORACLE, evaluate_run, reliability_png_for
+    from pyroseg.runs import write_json
+
     if collapse_samples < 0:
         raise UsageError(f"--collapse-samples {collapse_samples}: expected >= 0")
     if batch_size < 1:

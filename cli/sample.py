@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import click
 
-from cli.common import CONTEXT, LoadBar, handle_errors
+from cli.common import CHECKPOINTS, CONTEXT, EVAL_SPLITS, LoadBar, handle_errors
 from pyroseg.errors import UsageError
-from pyroseg.runs import CHECKPOINTS, EVAL_SPLITS
-from pyroseg.sampling import sample_images, sample_split
 
 
 @click.command("sample", context_settings=CONTEXT)
@@ -25,12 +23,14 @@ from pyroseg.sampling import sample_images, sample_split
 @handle_errors
 def sample_cmd(run_dir, inputs, split, num_images, num_samples, tta, out, device, checkpoint):
     """Write every sampled mask, the mean probability, the uncertainty (std) and a grid per image."""
+    from pyroseg.sampling import sample_images, sample_split
+
     if (inputs is None) == (split is None):
         raise UsageError("--input or --split: give exactly one (images on disk, or slices of the run's own data)")
     if split is not None:
         records = sample_split(run_dir, split, out, num_images=num_images, num_samples=num_samples, device=device, checkpoint=checkpoint, tta=tta)
     else:
-        bar = LoadBar("sampling")
+        bar = LoadBar("sampling", unit="image")
         records = sample_images(run_dir, inputs, out, num_samples=num_samples, device=device, progress=bar, checkpoint=checkpoint, tta=tta)
         bar.close()
     for r in records:

@@ -29,7 +29,7 @@ from pyroseg.checkpoint import atomic_write_text
 from pyroseg.config import FitConfig, versions
 from pyroseg.errors import UsageError
 from pyroseg.evaluate import ORACLE, RATERS_LOO, evaluate_run, evaluate_run_references
-from pyroseg.models import MODELS
+from pyroseg.models import MODELS, resolve_model
 from pyroseg.runs import read_metrics_csv
 from pyroseg.train import FitCallbacks, fit
 
@@ -106,9 +106,10 @@ def compare_models(
     evaluated, not retrained, so an interrupted comparison can be rerun.
     """
     models = list(models or MODELS)
-    unknown = [m for m in models if m not in MODELS]
+    unknown = [m for m in models if not _known(m)]
     if unknown:
-        raise UsageError(f"--models {','.join(unknown)}: unknown; expected some of {', '.join(MODELS)}")
+        raise UsageError(f"--models {','.join(unknown)}: unknown; expected some of {', '.join(MODELS)}, "
+                         "import paths package.module:Class or entry points")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base = replace(base)
@@ -117,7 +118,7 @@ def compare_models(
     for i, name in enumerate(models):
         if on_model:
             on_model(name, i, len(models))
-        cfg = replace(base, model=name, out=str(out / name))
+        cfg = replace(base, model=name, out=str(out / _folder(name)))
         run = Path(cfg.out)
         if _finished(run, cfg.epochs) and not overwrite:
             log.info("%s: finished run found in %s, evaluating it", name, run)
@@ -130,7 +131,7 @@ def compare_models(
         rows.append(report)
         _write(out, base, rows, num_samples)
     if rows:  # the data's references (oracle rows on synthetic-ambiguous, raters / majority on QUBIQ, LIDC)
-        refs = evaluate_run_references(out / models[0], num_samples=num_samples, sample_seed=base.seed)
+        refs = evaluate_run_references(out / _folder(models[0]), num_samples=num_samples, sample_seed=base.seed)
         if refs:
             rows.extend(refs)
             _write(out, base, rows, num_samples)
@@ -212,3 +213,18 @@ def _write(out: Path, base: FitConfig, rows: list[dict], num_samples: int) -> No
     atomic_write_text(out / "comparison.md", md)
     doc = {"config": base.to_dict(), "num_samples": num_samples, "versions": versions(), "rows": rows}
     atomic_write_text(out / "comparison.json", json.dumps(doc, indent=2) + "\n")
+
+
+def _known(ref: str) -> bool:
+    """Whether ``ref`` names a model: built in, an import path or an entry point."""
+    try:
+        resolve_model(ref)
+    except UsageError:
+        return False
+    return True
+
+
+def _folder(ref: str) -> str:
+    """The run folder of a model inside ``--out``: its ``--model`` name, or for an
+    import path its class's ``name``."""
+    return ref if ref in MODELS else resolve_model(ref).name

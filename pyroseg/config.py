@@ -97,6 +97,8 @@ class FitConfig:
     def train_seed(self) -> int:
         """The seed of the weights, the shuffle and the noise (``init_seed``, else ``seed``)."""
         return self.seed if self.init_seed is None else self.init_seed
+    # provenance: the config.json this run was trained again from (``fit --config``); None: from options
+    source_config: str | None = None
 
     def validate(self) -> FitConfig:
         """Refuse values that cannot work, naming the option (UsageError, exit 2),

@@ -28,7 +28,7 @@ from pyroseg.checkpoint import atomic_write_text, load_checkpoint
 from pyroseg.config import CONFIG_VERSION, FitConfig, load_config_json
 from pyroseg.data.core import SegData
 from pyroseg.errors import CheckpointError, UsageError
-from pyroseg.models import SegModel, build_model
+from pyroseg.models import MODELS, SegModel, build_model
 
 __all__ = [
     "CONFIG",
@@ -65,7 +65,7 @@ RUN_FILES = (CONFIG, SPLIT, METRICS, CHECKPOINT, BEST, "curves.png", "val_sample
 
 #: Fields of a FitConfig that may differ between a run's config.json and its
 #: checkpoint (``--resume`` may raise ``epochs``; the rest do not change results).
-_FREE_FIELDS = {"out", "epochs", "device", "cache_dir", "num_workers"}
+_FREE_FIELDS = {"out", "epochs", "device", "cache_dir", "num_workers", "source_config"}
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,15 @@ def model_from_checkpoint(ckpt: dict, doc: dict, *, source: Path) -> SegModel:
     """Rebuild the model named in the config and load the checkpoint's weights,
     refusing a checkpoint of another model, image size or run (:func:`check_checkpoint`)."""
     check_checkpoint(ckpt, doc, source=source)
-    model = build_model(doc["model"]["name"], **doc["model"]["hparams"])
+    # a model from outside pyroseg is opened by the import path its run recorded
+    ref = doc["model"].get("import_path") or doc["model"]["name"]
+    try:
+        model = build_model(ref, **doc["model"]["hparams"])
+    except UsageError as e:
+        if ref in MODELS:
+            raise
+        raise CheckpointError(f"{source.parent / CONFIG}: cannot open its model {ref!r}: "
+                              f"{str(e).split(': ', 1)[-1]}") from None
     load_weights(model, ckpt, source=source)
     return model
 

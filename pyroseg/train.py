@@ -57,7 +57,7 @@ from pyroseg.devices import resolve_device
 from pyroseg.errors import CheckpointError, TrainingError, UsageError
 from pyroseg.geco import GECO, geco_from_config
 from pyroseg.metrics import segmentation_report
-from pyroseg.models import SegModel, build_model
+from pyroseg.models import SegModel, build_model, model_import_path
 from pyroseg.nets import compile_networks
 from pyroseg.objective import SiteELBO
 from pyroseg.predict import predict_dataset
@@ -297,6 +297,8 @@ def _model_doc(model: SegModel) -> dict:
         "latent_sites": list(model.latent_sites),
         "latent_units": latent_units(model),
         "sample_from": model.sample_from,
+        # a model from outside pyroseg: where evaluate / sample / --resume import it from
+        **({"import_path": path} if (path := model_import_path(model)) else {}),
     }
 
 

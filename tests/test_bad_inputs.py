@@ -4,8 +4,9 @@ Each row: what the user did wrong, the command line, the exit status it must
 give (2: a bad option or argument; 1: a failure while running) and the words
 the single ``Error: ...`` line must contain (the thing, and what was expected).
 For every row the test also checks: no traceback, nothing left uncaught, and
-the bytes of every file of an existing run unchanged (``keep``). The README's
-"Troubleshooting" table lists the same rows by their ``what`` (checked below).
+the bytes of every file of an existing run unchanged (``keep``). The table of the
+documentation's Troubleshooting page (docs/guide/troubleshooting.md) lists the same
+rows by their ``what`` (checked below).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ TINY = [
 ]  # fmt: skip
 P1, P2 = "TCGA_AA_0001_20000101", "TCGA_BB_0002_20000202"
 ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0  # chmod does not stop root
-README = Path(__file__).resolve().parents[1] / "README.md"
+TROUBLESHOOTING = Path(__file__).resolve().parents[1] / "docs" / "guide" / "troubleshooting.md"
 
 
 # --------------------------------------------------------------------------- what the rows build on
@@ -202,7 +203,7 @@ OPENERS = {"fit --resume": _resume, "evaluate": _evaluate, "sample": _sample}
 
 @dataclass
 class Bad:
-    what: str  # as in the README's Troubleshooting table
+    what: str  # as in the Troubleshooting table (docs/guide/troubleshooting.md)
     build: Callable[[Ctx], list[str]]  # makes the bad input, returns the command line
     code: int  # the exit status
     names: tuple[str, ...]  # what the Error line must contain; {run}, {tmp} are filled in
@@ -310,12 +311,24 @@ def _unreadable_lgg(ctx: Ctx) -> Path:
     return root
 
 
+def _touch_json(path: Path) -> Path:
+    path.write_text('{"not": "a config"}')
+    return path
+
+
 def _fit(*args):
     return lambda c: ["fit", *TINY, "--out", str(c.tmp / "out"), *args]
 
 
 OPTION_CASES = [
-    Bad("unknown --model", _fit("--model", "nope"), 2, ("--model", "'nope' is not one of")),
+    Bad("unknown --model", _fit("--model", "nope"), 2, ("--model", "'nope'", "unknown model", "unet", "import path")),
+    Bad("--model import path that does not import", _fit("--model", "no_such_pkg.models:Net"), 2, ("--model 'no_such_pkg.models:Net'", "no module named 'no_such_pkg'")),
+    Bad("--model import path to something not a SegModel", _fit("--model", "pathlib:Path"), 2, ("--model 'pathlib:Path'", "not a subclass of pyroseg.models.SegModel")),
+    Bad("--tensorboard without the extra", lambda c: (c.monkeypatch.setitem(__import__("sys").modules, "tensorboard", None),
+                                                      ["fit", *TINY, "--out", str(c.tmp / "out"), "--tensorboard"])[1],
+        2, ("--tensorboard", "pip install 'pyroseg[tensorboard]'")),
+    Bad("--config and --resume", lambda c: ["fit", "--config", str(c.run / "config.json"), "--resume", str(c.run)], 2, ("--config with --resume", "give one or the other")),
+    Bad("--config not a pyroseg config", lambda c: ["fit", "--config", str(_touch_json(c.tmp / "other.json")), "--out", str(c.tmp / "o")], 1, ("other.json", "not a pyroseg config")),
     Bad("--image-size not a power of two", _fit("--image-size", "48"), 2, ("--image-size 48", "expected a power of two")),
     Bad("--image-size too small for the network", _fit("--image-size", "8"), 2, ("--image-size 8", "too small")),
     Bad("--epochs 0", _fit("--epochs", "0"), 2, ("--epochs 0", "expected at least 1")),
@@ -512,22 +525,22 @@ def test_debug_lets_the_exception_through(what, error, tmp_path, trained, monkey
     assert not [line for line in result.stderr.splitlines() if line.startswith("Error:")]  # not the one-line form
 
 
-def _readme_rows() -> list[str]:
-    text = README.read_text()
-    section = text.split("## Troubleshooting", 1)[1].split("\n## ", 1)[0]
+def _troubleshooting_rows() -> list[str]:
+    text = TROUBLESHOOTING.read_text()
+    section = text.split("## Every error, and what to do", 1)[1].split("\n## ", 1)[0]
     return [line.split("|")[1].strip().strip("`") for line in section.splitlines() if line.startswith("| ")]
 
 
-def test_readme_lists_every_row():
-    """The README's Troubleshooting table has a row for every bad input tested here
+def test_troubleshooting_lists_every_row():
+    """The Troubleshooting page's table has a row for every bad input tested here
     (damaged runs are listed once for the three commands)."""
-    rows = set(_readme_rows())
+    rows = set(_troubleshooting_rows())
     missing = []
     for case in TABLE:
         what = case.what.rsplit(" (", 1)[0] if case in DAMAGED_CASES else case.what
         if what not in rows:
             missing.append(what)
-    assert not missing, f"README Troubleshooting lacks: {sorted(set(missing))}"
+    assert not missing, f"{TROUBLESHOOTING} lacks: {sorted(set(missing))}"
 
 
 def test_the_payload_is_real(tmp_path, trained):
