@@ -258,9 +258,10 @@ def load_qubiq(
         the data), ``masks`` ``(N, A, S, S)`` with ``rater_counts``, patients =
         cases, slice numbers = index along ``slice_axis`` (0 for 2-D cases);
         ``meta`` holds ``task``, ``slice_axis`` and ``intensity``.
-    :raises DataError / UsageError: as :func:`scan_qubiq`, and for a rater whose
-        shape differs from its image's, a mask not 0/1, or a NIfTI that is not
-        2-D or 3-D; the message names the file.
+    :raises DataError: as :func:`scan_qubiq`, and for a rater whose shape
+        differs from its image's, a mask not 0/1, or a NIfTI that is not 2-D or
+        3-D; the message names the file.
+    :raises UsageError: as :func:`scan_qubiq` (e.g. a ``--task`` not present).
     """
     size = check_image_size(image_size)
     root_path = Path(root).expanduser()
