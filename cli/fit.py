@@ -125,6 +125,8 @@ def _parse_model_args(items: tuple[str, ...]) -> dict:
               help="Samples per image for the validation Dice each epoch.")
 @click.option("--collapse-diagnostics/--no-collapse-diagnostics", default=True, show_default=True,
               help="Each epoch, active units and the effect of each latent site on the validation prediction.")
+@click.option("--collapse-slices", type=int, default=_DEFAULTS.collapse_slices, show_default=True,
+              help="Validation slices (a fixed, evenly spaced subset) the per-epoch collapse diagnostics look at; 0: all.")
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
               help="Model hyper-parameter, e.g. latent_dim=16 (repeatable).")
 @click.option("--widths", default=",".join(map(str, _DEFAULTS.widths)), show_default=True, help="Encoder widths, comma-separated.")
@@ -142,8 +144,8 @@ def _parse_model_args(items: tuple[str, ...]) -> dict:
 @handle_errors
 def fit_cmd(model, data, image_size, epochs, batch_size, lr, device, seed, out, resume_dir, overwrite, beta, beta_warmup,
             beta_cycle, elbo, objective, geco_kappa, geco_alpha, geco_rate, geco_warmup, geco_max_step, free_bits,
-            clip_norm, max_nonfinite, val_fraction, test_fraction, val_samples, collapse_diagnostics, model_args, widths,
-            synthetic_patients, synthetic_slices, cache_dir, checkpoint_every, channels_last, launcher, nproc_per_node, quiet):
+            clip_norm, max_nonfinite, val_fraction, test_fraction, val_samples, collapse_diagnostics, collapse_slices, model_args,
+            widths, synthetic_patients, synthetic_slices, cache_dir, checkpoint_every, channels_last, launcher, nproc_per_node, quiet):
     """Train a model; write config, split, metrics, checkpoint and pictures to a run folder.
 
     Data-parallel: `torchrun --nproc_per_node N -m pyroseg fit ...` (or `--launcher torchrun
@@ -178,7 +180,7 @@ def fit_cmd(model, data, image_size, epochs, batch_size, lr, device, seed, out, 
             geco_rate=geco_rate, geco_warmup=geco_warmup, geco_max_step=geco_max_step, free_bits=free_bits, clip_norm=clip_norm, max_nonfinite=max_nonfinite,
             val_samples=val_samples, collapse_diagnostics=collapse_diagnostics, model_args=_parse_model_args(model_args), widths=widths_t,
             synthetic_patients=synthetic_patients, synthetic_slices=synthetic_slices, cache_dir=cache_dir,
-            channels_last=channels_last,
+            channels_last=channels_last, collapse_slices=collapse_slices,
         ).validate()
     rank, _ = distributed.env_rank()
     with distributed.collective_errors():

@@ -68,6 +68,12 @@ class FitConfig:
     num_workers: int = 0
     # speed: channels-last weights and activations (measured 1.2-1.27x faster steps on CPU)
     channels_last: bool = True
+    # seed of the data (the synthetic generator) and of the patient split; None: `seed`.
+    # `pyroseg compare --seeds` holds it fixed so that the seeds vary only weights, z noise and order.
+    data_seed: int | None = None
+    # the per-epoch collapse diagnostics look at this many evenly spaced validation slices (0: all);
+    # on all of them they took longer than hprob_unet's training epoch (docs/guide/comparing.md)
+    collapse_slices: int = 64
 
     def validate(self) -> FitConfig:
         """Refuse values that cannot work, naming the option (UsageError, exit 2),
@@ -100,11 +106,17 @@ class FitConfig:
             (self.free_bits >= 0, f"--free-bits {self.free_bits}: expected >= 0 nats"),
             (self.val_samples >= 1, f"--val-samples {self.val_samples}: expected at least 1"),
             (self.num_workers >= 0, f"--num-workers {self.num_workers}: expected >= 0"),
+            (self.data_seed is None or isinstance(self.data_seed, int), f"data_seed {self.data_seed!r}: expected an integer"),
+            (self.collapse_slices >= 0, f"--collapse-slices {self.collapse_slices}: expected >= 0 (0: every slice)"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise UsageError(msg)
         return self
+
+    def seed_of_data(self) -> int:
+        """The seed of the data and the patient split: ``data_seed``, or ``seed`` when unset."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -35,7 +35,16 @@ from pyroseg.data import load_source
 from pyroseg.data.core import SegData
 from pyroseg.data.synthetic import oracle_masks_for, oracle_probabilities
 from pyroseg.errors import UsageError
-from pyroseg.metrics import ECE_BINS, DistributionAccumulator, ReliabilityAccumulator, segmentation_report
+from pyroseg.metrics import (
+    ECE_BINS,
+    DistributionAccumulator,
+    ReliabilityAccumulator,
+    binary_cross_entropy,
+    dice,
+    iou,
+    segmentation_report,
+    volume_dice,
+)
 from pyroseg.predict import Predictions, predict_dataset
 from pyroseg.runs import load_run, read_run_files
 from pyroseg.train import resolve_device
@@ -45,6 +54,8 @@ __all__ = [
     "evaluate_oracle",
     "evaluate_run_oracle",
     "score_predictions",
+    "patient_scores",
+    "PATIENT_METRICS",
     "has_oracle",
     "reliability_png_for",
     "select_split",
@@ -97,6 +108,7 @@ def evaluate_run(
     reliability_png: str | Path | None = None,
     seed: int | None = 0,
     collapse_samples: int = 8,
+    per_patient: bool = False,
 ) -> dict[str, Any]:
     """Evaluate the run in ``run_dir``.
 
@@ -122,6 +134,9 @@ def evaluate_run(
     :func:`pyroseg.collapse.collapse_report` (``au_*`` active units of
     ``units_*``, ``dice_change_*``, ``effect_*``; point predictions there are
     means of ``collapse_samples`` samples, 0: skip them).
+
+    ``per_patient``: also ``report["per_patient"]``, the :func:`patient_scores` of
+    the predictions (what a paired bootstrap over patients needs).
     """
     if num_samples < 1:
         raise UsageError(f"--num-samples {num_samples}: expected at least 1")
@@ -135,7 +150,7 @@ def evaluate_run(
     dataset = load_source(
         spec,
         cfg.image_size,
-        seed=cfg.seed,
+        seed=cfg.seed_of_data(),
         synthetic_patients=cfg.synthetic_patients,
         synthetic_slices=cfg.synthetic_slices,
         cache_dir=cache_dir or cfg.cache_dir,
@@ -148,6 +163,8 @@ def evaluate_run(
         pyro.set_rng_seed(seed)
     pred = predict_dataset(run.model, subset, num_samples=num_samples, batch_size=batch_size, device=dev, distribution=True)
     report = score_predictions(pred, subset)
+    if per_patient:
+        report["per_patient"] = patient_scores(pred, subset)
     if run.model.has_latent:
         report["elbo"] = float(np.mean(pred.terms["loss"]))
         report["recon"] = float(np.mean(pred.terms["recon"]))
@@ -201,7 +218,7 @@ def evaluate_run_oracle(
     run_dir = Path(run_dir)
     doc, run_split = read_run_files(run_dir)
     cfg = FitConfig.from_dict(doc["fit"])
-    dataset = load_source(cfg.data, cfg.image_size, seed=cfg.seed, synthetic_patients=cfg.synthetic_patients,
+    dataset = load_source(cfg.data, cfg.image_size, seed=cfg.seed_of_data(), synthetic_patients=cfg.synthetic_patients,
                           synthetic_slices=cfg.synthetic_slices, cache_dir=cfg.cache_dir)
     if split not in EVAL_SPLITS:
         raise UsageError(f"--split {split!r}: expected one of {', '.join(EVAL_SPLITS)}")
@@ -252,6 +269,53 @@ def score_predictions(pred: Predictions, data: SegData, *, n_bins: int = ECE_BIN
     report["reliability"] = acc.curve()
     report["n_annotators"] = data.num_annotators
     return report
+
+
+#: The metrics of :func:`patient_scores`: those of :func:`score_predictions` that are
+#: means over slices (or, ``dice_volume``, over patients), so split by patient.
+PATIENT_METRICS = ("dice_all", "dice_tumour", "dice_volume", "iou_tumour", "bce", "false_positive_slices",
+                   "ged", "ged_unbiased", "hm_iou", "sample_diversity", "elbo")
+
+
+def patient_scores(pred: Predictions, data: SegData, *, threshold: float = 0.5) -> dict[str, dict[str, list[float]]]:
+    """Each :data:`PATIENT_METRICS` entry split by patient: ``{metric: {patient: [sum, count]}}``.
+
+    ``sum`` is the metric summed over the patient's slices that the metric
+    averages over (every slice; for ``dice_tumour``/``iou_tumour`` those with a
+    non-empty first annotation; for ``false_positive_slices`` the empty ones),
+    ``count`` how many slices those are; for ``dice_volume`` the patient's 3-D
+    Dice and 1. So ``sum(sums) / sum(counts)`` over all patients is exactly the
+    metric of :func:`score_predictions`, and over a resample of patients that
+    metric on those patients (:func:`pyroseg.stats.paired_bootstrap`).
+    ``elbo`` (the negative ELBO per image) only when ``pred.terms`` has it,
+    distribution metrics only when ``pred.distribution`` has them.
+    """
+    prob = torch.from_numpy(pred.mean)  # (N, H, W)
+    target = torch.from_numpy(data.masks[:, 0]).bool()  # (N, H, W): first annotator
+    binary = prob >= threshold
+    tumour = target.flatten(1).any(1)  # (N,)
+    per_slice: dict[str, tuple[np.ndarray, np.ndarray]] = {  # metric -> (value (N,), counted (N,) bool)
+        "dice_all": (dice(binary, target).numpy(), np.ones(len(prob), bool)),
+        "dice_tumour": (dice(binary, target).numpy(), tumour.numpy()),
+        "iou_tumour": (iou(binary, target).numpy(), tumour.numpy()),
+        "bce": (binary_cross_entropy(prob, target).numpy(), np.ones(len(prob), bool)),
+        "false_positive_slices": (binary.flatten(1).any(1).float().numpy(), (~tumour).numpy()),
+    }
+    for k in ("ged", "ged_unbiased", "hm_iou", "sample_diversity"):
+        if len(pred.distribution.get(k, ())):
+            per_slice[k] = (np.asarray(pred.distribution[k], float), np.ones(len(prob), bool))
+    if any(k.startswith("kl_") for k in pred.terms):  # a latent model: "loss" is its negative ELBO
+        per_slice["elbo"] = (np.asarray(pred.terms["loss"], float), np.ones(len(prob), bool))
+    patients = np.asarray(data.patients)
+    out: dict[str, dict[str, list[float]]] = {}
+    for k, (value, counted) in per_slice.items():
+        out[k] = {}
+        for p in dict.fromkeys(data.patients):
+            sel = (patients == p) & counted
+            out[k][str(p)] = [float(value[sel].astype(float).sum()), int(sel.sum())]
+    vol = volume_dice(binary, target, data.patients)
+    out["dice_volume"] = {str(p): [float(v), 1] for p, v in vol.items()}
+    return out
 
 
 def has_oracle(data: SegData) -> bool:

@@ -214,7 +214,7 @@ def sample_split(
     dev = resolve_device(device)
     run = load_run(run_dir, device=dev)
     cfg = run.config
-    data = load_source(cfg.data, cfg.image_size, seed=cfg.seed, synthetic_patients=cfg.synthetic_patients,
+    data = load_source(cfg.data, cfg.image_size, seed=cfg.seed_of_data(), synthetic_patients=cfg.synthetic_patients,
                        synthetic_slices=cfg.synthetic_slices, cache_dir=cache_dir or cfg.cache_dir)
     data = select_split(data, run.split, split, source=cfg.data)
     out = _out_dir(out)

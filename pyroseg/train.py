@@ -283,7 +283,8 @@ def _validate(model: SegModel, data: SegData, cfg: FitConfig, device: torch.devi
     row["val_dice_all"] = rep["dice_all"]
     row["val_dice_tumour"] = rep["dice_tumour"]
     if cfg.collapse_diagnostics:
-        diag = collapse_report(model, data, num_samples=cfg.val_samples, batch_size=max(cfg.batch_size, 32), device=device)
+        diag = collapse_report(model, data, num_samples=cfg.val_samples, batch_size=max(cfg.batch_size, 32), device=device,
+                               max_slices=cfg.collapse_slices or None)  # a fixed subset: on all slices it outweighed training
         row.update({f"val_{k}": v for k, v in diag.items() if not k.startswith("units_")})
     return row
 
@@ -339,13 +340,13 @@ def fit(
     data = ctx.main_first(lambda: load_source(  # rank 0 first: it fills the cache the others read
         config.data,
         config.image_size,
-        seed=config.seed,
+        seed=config.seed_of_data(),
         synthetic_patients=config.synthetic_patients,
         synthetic_slices=config.synthetic_slices,
         cache_dir=config.cache_dir,
         progress=cb.on_load_progress,
     ))
-    split = split_patients(data.patient_ids, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed)
+    split = split_patients(data.patient_ids, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed_of_data())
     train_data, val_data = data.subset(split["train"]), data.subset(split["val"])
     cb.on_data({**data.summary(), "train_slices": len(train_data), "val_slices": len(val_data),
                 "train_patients": len(split["train"]), "val_patients": len(split["val"]), "test_patients": len(split["test"])})
@@ -410,7 +411,7 @@ def fit(
                            "warmup_steps": geco.warmup_steps}
         ctx.seed(config.seed)  # after the model is built: each rank its own z noise
         if ctx.is_main:
-            write_json(out / SPLIT, {"seed": config.seed, "val_fraction": config.val_fraction,
+            write_json(out / SPLIT, {"seed": config.seed_of_data(), "val_fraction": config.val_fraction,
                                      "test_fraction": config.test_fraction, **split})
     if ctx.is_main:
         write_json(out / CONFIG, doc)
