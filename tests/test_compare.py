@@ -109,7 +109,7 @@ def test_seeds_resume_and_render_round_trip(tmp_path):
     """Two models x 2 seeds x 2 epochs; an interrupted compare, run again, gives the same tables."""
     kw = dict(models=["unet", "vae"], seeds=2, num_samples=2, pictures=False)
     # 3 test patients to resample; the per-epoch diagnostics are not what is tested here
-    base = _base(epochs=2, synthetic_patients=10, test_fraction=0.3, collapse_diagnostics=False)
+    base = _base(epochs=2, synthetic_patients=10, synthetic_slices=4, test_fraction=0.3, collapse_diagnostics=False)
     whole = compare_models(base, tmp_path / "whole", **kw)
     per_epoch = read_metrics_csv(tmp_path / "whole" / "unet" / "seed0" / "metrics.csv")[0]["step"]
     # stop in the 2nd epoch of the 3rd run (unet, seed 1) ...
