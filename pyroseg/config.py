@@ -73,7 +73,7 @@ class FitConfig:
     data_seed: int | None = None
     # the per-epoch collapse diagnostics look at this many evenly spaced validation slices (0: all);
     # on all of them they took longer than hprob_unet's training epoch (docs/guide/comparing.md)
-    collapse_slices: int = 64
+    collapse_slices: int = 32
 
     def validate(self) -> FitConfig:
         """Refuse values that cannot work, naming the option (UsageError, exit 2),
