@@ -306,10 +306,12 @@ def summarise(doc: dict[str, Any]) -> dict[str, Any]:
             by_seed = paired_t(a, b, doc["level"])
             by_patient = _patient_bootstrap([by[(name, s)] for s in paired], [by[(baseline, s)] for s in paired],
                                             metric, doc["level"], doc["n_boot"])
+            call = verdict([(by_seed["lo"], by_seed["hi"]), (by_patient["lo"], by_patient["hi"])], higher)
+            if call not in ("tie", "n/a") and by_seed["n"] < 2:  # one seed: training-run noise unknown
+                call += " (1 seed)"
             differences.append({
                 "model": name, "metric": metric, "baseline": baseline,
-                "diff": by_seed["mean"], "seeds": by_seed, "patients": by_patient,
-                "verdict": verdict([(by_seed["lo"], by_seed["hi"]), (by_patient["lo"], by_patient["hi"])], higher),
+                "diff": by_seed["mean"], "seeds": by_seed, "patients": by_patient, "verdict": call,
             })
     doc["summary"], doc["differences"] = summary, differences
     return doc
@@ -437,7 +439,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
         f"`{doc['baseline']}`: paired by seed (t-interval of the per-seed differences: training-run noise) and "
         f"paired by test patient ({doc['n_boot']} bootstrap resamples of the patients, each patient's slices pooled "
         "over the seeds: test-set noise). 'tie': either interval contains 0; 'better'/'worse' only when "
-        "both exclude it (diversity has no better direction: 'higher'/'lower'). "
+        "both exclude it (diversity has no better direction: 'higher'/'lower'); '(1 seed)': only the patient "
+        "interval exists, training-run noise is not in it. "
         f"'collapsed sites': latent sites whose mean test KL is below {COLLAPSE_NATS} nats / image, or with 0 "
         f"active units whose replacement by the prior mean changes the prediction by less than {COLLAPSE_EFFECT} "
         "(1 - Dice). GED (d = 1 - IoU; all pairs; 'unbiased': distinct pairs only), HM-IoU and diversity score the "

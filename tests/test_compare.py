@@ -168,6 +168,10 @@ def test_summarise_by_hand():
             r["ged"] = 1 - 0.65 - 0.1 - 0.01 * r["seed"]
     doc = summarise(doc)
     assert {(x["model"], x["metric"]): x for x in doc["differences"]}[("vae", "ged")]["verdict"] == "better"
+    # one seed: only the patient bootstrap (every patient gains 0.25-0.3), and the verdict says so
+    one = summarise({**doc, "runs": [r for r in runs if r["seed"] == 0], "seeds": [0]})
+    d = {(x["model"], x["metric"]): x for x in one["differences"]}[("vae", "dice_all")]
+    assert d["seeds"]["n"] == 1 and d["patients"]["lo"] > 0 and d["verdict"] == "better (1 seed)"
 
 
 def _check_ambiguous_rows(rows, models, tmp_path):
