@@ -509,7 +509,7 @@ def _figure(out: Path, doc: dict[str, Any]) -> None:
             ax.axis("off")
         fig.suptitle(f"{len(doc['seeds'])} seed(s): dots per seed, mean and {round(doc['level'] * 100)} % t-interval",
                      fontsize=10)
-        fig.tight_layout()
+        fig.subplots_adjust(left=0.05, right=0.98, top=0.9, bottom=0.1, hspace=0.9, wspace=0.3)  # tight_layout: 1/3 of a tiny compare
         atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=90))
         plt.close(fig)
     except Exception as e:
