@@ -183,6 +183,8 @@ def _parse_model_args(items: tuple[str, ...]) -> dict:
               help="Samples per image for the validation Dice each epoch.")
 @click.option("--collapse-diagnostics/--no-collapse-diagnostics", default=True, show_default=True,
               help="Each epoch, active units and the effect of each latent site on the validation prediction.")
+@click.option("--collapse-slices", type=int, default=_DEFAULTS.collapse_slices, show_default=True,
+              help="Validation slices (a fixed, evenly spaced subset) the per-epoch collapse diagnostics look at; 0: all.")
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
               help="Model hyper-parameter, e.g. latent_dim=16 (repeatable).")
 @click.option("--widths", default=",".join(map(str, _DEFAULTS.widths)), show_default=True, help="Encoder widths, comma-separated.")
@@ -217,7 +219,7 @@ def _parse_model_args(items: tuple[str, ...]) -> dict:
 @handle_errors
 def fit_cmd(model, data, task, slice_axis, image_size, epochs, batch_size, lr, device, seed, init_seed, out, resume_dir, overwrite, beta, beta_warmup,
             beta_cycle, elbo, objective, geco_kappa, geco_alpha, geco_rate, geco_warmup, geco_max_step, free_bits,
-            clip_norm, max_nonfinite, val_fraction, test_fraction, val_samples, collapse_diagnostics, model_args, widths,
+            clip_norm, max_nonfinite, val_fraction, test_fraction, val_samples, collapse_diagnostics, collapse_slices, model_args, widths,
             synthetic_patients, synthetic_slices, cache_dir, checkpoint_every, channels_last, launcher, nproc_per_node,
             augment, lr_schedule, lr_warmup, select_by, patience, quiet, config_file, tensorboard, log_dir):
     """Train a model; write config, split, metrics, checkpoint and pictures to a run folder.
@@ -268,6 +270,7 @@ def fit_cmd(model, data, task, slice_axis, image_size, epochs, batch_size, lr, d
             select_by=select_by, patience=patience,
             task=task, slice_axis=slice_axis,
             init_seed=init_seed,
+            collapse_slices=collapse_slices,
         ).validate()
     from pyroseg.train import fit
 

@@ -99,6 +99,12 @@ class FitConfig:
         return self.seed if self.init_seed is None else self.init_seed
     # provenance: the config.json this run was trained again from (``fit --config``); None: from options
     source_config: str | None = None
+    # seed of the data (the synthetic generator) and of the patient split; None: `seed`.
+    # `pyroseg compare --seeds` holds it fixed so that the seeds vary only weights, z noise and order.
+    data_seed: int | None = None
+    # the per-epoch collapse diagnostics look at this many evenly spaced validation slices (0: all);
+    # on all of them they took longer than hprob_unet's training epoch (docs/guide/comparing.md)
+    collapse_slices: int = 32
 
     def validate(self) -> FitConfig:
         """Refuse values that cannot work, naming the option (UsageError, exit 2),
@@ -140,6 +146,8 @@ class FitConfig:
             (isinstance(self.slice_axis, int) and -3 <= self.slice_axis <= 2, f"--slice-axis {self.slice_axis}: a 3-D volume has axes 0, 1, 2 (or -1, -2, -3)"),
             (self.init_seed is None or (isinstance(self.init_seed, int) and self.init_seed >= 0),
              f"--init-seed {self.init_seed}: expected an integer >= 0"),
+            (self.data_seed is None or isinstance(self.data_seed, int), f"data_seed {self.data_seed!r}: expected an integer"),
+            (self.collapse_slices >= 0, f"--collapse-slices {self.collapse_slices}: expected >= 0 (0: every slice)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -149,8 +157,12 @@ class FitConfig:
     def source_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`pyroseg.data.load_source` that rebuild this run's data
         (besides ``spec`` and ``image_size``)."""
-        return {"seed": self.seed, "synthetic_patients": self.synthetic_patients, "synthetic_slices": self.synthetic_slices,
+        return {"seed": self.seed_of_data(), "synthetic_patients": self.synthetic_patients, "synthetic_slices": self.synthetic_slices,
                 "cache_dir": self.cache_dir, "task": self.task, "slice_axis": self.slice_axis}
+
+    def seed_of_data(self) -> int:
+        """The seed of the data and the patient split: ``data_seed``, or ``seed`` when unset."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

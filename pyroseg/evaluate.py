@@ -52,12 +52,15 @@ from pyroseg.metrics import (
     ECE_BINS,
     DistributionAccumulator,
     ReliabilityAccumulator,
+    binary_cross_entropy,
     dice,
     dice_per_rater,
+    iou,
     majority_vote,
     qubiq_score,
     rater_mean,
     segmentation_report,
+    volume_dice,
 )
 from pyroseg.predict import Predictions, predict_dataset
 from pyroseg.runs import EVAL_SPLITS, load_run, read_run_files, select_split
@@ -68,6 +71,8 @@ __all__ = [
     "evaluate_oracle",
     "evaluate_run_oracle",
     "score_predictions",
+    "patient_scores",
+    "PATIENT_METRICS",
     "has_oracle",
     "reliability_png_for",
     "select_split",
@@ -113,6 +118,7 @@ def evaluate_run(
     collapse_samples: int = 8,
     checkpoint: str | None = None,
     tta: bool = False,
+    per_patient: bool = False,
 ) -> dict[str, Any]:
     """Evaluate the run in ``run_dir``.
 
@@ -147,6 +153,8 @@ def evaluate_run(
     the file used, and ``epochs_trained`` is its epoch.
     ``tta``: the samples are drawn over the four flips of each image
     (:class:`~pyroseg.tta.TestTimeAugmentation`), so a deterministic model gets four.
+    ``per_patient``: also ``report["per_patient"]``, the :func:`patient_scores` of
+    the predictions (what a paired bootstrap over patients needs).
     """
     if num_samples < 1:
         raise UsageError(f"--num-samples {num_samples}: expected at least 1")
@@ -168,6 +176,8 @@ def evaluate_run(
     sampler = TestTimeAugmentation(run.model) if tta else run.model
     pred = predict_dataset(sampler, subset, num_samples=num_samples, batch_size=batch_size, device=dev, distribution=True)
     report = score_predictions(pred, subset)
+    if per_patient:
+        report["per_patient"] = patient_scores(pred, subset)
     if run.model.latent_sites and not run.model.guide_is_prior:
         report["elbo"] = float(np.mean(pred.terms["loss"]))
         report["recon"] = float(np.mean(pred.terms["recon"]))
@@ -388,6 +398,51 @@ def _leave_one_out(data: SegData) -> tuple[SegData, np.ndarray]:
                    slice_numbers=data.slice_numbers[idx], source=data.source, meta=dict(data.meta),
                    rater_counts=data.rater_counts[idx] - 1)
     return rows, data.masks[idx, held][:, None]
+#: The metrics of :func:`patient_scores`: those of :func:`score_predictions` that are
+#: means over slices (or, ``dice_volume``, over patients), so split by patient.
+PATIENT_METRICS = ("dice_all", "dice_tumour", "dice_volume", "iou_tumour", "bce", "false_positive_slices",
+                   "ged", "ged_unbiased", "hm_iou", "sample_diversity", "elbo")
+
+
+def patient_scores(pred: Predictions, data: SegData, *, threshold: float = 0.5) -> dict[str, dict[str, list[float]]]:
+    """Each :data:`PATIENT_METRICS` entry split by patient: ``{metric: {patient: [sum, count]}}``.
+
+    ``sum`` is the metric summed over the patient's slices that the metric
+    averages over (every slice; for ``dice_tumour``/``iou_tumour`` those with a
+    non-empty first annotation; for ``false_positive_slices`` the empty ones),
+    ``count`` how many slices those are; for ``dice_volume`` the patient's 3-D
+    Dice and 1. So ``sum(sums) / sum(counts)`` over all patients is exactly the
+    metric of :func:`score_predictions`, and over a resample of patients that
+    metric on those patients (:func:`pyroseg.stats.paired_bootstrap`).
+    ``elbo`` (the negative ELBO per image) only when ``pred.terms`` has it,
+    distribution metrics only when ``pred.distribution`` has them.
+    """
+    prob = torch.from_numpy(pred.mean)  # (N, H, W)
+    target = torch.from_numpy(data.masks[:, 0]).bool()  # (N, H, W): first annotator
+    binary = prob >= threshold
+    tumour = target.flatten(1).any(1)  # (N,)
+    per_slice: dict[str, tuple[np.ndarray, np.ndarray]] = {  # metric -> (value (N,), counted (N,) bool)
+        "dice_all": (dice(binary, target).numpy(), np.ones(len(prob), bool)),
+        "dice_tumour": (dice(binary, target).numpy(), tumour.numpy()),
+        "iou_tumour": (iou(binary, target).numpy(), tumour.numpy()),
+        "bce": (binary_cross_entropy(prob, target).numpy(), np.ones(len(prob), bool)),
+        "false_positive_slices": (binary.flatten(1).any(1).float().numpy(), (~tumour).numpy()),
+    }
+    for k in ("ged", "ged_unbiased", "hm_iou", "sample_diversity"):
+        if len(pred.distribution.get(k, ())):
+            per_slice[k] = (np.asarray(pred.distribution[k], float), np.ones(len(prob), bool))
+    if any(k.startswith("kl_") for k in pred.terms):  # a latent model: "loss" is its negative ELBO
+        per_slice["elbo"] = (np.asarray(pred.terms["loss"], float), np.ones(len(prob), bool))
+    patients = np.asarray(data.patients)
+    out: dict[str, dict[str, list[float]]] = {}
+    for k, (value, counted) in per_slice.items():
+        out[k] = {}
+        for p in dict.fromkeys(data.patients):
+            sel = (patients == p) & counted
+            out[k][str(p)] = [float(value[sel].astype(float).sum()), int(sel.sum())]
+    vol = volume_dice(binary, target, data.patients)
+    out["dice_volume"] = {str(p): [float(v), 1] for p, v in vol.items()}
+    return out
 
 
 def has_oracle(data: SegData) -> bool:

@@ -284,7 +284,8 @@ def _validate(model: SegModel, data: SegData, cfg: FitConfig, device: torch.devi
                                device=device, with_terms=False, distribution=True).distribution
         row["val_ged"] = float(np.mean(dist["ged"]))
     if cfg.collapse_diagnostics:
-        diag = collapse_report(model, data, num_samples=cfg.val_samples, batch_size=max(cfg.batch_size, 32), device=device)
+        diag = collapse_report(model, data, num_samples=cfg.val_samples, batch_size=max(cfg.batch_size, 32), device=device,
+                               max_slices=cfg.collapse_slices or None)  # a fixed subset: on all slices it outweighed training
         row.update({f"val_{k}": v for k, v in diag.items() if not k.startswith("units_")})
     return row
 
@@ -453,7 +454,7 @@ class FitRun:
         self.data = ctx.main_first(lambda: load_source(  # rank 0 first: it fills the cache the others read
             cfg.data,
             cfg.image_size,
-            seed=cfg.seed,
+            seed=cfg.seed_of_data(),
             synthetic_patients=cfg.synthetic_patients,
             synthetic_slices=cfg.synthetic_slices,
             cache_dir=cfg.cache_dir,
@@ -464,7 +465,7 @@ class FitRun:
         channels = int(self.data.images.shape[1])
         if channels != self.model.in_channels and "in_channels" not in cfg.model_args:
             self.build_model(in_channels=channels)  # in_channels follows the data; same seed, same draws
-        split = split_patients(self.data.patient_ids, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
+        split = split_patients(self.data.patient_ids, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed_of_data())
         self.split = split
         self.train_data, self.val_data = self.data.subset(split["train"]), self.data.subset(split["val"])
         self.cb.on_data({**self.data.summary(), "train_slices": len(self.train_data), "val_slices": len(self.val_data),
@@ -541,7 +542,7 @@ class FitRun:
         self.doc = doc
         ctx.seed(cfg.train_seed)  # after the model is built: each rank its own z noise
         if ctx.is_main:
-            write_json(out / SPLIT, {"seed": cfg.seed, "val_fraction": cfg.val_fraction,
+            write_json(out / SPLIT, {"seed": cfg.seed_of_data(), "val_fraction": cfg.val_fraction,
                                      "test_fraction": cfg.test_fraction, **self.split})
             write_json(out / CONFIG, doc)
 

@@ -265,3 +265,26 @@ def test_majority_vote_by_hand():
 def test_one_rater_slices_have_no_leave_one_out_pair():
     r = evaluate_reference(_raters((1, 2)), RATERS_LOO, ["a", "b"])
     assert r["n_pairs"] == 2 and r["n_slices"] == 1
+def test_patient_scores_add_up_to_the_reports_means():
+    """Per patient [sum, count]: pooled over all patients they give score_predictions' numbers
+    exactly (what the paired bootstrap of pyroseg compare resamples)."""
+    from pyroseg.evaluate import PATIENT_METRICS, patient_scores, score_predictions
+
+    data = make_synthetic_ambiguous(image_size=32, n_patients=3, slices_per_patient=4, seed=0)
+    model = build_model("vae", image_size=32, widths=(8, 16, 32, 64))
+    pred = predict_dataset(model, data, num_samples=3, distribution=True)
+    report = score_predictions(pred, data)
+    report["elbo"] = float(np.mean(pred.terms["loss"]))
+    per = patient_scores(pred, data)
+    assert set(per) == set(PATIENT_METRICS)
+    for k, by_patient in per.items():
+        assert set(by_patient) == set(data.patient_ids)
+        total = sum(c for _, c in by_patient.values())
+        if total:
+            assert sum(s for s, _ in by_patient.values()) / total == pytest.approx(report[k], rel=1e-6, abs=1e-6), k
+    tumour = int((data.masks[:, 0].reshape(len(data), -1).max(1) > 0).sum())
+    assert sum(c for _, c in per["dice_tumour"].values()) == tumour
+    assert sum(c for _, c in per["dice_all"].values()) == len(data)
+    assert all(c == 1 for _, c in per["dice_volume"].values())
+    unet = predict_dataset(build_model("unet", image_size=32, widths=(8, 16, 32, 64)), data, num_samples=1)
+    assert "elbo" not in patient_scores(unet, data) and "ged" not in patient_scores(unet, data)
