@@ -16,10 +16,11 @@ from pyroseg.models import build_model
 from pyroseg.train import Trainer
 
 H = 32
+W = (8, 16, 32, 64)  # small networks: the guard does not depend on their size
 HOST_READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist")
 
 
-def _batch(b=4, seed=0):
+def _batch(b=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     image = torch.rand(b, 3, H, H, generator=g)
     mask = (torch.rand(b, 1, H, H, generator=g) > 0.85).float()
@@ -59,13 +60,13 @@ def test_fused_step_reads_nothing_back_from_the_device(name):
     a GPU it never waits for the device; the loop Adam does (its decision)."""
     pyro.set_rng_seed(0)
     image, mask = _batch()
-    trainer = Trainer(build_model(name, image_size=H), fused_adam=True, check_every=10)
+    trainer = Trainer(build_model(name, image_size=H, widths=W), fused_adam=True, check_every=10)
     trainer.step(image, mask)
     with _HostReads() as reads:
         out = trainer.step(image, mask, beta=0.5)
     assert reads.calls == [], reads.calls[0][1]
     assert out.applied and math.isfinite(out.loss)  # read lazily, after the step
-    loop = Trainer(build_model(name, image_size=H), check_every=10)
+    loop = Trainer(build_model(name, image_size=H, widths=W), check_every=10)
     with _HostReads() as reads:
         loop.step(image, mask)
     assert any(n == "__bool__" for n, _ in reads.calls)
@@ -79,7 +80,7 @@ def test_fused_guard_leaves_weights_and_adam_untouched_and_stops_at_the_check(ca
     image, mask = _batch()
     bad = image.clone()
     bad[0, 0, 0, 0] = float("nan")
-    trainer = Trainer(build_model("unet", image_size=H), fused_adam=True, max_nonfinite=3, check_every=4)
+    trainer = Trainer(build_model("unet", image_size=H, widths=W), fused_adam=True, max_nonfinite=3, check_every=4)
     trainer.step(image, mask)  # Adam's state exists from here on
     with caplog.at_level(logging.WARNING, logger="pyroseg.train"):
         for batch in (bad, bad, image):  # steps 2-4: the check after step 4 logs the 2 skipped
@@ -106,7 +107,7 @@ def test_fused_and_loop_guard_skip_the_same_steps():
     and the loop trainer (decision on the host) apply the same steps and end at the
     same weights (to fused Adam's rounding)."""
     pyro.set_rng_seed(0)
-    base = build_model("prob_unet", image_size=H)
+    base = build_model("prob_unet", image_size=H, widths=W)
     image, mask = _batch()
     bad = image.clone()
     bad[1, 2, 3, 4] = float("inf")
@@ -128,7 +129,7 @@ def test_optimizer_state_moves_between_fused_and_loop_trainers():
     default) and back; both step on from it."""
     pyro.set_rng_seed(0)
     image, mask = _batch()
-    loop = Trainer(build_model("unet", image_size=H))
+    loop = Trainer(build_model("unet", image_size=H, widths=W))
     loop.step(image, mask)
     fused = Trainer(copy.deepcopy(loop.model), fused_adam=True, check_every=5)
     fused.load_state_dict(loop.state_dict())
@@ -142,4 +143,4 @@ def test_optimizer_state_moves_between_fused_and_loop_trainers():
 
 def test_check_every_must_be_positive():
     with pytest.raises(ValueError, match="check_every"):
-        Trainer(build_model("unet", image_size=H), check_every=0)
+        Trainer(build_model("unet", image_size=H, widths=W), check_every=0)
