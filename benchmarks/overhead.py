@@ -7,8 +7,8 @@ Variants: ``plain`` (the twin, ``loss.item()`` every step: the yardstick),
 ``fit`` builds it for the device: loop Adam on CPU; fused Adam with the guard on
 the device on a GPU), ``trainer_fused`` (CPU only: the GPU's configuration, fused
 Adam, counters read every 50 steps), ``trainer_loop`` (GPU only: loop Adam, whose
-guard decides on the host: one sync per step, as every step did before issue 18)
-and ``svi``. Each timed call runs ``Settings.block`` steps in a row (20 on a GPU:
+guard decides on the host: one sync per step), ``trainer_before18`` (the step as
+it was before issue 18: :mod:`benchmarks.before18`) and ``svi``. Each timed call runs ``Settings.block`` steps in a row (20 on a GPU:
 a sync after every step would hide what a step that never waits gains); the
 figures are per step.
 
@@ -26,6 +26,7 @@ import torch
 from pyro import poutine
 from pyro.infer import SVI, TraceMeanField_ELBO
 
+from benchmarks.before18 import TrainerBefore18
 from benchmarks.common import Settings, interleave, median, median_ratio, random_batch, repeat
 from benchmarks.plain import PlainStep, check_same_loss
 from pyroseg.models import build_model
@@ -67,7 +68,7 @@ def variants(name: str, s: Settings, device) -> dict:
     plain = PlainStep(copy.deepcopy(base))
     plain_nosync = PlainStep(copy.deepcopy(base))
     gpu = torch.device(device).type == "cuda"
-    trainers = {"trainer": Trainer(copy.deepcopy(base))}
+    trainers = {"trainer": Trainer(copy.deepcopy(base)), "trainer_before18": TrainerBefore18(copy.deepcopy(base))}
     if gpu:
         trainers["trainer_loop"] = Trainer(copy.deepcopy(base), fused_adam=False)
     else:

@@ -24,7 +24,8 @@ def run(s: Settings) -> dict:
     rows = []
     for size in s.sizes:
         plain = None
-        for name in ("plain_unet", *s.models):
+        before = tuple(f"{m}@before18" for m in s.models if m in s.overhead_models)  # the step before issue 18
+        for name in ("plain_unet", *s.models, *before):
             spec = {"kind": "train", "model": name, "size": size, "batch": s.batch, "warmup": s.throughput_warmup,
                     "repeats": s.throughput_repeats, "device": s.device, "threads": torch.get_num_threads(), "block": s.block}
             r = run_worker(spec, in_process=s.in_process)
