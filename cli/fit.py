@@ -41,6 +41,7 @@ class BarCallbacks:
         self.t_load = time.perf_counter()
         self.t_epoch = 0.0
         self.epoch_label = ""
+        self.shown = 0.0  # when the bar last showed a step's loss (time.monotonic)
 
     def on_load_progress(self, done, total):
         if not self.quiet and self.bars:  # without bars, the data line below says when loading ended
@@ -68,7 +69,10 @@ class BarCallbacks:
     def on_step(self, loss):
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix_str(f"loss {loss:.1f}", refresh=False)
+            now = time.monotonic()
+            if now - self.shown >= 1.0:  # reading the loss waits for the GPU: once a second, not every step
+                self.shown = now
+                self.bar.set_postfix_str(f"loss {float(loss):.1f}", refresh=False)
 
     @staticmethod
     def summary(row: dict) -> str:
@@ -215,12 +219,14 @@ def _parse_model_args(items: tuple[str, ...]) -> dict:
                    "(needs pip install 'pyroseg[tensorboard]').")
 @click.option("--log-dir", type=click.Path(file_okay=False), default=None,
               help="Write the TensorBoard event files here instead (implies --tensorboard).")
+@click.option("--data-on-device", type=click.Choice(["auto", "on", "off"]), default=_DEFAULTS.data_on_device, show_default=True,
+              help="Keep the training data on the device and gather batches there (auto: on a GPU when it fits).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @handle_errors
 def fit_cmd(model, data, task, slice_axis, image_size, epochs, batch_size, lr, device, seed, init_seed, out, resume_dir, overwrite, beta, beta_warmup,
             beta_cycle, elbo, objective, geco_kappa, geco_alpha, geco_rate, geco_warmup, geco_max_step, free_bits,
             clip_norm, max_nonfinite, val_fraction, test_fraction, val_samples, collapse_diagnostics, collapse_slices, model_args, widths,
-            synthetic_patients, synthetic_slices, cache_dir, checkpoint_every, channels_last, launcher, nproc_per_node,
+            synthetic_patients, synthetic_slices, cache_dir, checkpoint_every, channels_last, data_on_device, launcher, nproc_per_node,
             augment, lr_schedule, lr_warmup, select_by, patience, quiet, config_file, tensorboard, log_dir):
     """Train a model; write config, split, metrics, checkpoint and pictures to a run folder.
 
@@ -271,6 +277,7 @@ def fit_cmd(model, data, task, slice_axis, image_size, epochs, batch_size, lr, d
             task=task, slice_axis=slice_axis,
             init_seed=init_seed,
             collapse_slices=collapse_slices,
+            data_on_device=data_on_device,
         ).validate()
     from pyroseg.train import fit
 

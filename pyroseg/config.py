@@ -93,10 +93,6 @@ class FitConfig:
     # The data and the split always come from --seed, so members that differ only here share them.
     init_seed: int | None = None
 
-    @property
-    def train_seed(self) -> int:
-        """The seed of the weights, the shuffle and the noise (``init_seed``, else ``seed``)."""
-        return self.seed if self.init_seed is None else self.init_seed
     # provenance: the config.json this run was trained again from (``fit --config``); None: from options
     source_config: str | None = None
     # seed of the data (the synthetic generator) and of the patient split; None: `seed`.
@@ -105,6 +101,14 @@ class FitConfig:
     # the per-epoch collapse diagnostics look at this many evenly spaced validation slices (0: all);
     # on all of them they took longer than hprob_unet's training epoch (docs/guide/comparing.md)
     collapse_slices: int = 32
+    # speed on a GPU: training arrays resident on the device, batches gathered there
+    # (pyroseg.data.device); auto: on a CUDA device when they take < 1/4 of its free memory
+    data_on_device: str = "auto"
+
+    @property
+    def train_seed(self) -> int:
+        """The seed of the weights, the shuffle and the noise (``init_seed``, else ``seed``)."""
+        return self.seed if self.init_seed is None else self.init_seed
 
     def validate(self) -> FitConfig:
         """Refuse values that cannot work, naming the option (UsageError, exit 2),
@@ -148,6 +152,7 @@ class FitConfig:
              f"--init-seed {self.init_seed}: expected an integer >= 0"),
             (self.data_seed is None or isinstance(self.data_seed, int), f"data_seed {self.data_seed!r}: expected an integer"),
             (self.collapse_slices >= 0, f"--collapse-slices {self.collapse_slices}: expected >= 0 (0: every slice)"),
+            (self.data_on_device in ("auto", "on", "off"), f"--data-on-device {self.data_on_device!r}: expected auto, on or off"),
         ]
         for ok, msg in checks:
             if not ok:

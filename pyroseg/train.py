@@ -53,6 +53,7 @@ from pyroseg.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, 
 from pyroseg.collapse import collapse_report, latent_units
 from pyroseg.config import CONFIG_VERSION, FitConfig, load_config_json, versions
 from pyroseg.data import SegData, SegDataset, collate_batch, load_source, split_patients
+from pyroseg.data.device import on_device
 from pyroseg.devices import resolve_device
 from pyroseg.errors import CheckpointError, TrainingError, UsageError
 from pyroseg.geco import GECO, geco_from_config
@@ -119,19 +120,62 @@ class ELBOLoss(nn.Module):
         return loss / image.shape[0]
 
 
-@dataclass
 class StepOutcome:
-    """``terms``: batch means of the step's unscaled ``recon`` and ``kl_<site>``
-    (0-dim tensors; empty for a step that failed before a loss existed)."""
+    """What one step did, kept on the device until someone asks.
 
-    loss: float
-    grad_norm: float
-    applied: bool
-    terms: dict = field(default_factory=dict)
+    ``loss`` (the mean negative ELBO per image, of the global batch under DDP),
+    ``grad_norm`` (before clipping) and ``applied`` (loss and gradients were
+    finite, so the update was taken) are read back from the device when they are
+    read, which waits for the step to finish: the training loop reads none of
+    them per step (it uses ``loss_tensor`` and ``applied_tensor``, 0-dim tensors
+    on the model's device). ``terms``: batch means of the step's unscaled
+    ``recon`` and ``kl_<site>`` (0-dim tensors; empty for a step that failed
+    before a loss existed)."""
+
+    __slots__ = ("loss_tensor", "grad_norm_tensor", "applied_tensor", "terms")
+
+    def __init__(self, loss: torch.Tensor, grad_norm: torch.Tensor, applied: torch.Tensor, terms: dict | None = None):
+        self.loss_tensor = loss
+        self.grad_norm_tensor = grad_norm
+        self.applied_tensor = applied
+        self.terms = terms if terms is not None else {}
+
+    @property
+    def loss(self) -> float:
+        return float(self.loss_tensor)
+
+    @property
+    def grad_norm(self) -> float:
+        return float(self.grad_norm_tensor)
+
+    @property
+    def applied(self) -> bool:
+        return bool(self.applied_tensor)
+
+    def __repr__(self) -> str:
+        return f"StepOutcome(loss={self.loss}, grad_norm={self.grad_norm}, applied={self.applied})"
 
 
 class Trainer:
-    """One SVI step at a time, with the guards described in the module docs."""
+    """One SVI step at a time, with the guards described in the module docs.
+
+    **The non-finite guard takes no host decision per step.** Whether a step's
+    loss and gradient norm are finite is a boolean tensor on the model's device;
+    the update is masked by it on the device, and the counters of non-finite
+    steps (total, current run, longest run since the last check) are device
+    tensors too. With fused Adam (the default on a GPU) the mask is Adam's own
+    ``found_inf`` input, the one :class:`torch.amp.GradScaler` uses: the fused
+    kernel leaves weights, moments and step count untouched when it is set. With
+    the loop Adam (the default on CPU, where it matches ``pyro.optim.Adam`` to
+    1e-6) the update is taken or not on the host, which on a CPU costs nothing.
+    :meth:`check` reads the counters back (one wait for the device), logs the
+    skipped steps and raises :class:`TrainingError` if ``max_nonfinite`` were in
+    a row; it runs every ``check_every`` steps (default: every step on CPU, every
+    50 on a GPU) and whenever the counters are read (``fit`` reads them before
+    every checkpoint and at every epoch end). So on a GPU training stops at most
+    ``check_every - 1`` steps after the run of non-finite steps reached the
+    limit, and never writes a checkpoint after it.
+    """
 
     def __init__(
         self,
@@ -143,32 +187,51 @@ class Trainer:
         max_nonfinite: int = 20,
         validate: bool = False,
         free_bits: float = 0.0,
-        fused_adam: bool = False,
+        fused_adam: bool | None = None,
         compile: bool = False,
+        check_every: int | None = None,
     ):
         """``validate``: Pyro/torch argument checks during training steps (off by
         default: they cost time every step and the guard catches what they would).
         ``free_bits``: the floor of :func:`pyroseg.objective.free_bits` (0: off).
         ``fused_adam``: one fused Adam kernel for all parameters instead of a loop
-        over them. Off by default: its optimizer step is 3-10x faster on CPU, but
-        that is about 1 % of a training step, and its updates differ from
-        ``pyro.optim.Adam``'s by up to ~3e-6 where gradients are near Adam's eps
-        (measured; see the benchmark's options item). ``compile``: ``torch.compile``
+        over them; ``None`` (default): fused on a GPU, the loop on CPU. On CPU the
+        fused optimizer step is 3-10x faster, but that is about 1 % of a training
+        step, and its updates differ from ``pyro.optim.Adam``'s by up to ~3e-6
+        where gradients are near Adam's eps (measured; see the benchmark's options
+        item); on a GPU it is what lets the non-finite guard skip an update
+        without a host sync. ``compile``: ``torch.compile``
         the model's networks in place (:func:`pyroseg.nets.compile_networks`).
         Experimental and off: on CPU it compiled for 2 minutes and then stepped
-        0.84x as fast as eager (benchmarks/, options item)."""
+        0.84x as fast as eager (benchmarks/, options item). ``check_every``: read
+        the non-finite counters back every that many steps (``None``: 1 on CPU,
+        50 on a GPU; see the class docs)."""
         self.model = model
         self.validate = validate
         self.elbo_loss = ELBOLoss(model, make_elbo(elbo, free_bits=free_bits))
         #: what a step calls: ``elbo_loss`` itself, or a wrapper of it (DDP, autocast)
         self.loss_fn: nn.Module = self.elbo_loss
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        on_gpu = device.type != "cpu"
+        if fused_adam is None:
+            fused_adam = on_gpu
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True if fused_adam else None)
+        self.fused = bool(fused_adam)
         if compile:
             compile_networks(model)
         self.clip_norm = clip_norm
         self.max_nonfinite = max_nonfinite
-        self.nonfinite_streak = 0
-        self.nonfinite_total = 0
+        if check_every is not None and check_every < 1:
+            raise ValueError(f"check_every must be >= 1, got {check_every}")
+        self.check_every = check_every if check_every is not None else (50 if on_gpu else 1)
+        self.device = device
+        # device-side counters (int64, 0-dim): see check()
+        self._streak = torch.zeros((), dtype=torch.long, device=device)
+        self._total = torch.zeros((), dtype=torch.long, device=device)
+        self._worst = torch.zeros((), dtype=torch.long, device=device)  # longest run since the last check
+        self._checked_total = 0  # host copy of _total at the last check
+        self._since_check = 0
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # the last step's loss and grad norm (for the log)
         #: Data-parallel hook: the mean over ranks of a tensor (``None``: one
         #: process). Set by ``fit`` with ``loss_fn`` wrapped in DDP; the loss
         #: reported and the non-finite decision then use the global batch's
@@ -177,9 +240,10 @@ class Trainer:
         self.reduce = None
 
     def step(self, image: torch.Tensor, mask: torch.Tensor, *, beta: float = 1.0, recon_scale: float = 1.0) -> StepOutcome:
-        """Loss, backward, (guard, clip), optimizer step. A non-finite loss or
+        """Loss, backward, (guard, clip), optimizer step, with no host sync of its
+        own unless a check is due (see the class docs). A non-finite loss or
         gradient skips the update; ``max_nonfinite`` of them in a row raise
-        :class:`TrainingError`."""
+        :class:`TrainingError` (at the next check)."""
         self.optimizer.zero_grad(set_to_none=True)
         try:
             with pyro.validation_enabled(self.validate):
@@ -189,31 +253,90 @@ class Trainer:
             # constraint check before any loss exists: the same event as a NaN loss
             if "invalid values" not in str(e):
                 raise
-            return self._skip(float("nan"), float("nan"))
+            device = image.device
+            nan = torch.full((), float("nan"), device=device)
+            return self._finish(nan, nan, torch.zeros((), dtype=torch.bool, device=device), {})
         loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.clip_norm if self.clip_norm is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
-        value = float(loss.detach() if self.reduce is None else self.reduce(loss.detach()))
-        if not (math.isfinite(value) and math.isfinite(grad_norm)):
-            return self._skip(value, grad_norm)
-        self.optimizer.step()
-        self.nonfinite_streak = 0
-        return StepOutcome(value, grad_norm, applied=True, terms=self.elbo_loss.last_terms)
+        grads = [p.grad for p in params]
+        if not grads:
+            grad_norm = torch.zeros((), device=loss.device)
+        elif self.clip_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
+        else:  # the norm only: clip_grad_norm_ with max_norm = inf multiplies every gradient by 1
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+        value = loss.detach() if self.reduce is None else self.reduce(loss.detach())
+        finite = torch.isfinite(value) & torch.isfinite(grad_norm)
+        if self.fused:  # the fused kernel skips weights, moments and step count where found_inf is 1
+            self.optimizer.found_inf = (~finite).to(torch.float32)
+            self.optimizer.step()
+            del self.optimizer.found_inf  # a later step() of this optimizer must not see a stale one
+        elif bool(finite):  # the loop Adam has no found_inf: a host decision (free on CPU, a sync on a GPU)
+            self.optimizer.step()
+        return self._finish(value, grad_norm, finite, self.elbo_loss.last_terms)
 
-    def _skip(self, value: float, grad_norm: float) -> StepOutcome:
-        """Count a non-finite step without applying it; stop after too many in a row."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self.nonfinite_streak += 1
-        self.nonfinite_total += 1
-        log.warning("non-finite loss or gradient (loss=%s, grad norm=%s): step skipped (%d in a row)",
-                    value, grad_norm, self.nonfinite_streak)
-        if self.nonfinite_streak >= self.max_nonfinite:
+    def _finish(self, value: torch.Tensor, grad_norm: torch.Tensor, finite: torch.Tensor, terms: dict) -> StepOutcome:
+        """Count the step on the device; check the counters when due."""
+        if finite.device != self._streak.device:  # the model was moved after the trainer was made
+            self.device = finite.device
+            self._streak, self._total, self._worst = (t.to(finite.device) for t in (self._streak, self._total, self._worst))
+        bad = (~finite).to(torch.long)
+        self._streak.add_(1).mul_(bad)  # +1 on a non-finite step, 0 on a good one
+        self._total.add_(bad)
+        torch.maximum(self._worst, self._streak, out=self._worst)
+        self._last = (value, grad_norm)
+        self._since_check += 1
+        if self._since_check >= self.check_every:
+            self.check()
+        return StepOutcome(value, grad_norm, finite, terms)
+
+    def check(self) -> None:
+        """Read the non-finite counters back (one wait for the device), log the
+        steps skipped since the last check and raise :class:`TrainingError` if
+        ``max_nonfinite`` or more were in a row."""
+        self._since_check = 0
+        streak, total, worst = (int(v) for v in torch.stack([self._streak, self._total, self._worst]).tolist())
+        new = total - self._checked_total
+        self._checked_total = total
+        self._worst.copy_(self._streak)
+        if new:
+            if self.check_every == 1 and self._last is not None:
+                value, grad_norm = (float(v) for v in self._last)
+                log.warning("non-finite loss or gradient (loss=%s, grad norm=%s): step skipped (%d in a row)",
+                            value, grad_norm, streak)
+            else:
+                log.warning("non-finite loss or gradient in %d of the steps since the last check: skipped "
+                            "(%d in a row now, at most %d in a row)", new, streak, worst)
+        if worst >= self.max_nonfinite:
+            value = float(self._last[0]) if self._last is not None else float("nan")
             raise TrainingError(
-                f"{self.nonfinite_streak} non-finite steps in a row (loss={value}, --max-nonfinite {self.max_nonfinite}): "
+                f"{worst} non-finite steps in a row (loss={value}, --max-nonfinite {self.max_nonfinite}): "
                 "training stopped; the last good checkpoint is intact. Try a lower --lr or --clip-norm."
             )
-        return StepOutcome(value, grad_norm, applied=False)
+
+    def _align_optimizer(self) -> None:
+        """After loading a state saved by a trainer with the other Adam (a CPU
+        checkpoint resumed on a GPU, or back): this trainer's kind, and Adam's step
+        counters where that kind keeps them (fused: on the parameters' device;
+        loop: on the CPU)."""
+        for group in self.optimizer.param_groups:
+            group["fused"] = True if self.fused else None
+            if self.fused:
+                group["foreach"] = None
+            for p in group["params"]:
+                st = self.optimizer.state.get(p)
+                if st and "step" in st:
+                    st["step"] = st["step"].to(dtype=torch.float32, device=p.device if self.fused else "cpu")
+
+    @property
+    def nonfinite_streak(self) -> int:
+        """Non-finite steps in a row up to now (reads the device counter)."""
+        return int(self._streak)
+
+    @property
+    def nonfinite_total(self) -> int:
+        """Non-finite steps so far (reads the device counter)."""
+        return int(self._total)
 
     def state_dict(self) -> dict:
         return {
@@ -224,8 +347,12 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
-        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
-        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self._align_optimizer()
+        streak, total = int(state.get("nonfinite_streak", 0)), int(state.get("nonfinite_total", 0))
+        self._streak.fill_(streak)
+        self._total.fill_(total)
+        self._worst.fill_(streak)
+        self._checked_total = total
 
 
 class EpochSampler(DistributedSampler):
@@ -261,7 +388,7 @@ class FitCallbacks:
 
     def on_epoch_start(self, epoch: int, epochs: int, num_batches: int) -> None: ...
 
-    def on_step(self, loss: float) -> None: ...
+    def on_step(self, loss: torch.Tensor) -> None: ...  # 0-dim, on the device: reading it waits for the step
 
     def on_epoch_end(self, row: dict) -> None: ...
 
@@ -382,7 +509,8 @@ def make_loader(train_data: SegData, config: FitConfig, local_batch: int, ctx: d
     # its own generator: starting an iterator draws a seed from it, and drawing from the global RNG
     # instead would make a mid-epoch resume (a new iterator) shift every later draw
     loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, collate_fn=collate_batch,
-                        generator=torch.Generator().manual_seed(config.train_seed))
+                        generator=torch.Generator().manual_seed(config.train_seed), pin_memory=ctx.device.type == "cuda")
+    loader = on_device(loader, ctx.device, config.data_on_device)  # --data-on-device: the same batches, made on the device
     return sampler, loader
 
 
@@ -571,6 +699,7 @@ class FitRun:
         cfg, p, trainer, geco = self.config, self.progress, self.trainer, self.geco
         self.sampler.set_position(p.epoch, skip=p.batch_in_epoch * self.local_batch)
         self.cb.on_epoch_start(p.epoch, cfg.epochs, self.steps_per_epoch - p.batch_in_epoch)
+        meter = _LossMeter(p.partial, self.device)  # the epoch's loss, summed on the device
         t0 = time.perf_counter()
         batches = iter(self.loader)
         while True:
@@ -587,16 +716,17 @@ class FitRun:
             if geco is not None and outcome.applied:  # C of the global batch: identical on every rank
                 recon = outcome.terms["recon"] if trainer.reduce is None else trainer.reduce(outcome.terms["recon"])
                 geco.update(float(recon) / mask[0].numel())  # nats per pixel
-            if outcome.applied:  # the loss is the global batch's: count every rank's images
-                p.partial["loss_sum"] += outcome.loss * (image.shape[0] * self.ctx.world_size)
-                p.partial["count"] += image.shape[0] * self.ctx.world_size
+            meter.add(outcome, image.shape[0] * self.ctx.world_size)  # the loss is the global batch's: every rank's images
             p.batch_in_epoch += 1
             p.global_step += 1
-            self.cb.on_step(outcome.loss)
+            self.cb.on_step(outcome.loss_tensor)
             if checkpoint_every and p.global_step % checkpoint_every == 0 and p.batch_in_epoch < self.steps_per_epoch:
+                meter.fold(p.partial)
                 p.partial["train_time"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 self.checkpoint()
+        trainer.check()
+        meter.fold(p.partial)
         self.epoch_train_time = p.partial["train_time"] + time.perf_counter() - t0
 
     def batch_on_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -668,6 +798,7 @@ class FitRun:
 
     def checkpoint(self) -> None:
         """Write ``checkpoint.pt`` (rank 0; every rank hands in its RNG state)."""
+        self.trainer.check()  # never a checkpoint after --max-nonfinite in a row
         ctx = self.ctx
         rng_by_rank = ctx.gather(get_rng_state()) if ctx.enabled else None  # every rank takes part
         if not ctx.is_main:
@@ -697,6 +828,26 @@ class FitRun:
                 _pictures(self.out, self.model, self.val_data, self.device)
         self.trainer.loss_fn = self.trainer.elbo_loss  # drop the DDP wrapper before leaving the process group
         self.ctx.close()
+
+
+class _LossMeter:
+    """The epoch's ``loss x images`` sum and image count over the applied steps,
+    kept on the device (float64, int64) so that a step reads nothing back;
+    ``fold`` writes them into ``fit``'s ``partial`` (host numbers) at a checkpoint
+    or an epoch end. Started from ``partial``'s values and summed in the same
+    order in float64, so the figures are those of a host sum, bit for bit."""
+
+    def __init__(self, partial: dict, device: torch.device):
+        self.sum = torch.tensor(float(partial["loss_sum"]), dtype=torch.float64, device=device)
+        self.count = torch.tensor(int(partial["count"]), dtype=torch.long, device=device)
+
+    def add(self, outcome: StepOutcome, images: int) -> None:
+        applied = outcome.applied_tensor
+        self.sum.add_(torch.where(applied, outcome.loss_tensor.double() * images, 0.0))
+        self.count.add_(applied.long() * images)
+
+    def fold(self, partial: dict) -> None:
+        partial["loss_sum"], partial["count"] = float(self.sum), int(self.count)
 
 
 def _local_batch(batch_size: int, world_size: int) -> int:
