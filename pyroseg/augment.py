@@ -19,8 +19,9 @@ step trains on) move with the same geometric transform: they go through one
 :func:`torch.nn.functional.grid_sample` call as channels of one tensor, so
 they cannot drift apart. The image is resampled bilinearly (zeros outside,
 the MRI background); a mask bilinearly and then thresholded at 1/2, which
-keeps it binary and, unlike nearest-neighbour lookup, never shifts a border by
-a pixel with the sampling grid. A pure flip is done by indexing, exactly.
+keeps it binary and puts its border where the image's interpolated edge is
+(nearest-neighbour lookup snaps it to the sampling grid instead). A pure flip
+is done by indexing, exactly.
 Intensity changes touch the image only.
 
 Why plain torch and not ``torchvision.transforms.v2`` (which handles image +
@@ -28,9 +29,10 @@ mask pairs): PyPI's torchvision wheels are each built against one torch
 release, and none imports beside the torch 2.13.0 this project runs on; a
 medical-imaging library (MONAI, TorchIO) would add a large dependency for
 five transforms. Written as batched tensor operations, augmentation runs on the
-training device (GPU or CPU) inside the step's own stream, costs about 1 % of
-a CPU step at 64x64 (``data_time_s`` in metrics.csv), and needs no DataLoader
-workers.
+training device (GPU or CPU) inside the step's own stream, costs about 2 % of
+a CPU step at 64x64 (8 ms per batch of 32 for ``standard``, measured by
+``benchmarks/augment_cost.py``; ``data_time_s`` in metrics.csv), and needs no
+DataLoader workers.
 
 Randomness: each call takes an explicit :class:`torch.Generator`; ``fit`` seeds
 one from ``(seed, global step, rank)`` per step (:func:`step_generator`), so

@@ -187,12 +187,14 @@ def _resume(ctx: Ctx) -> list[str]:
     return ["fit", "--resume", str(ctx.run), "--epochs", "2", "--quiet"]
 
 
+# --checkpoint last: the rows below damage checkpoint.pt, and evaluate / sample read best.pt by default
 def _evaluate(ctx: Ctx) -> list[str]:
-    return ["evaluate", str(ctx.run), "--device", "cpu", "--num-samples", "1"]
+    return ["evaluate", str(ctx.run), "--device", "cpu", "--num-samples", "1", "--checkpoint", "last"]
 
 
 def _sample(ctx: Ctx) -> list[str]:
-    return ["sample", str(ctx.run), "--input", str(ctx.image()), "--out", str(ctx.tmp / "samples"), "--device", "cpu"]
+    return ["sample", str(ctx.run), "--input", str(ctx.image()), "--out", str(ctx.tmp / "samples"), "--device", "cpu",
+            "--checkpoint", "last"]
 
 
 OPENERS = {"fit --resume": _resume, "evaluate": _evaluate, "sample": _sample}
@@ -363,6 +365,9 @@ OPTION_CASES = [
     Bad("sample --input missing", lambda c: ["sample", str(c.run), "--input", str(c.tmp / "missing.png"), "--out", str(c.tmp / "o")], 2, ("--input", "missing.png", "does not exist")),
     Bad("evaluate --oracle on data without a known distribution", lambda c: ["evaluate", str(c.run), "--oracle", "--device", "cpu"], 2, ("--oracle", "synthetic-ambiguous")),
     Bad("evaluate --json in a missing folder", lambda c: ["evaluate", str(c.run), "--json", str(c.tmp / "no" / "r.json")], 2, ("--json", "its folder does not exist")),
+    Bad("evaluate --checkpoint best without best.pt",
+        lambda c: ((c.run / "best.pt").unlink(missing_ok=True), ["evaluate", str(c.run), "--checkpoint", "best"])[1], 2,
+        ("--checkpoint best", "no best.pt", "use --checkpoint last")),
     Bad("sample without --input or --split", lambda c: ["sample", str(c.run), "--out", str(c.tmp / "o")], 2, ("--input or --split", "give exactly one")),
     Bad("sample with both --input and --split", lambda c: ["sample", str(c.run), "--split", "test", "--input", str(c.tmp), "--out", str(c.tmp / "o")], 2, ("--input or --split", "give exactly one")),
     Bad("--num-images 0", lambda c: ["sample", str(c.run), "--split", "test", "--num-images", "0", "--out", str(c.tmp / "o")], 2, ("--num-images 0", "expected at least 1")),
