@@ -399,7 +399,7 @@ class FitRun:
 
     # -- build_model --------------------------------------------------------------------------------
     def build_model(self) -> None:
-        """The model, its weights drawn from ``config.train_seed`` (before the data is read: a
+        """The model, its weights drawn from ``config.seed`` (before the data is read: a
         bad ``--model-arg`` fails at once)."""
         cfg = self.config
         pyro.clear_param_store()  # a stale store would shadow freshly built networks
