@@ -178,7 +178,7 @@ def test_fit_refuses_an_existing_run_unless_told(tmp_path):
     fit(cfg, overwrite=True, pictures=False)
 
 
-@pytest.mark.parametrize("name", ["prob_unet", "ssn", "mc_dropout"])
+@pytest.mark.parametrize("name", ["prob_unet", "ssn", "mc_dropout", "phiseg"])
 def test_resume_continues_to_the_same_weights(tmp_path, name):
     """2 epochs, then resume to 3, equals 3 epochs straight (CPU, fixed seed): the
     noise (z, eta, dropout masks) is restored with the weights."""
