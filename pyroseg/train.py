@@ -31,6 +31,7 @@ that a step equals ``pyro.infer.SVI`` + ``pyro.optim.Adam`` numerically.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import logging
@@ -448,10 +449,12 @@ def fit(
             beta = beta_at(epoch + batch_in_epoch / steps_per_epoch, beta=config.beta, warmup=config.beta_warmup, cycle=config.beta_cycle)
             image = batch["image"].to(device, non_blocking=True)
             mask = batch["mask"].to(device, non_blocking=True)
-            outcome = trainer.step(image, mask, beta=beta, recon_scale=geco.recon_scale if geco else 1.0)
+            likelihood = geco.likelihood() if geco is not None else contextlib.nullcontext()  # GECO's top-k mask
+            with likelihood:
+                outcome = trainer.step(image, mask, beta=beta, recon_scale=geco.recon_scale if geco else 1.0)
             if geco is not None and outcome.applied:  # C of the global batch: identical on every rank
                 recon = outcome.terms["recon"] if trainer.reduce is None else trainer.reduce(outcome.terms["recon"])
-                geco.update(float(recon) / mask[0].numel())  # nats per pixel
+                geco.update(float(recon), likelihood.pixels_per_image)  # nats per image over the pixels counted
             if outcome.applied:  # the loss is the global batch's: count every rank's images
                 partial["loss_sum"] += outcome.loss * (image.shape[0] * ctx.world_size)
                 partial["count"] += image.shape[0] * ctx.world_size
