@@ -6,7 +6,7 @@ import click
 
 from cli.common import CONTEXT, LoadBar, handle_errors
 from pyroseg.errors import UsageError
-from pyroseg.evaluate import EVAL_SPLITS
+from pyroseg.runs import EVAL_SPLITS
 from pyroseg.sampling import sample_images, sample_split
 
 

@@ -226,10 +226,9 @@ def plot_latent_scales(
 
     from pyroseg import plots
     from pyroseg.data import load_source
+    from pyroseg.devices import resolve_device
     from pyroseg.errors import UsageError
-    from pyroseg.evaluate import select_split
-    from pyroseg.runs import load_run
-    from pyroseg.train import resolve_device
+    from pyroseg.runs import load_run, select_split
 
     dev = resolve_device(device)
     run = load_run(run_dir, device=dev)

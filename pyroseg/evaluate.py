@@ -34,11 +34,11 @@ from pyroseg.config import FitConfig
 from pyroseg.data import load_source
 from pyroseg.data.core import SegData
 from pyroseg.data.synthetic import oracle_masks_for, oracle_probabilities
+from pyroseg.devices import resolve_device
 from pyroseg.errors import UsageError
 from pyroseg.metrics import ECE_BINS, DistributionAccumulator, ReliabilityAccumulator, segmentation_report
 from pyroseg.predict import Predictions, predict_dataset
-from pyroseg.runs import load_run, read_run_files
-from pyroseg.train import resolve_device
+from pyroseg.runs import EVAL_SPLITS, load_run, read_run_files, select_split
 
 __all__ = [
     "evaluate_run",
@@ -56,8 +56,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-EVAL_SPLITS = ("test", "val", "train", "all")
-
 #: The ``model`` name of :func:`evaluate_oracle`'s report, and of its one-mask variant.
 ORACLE = "oracle"
 ORACLE_ONE_MASK = "oracle (one mask)"
@@ -65,21 +63,6 @@ ORACLE_ONE_MASK = "oracle (one mask)"
 #: ``ece_lesion`` counts the pixels that some annotator marks or whose mean
 #: probability is at least this: where a lesion is in question at all.
 LESION_REGION_MIN_PROB = 0.05
-
-
-def select_split(data: SegData, split: dict, which: str, *, source: str) -> SegData:
-    """The slices of ``data`` whose patients are in ``split[which]`` (``"all"``: every slice)."""
-    if which == "all":
-        return data
-    if which not in split:
-        raise UsageError(f"--split {which!r}: expected one of {', '.join(EVAL_SPLITS)}")
-    present = [p for p in split[which] if p in set(data.patient_ids)]
-    if not present:
-        raise UsageError(
-            f"--split {which}: none of the run's {len(split[which])} {which} patients are in {source}; "
-            "use --split all to evaluate on every patient there"
-        )
-    return data.subset(present)
 
 
 def evaluate_run(

@@ -24,6 +24,7 @@ import torch
 
 from pyroseg.checkpoint import atomic_write_text, load_checkpoint
 from pyroseg.config import CONFIG_VERSION, FitConfig, load_config_json
+from pyroseg.data.core import SegData
 from pyroseg.errors import CheckpointError, UsageError
 from pyroseg.models import SegModel, build_model
 
@@ -44,12 +45,16 @@ __all__ = [
     "read_metrics_csv",
     "load_run",
     "LoadedRun",
+    "select_split",
+    "EVAL_SPLITS",
 ]
 
 CONFIG = "config.json"
 SPLIT = "split.json"
 METRICS = "metrics.csv"
 CHECKPOINT = "checkpoint.pt"
+#: The patient groups a command can be asked for (``--split``); ``all``: every slice.
+EVAL_SPLITS = ("test", "val", "train", "all")
 RUN_FILES = (CONFIG, SPLIT, METRICS, CHECKPOINT, "curves.png", "val_samples.png", "latent_scales.png")
 
 #: Fields of a FitConfig that may differ between a run's config.json and its
@@ -238,3 +243,18 @@ def model_from_checkpoint(ckpt: dict, doc: dict, *, source: Path) -> SegModel:
     model = build_model(doc["model"]["name"], **doc["model"]["hparams"])
     load_weights(model, ckpt, source=source)
     return model
+
+
+def select_split(data: SegData, split: dict, which: str, *, source: str) -> SegData:
+    """The slices of ``data`` whose patients are in ``split[which]`` (``"all"``: every slice)."""
+    if which == "all":
+        return data
+    if which not in split:
+        raise UsageError(f"--split {which!r}: expected one of {', '.join(EVAL_SPLITS)}")
+    present = [p for p in split[which] if p in set(data.patient_ids)]
+    if not present:
+        raise UsageError(
+            f"--split {which}: none of the run's {len(split[which])} {which} patients are in {source}; "
+            "use --split all to evaluate on every patient there"
+        )
+    return data.subset(present)

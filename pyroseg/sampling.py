@@ -34,9 +34,9 @@ from PIL import Image
 from pyroseg.checkpoint import atomic_write
 from pyroseg.data.lgg import read_image, read_mask
 from pyroseg.data.resize import resize_image, resize_mask
+from pyroseg.devices import resolve_device
 from pyroseg.errors import DataError, UsageError
 from pyroseg.runs import load_run
-from pyroseg.train import resolve_device
 
 __all__ = ["find_inputs", "sample_images", "sample_split", "pick_slices", "IMAGE_SUFFIXES"]
 
@@ -203,7 +203,7 @@ def sample_split(
     slice's GED and matched IoU against its annotators)."""
     from pyroseg import plots
     from pyroseg.data import load_source
-    from pyroseg.evaluate import EVAL_SPLITS, select_split
+    from pyroseg.runs import EVAL_SPLITS, select_split
 
     if num_samples < 1:
         raise UsageError(f"--num-samples {num_samples}: expected at least 1")

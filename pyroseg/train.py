@@ -53,6 +53,7 @@ from pyroseg.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, 
 from pyroseg.collapse import collapse_report, latent_units
 from pyroseg.config import CONFIG_VERSION, FitConfig, load_config_json, versions
 from pyroseg.data import SegData, SegDataset, collate_batch, load_source, split_patients
+from pyroseg.devices import resolve_device
 from pyroseg.errors import CheckpointError, TrainingError, UsageError
 from pyroseg.geco import GECO, geco_from_config
 from pyroseg.metrics import segmentation_report
@@ -74,21 +75,12 @@ from pyroseg.runs import (
 )
 from pyroseg.schedules import beta_at
 
-__all__ = ["ELBOLoss", "Trainer", "StepOutcome", "EpochSampler", "FitCallbacks", "fit", "resolve_device", "make_elbo"]
+__all__ = [
+    "ELBOLoss", "Trainer", "StepOutcome", "EpochSampler", "FitCallbacks", "FitRun", "Progress", "fit", "make_loader",
+    "resolve_device", "make_elbo",
+]
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a usage error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA GPU is available here; use --device cpu or --device auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r}: expected auto, cpu or cuda") from None
 
 
 def make_elbo(kind: str, *, free_bits: float = 0.0) -> SiteELBO:
@@ -315,140 +307,218 @@ def fit(
     (its saved config is used; only ``epochs`` may be raised). ``checkpoint_every``
     also checkpoints every that many steps; ``pictures=False`` skips the PNGs.
     Returns the run folder.
+
+    The phases, in order (each a method of :class:`FitRun`, the one place of its concern)::
+
+        prepare        config (the saved one on resume), process group, run folder
+        build_model    seeded weights, channels-last
+        load_data      source, patient split, cross-rank data check
+        build_trainer  optimizer (+ DDP), sampler and loader, GECO
+        restore/start  the checkpoint's state, or a fresh config.json and split.json
+        train          the epoch loop: steps, validation, checkpoints, metrics.csv
+        finish         metrics.csv, pictures, leave the process group
     """
-    cb = callbacks or FitCallbacks()
-    if resume:  # reads only, so every process of a data-parallel run does it
-        out = prepare_run_dir(config.out, resume=resume, overwrite=overwrite)
-        doc = load_config_json(out / CONFIG)
-        saved = FitConfig.from_dict(doc["fit"])
-        config = replace(saved, epochs=max(config.epochs, saved.epochs) if config.epochs else saved.epochs, out=str(out))
-    config.validate()
-    # One process unless torchrun started us; then rank 0 alone writes the run folder.
-    ctx = distributed.setup(resolve_device(config.device))
-    device, local_batch = ctx.device, _local_batch(config.batch_size, ctx.world_size)
-    if not resume:
-        out = ctx.on_main(lambda: prepare_run_dir(config.out, resume=resume, overwrite=overwrite))
-    if not ctx.is_main:
-        cb = FitCallbacks()
+    run = FitRun.prepare(config, callbacks, resume=resume, overwrite=overwrite)
+    run.build_model()
+    run.load_data()
+    run.build_trainer()
+    if resume:
+        run.restore()
+    else:
+        run.start(overwrite=overwrite)
+    run.train(checkpoint_every=checkpoint_every)
+    run.finish(pictures=pictures)
+    return run.out
 
-    pyro.clear_param_store()  # a stale store would shadow freshly built networks
-    pyro.set_rng_seed(config.seed)  # torch, numpy and random
-    model = build_model(config.model, image_size=config.image_size, widths=config.widths, **config.model_args).to(device)
-    if config.channels_last:  # measured 1.2-1.27x faster training steps on CPU (benchmarks/, options item)
-        model = model.to(memory_format=torch.channels_last)
 
-    data = ctx.main_first(lambda: load_source(  # rank 0 first: it fills the cache the others read
-        config.data,
-        config.image_size,
-        seed=config.seed,
-        synthetic_patients=config.synthetic_patients,
-        synthetic_slices=config.synthetic_slices,
-        cache_dir=config.cache_dir,
-        progress=cb.on_load_progress,
-    ))
-    split = split_patients(data.patient_ids, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed)
-    train_data, val_data = data.subset(split["train"]), data.subset(split["val"])
-    cb.on_data({**data.summary(), "train_slices": len(train_data), "val_slices": len(val_data),
-                "train_patients": len(split["train"]), "val_patients": len(split["val"]), "test_patients": len(split["test"])})
-    ctx.check_consistent(lambda: _data_fingerprint(train_data, val_data),
-                         what="after loading --data", hint="every process must read the same data (shared storage, same files)")
+def _fresh_partial() -> dict[str, float]:
+    return {"loss_sum": 0.0, "count": 0, "train_time": 0.0}
 
-    trainer = Trainer(model, lr=config.lr, elbo=config.elbo, clip_norm=config.clip_norm, max_nonfinite=config.max_nonfinite,
-                      free_bits=config.free_bits)
-    if ctx.enabled:  # DDP averages gradients in backward; beta = 0 leaves a prior net unused
-        trainer.loss_fn = ctx.wrap(trainer.loss_fn, find_unused_parameters=model.has_latent)
-        trainer.reduce = ctx.mean
+
+@dataclass
+class Progress:
+    """Where training stands: with the weights, the optimizer and the RNG states,
+    all a checkpoint restores for the remaining steps to be those of an unbroken
+    run. ``partial``: the current epoch's sums so far (loss over images, their
+    count, training seconds)."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    global_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    partial: dict[str, float] = field(default_factory=_fresh_partial)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "global_step": self.global_step,
+                "history": self.history, "partial": self.partial}
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        self.epoch, self.batch_in_epoch, self.global_step = int(ckpt["epoch"]), int(ckpt["batch_in_epoch"]), int(ckpt["global_step"])
+        self.history = list(ckpt["history"])
+        self.partial = dict(ckpt.get("partial", _fresh_partial()))
+
+
+def make_loader(train_data: SegData, config: FitConfig, local_batch: int, ctx: distributed.DistContext) -> tuple[EpochSampler, DataLoader]:
+    """The training batches: a random annotator per slice, shuffled by (seed, epoch),
+    sharded over ranks. Returns the sampler (to position it) and the loader."""
     dataset = SegDataset(train_data, random_annotator=True)
     sampler = EpochSampler(dataset, seed=config.seed, num_replicas=ctx.world_size, rank=ctx.rank)
     # its own generator: starting an iterator draws a seed from it, and drawing from the global RNG
     # instead would make a mid-epoch resume (a new iterator) shift every later draw
     loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, collate_fn=collate_batch,
                         generator=torch.Generator().manual_seed(config.seed))
-    steps_per_epoch = math.ceil(sampler.num_samples / local_batch)
-    geco: GECO | None = geco_from_config(config, train_data.masks, steps_per_epoch) if config.objective == "geco" else None
+    return sampler, loader
 
-    history: list[dict[str, Any]] = []
-    epoch, batch_in_epoch, global_step = 0, 0, 0
-    partial = {"loss_sum": 0.0, "count": 0, "train_time": 0.0}
-    if resume and (out / CHECKPOINT).exists():
-        ckpt = load_checkpoint(out / CHECKPOINT, map_location=device)
-        check_checkpoint(ckpt, doc, source=out / CHECKPOINT)  # another model, size or run: refused, naming what differs
-        load_weights(model, ckpt, source=out / CHECKPOINT)
-        try:
-            trainer.load_state_dict(ckpt["trainer"])
-            epoch, batch_in_epoch, global_step = int(ckpt["epoch"]), int(ckpt["batch_in_epoch"]), int(ckpt["global_step"])
-            history = list(ckpt["history"])
-            partial = dict(ckpt.get("partial", partial))
-            _restore_rng(ckpt, ctx, config.seed, global_step)
-            if geco is not None:
-                geco.load_state_dict(ckpt["geco"])
-        except (KeyError, ValueError, TypeError, RuntimeError) as e:
-            raise CheckpointError(f"{out / CHECKPOINT}: incomplete training state ({type(e).__name__}: {e})") from None
-        doc.setdefault("resumed", []).append({"at_epoch": epoch, "at_batch": batch_in_epoch, "time": _now(),
-                                              **({"world_size": ctx.world_size} if ctx.enabled else {})})
-        log.info("resuming %s at epoch %d, batch %d", out, epoch, batch_in_epoch)
-    elif resume:  # killed before its first checkpoint: start again, with the saved config
-        log.warning("%s has no checkpoint yet (stopped during its first epoch): starting it from the beginning", out)
-        doc.setdefault("resumed", []).append({"at_epoch": 0, "at_batch": 0, "time": _now()})
-        ctx.seed(config.seed)  # as for a new run: each rank its own z noise
-    else:
+
+class FitRun:
+    """One call of :func:`fit`, phase by phase. Each attribute belongs to the
+    phase that sets it; later phases only read it."""
+
+    # -- prepare: the config, the process group, the run folder ------------------------------------
+    @classmethod
+    def prepare(cls, config: FitConfig, callbacks: FitCallbacks | None, *, resume: bool, overwrite: bool) -> FitRun:
+        """Resolve the config (on resume: the saved one, ``epochs`` may rise), join
+        the process group (one process unless torchrun started us) and make sure
+        the run folder can be written (rank 0 alone writes it)."""
+        run = cls()
+        run.cb = callbacks or FitCallbacks()
+        run.doc = None
+        if resume:  # reads only, so every process of a data-parallel run does it
+            run.out = prepare_run_dir(config.out, resume=resume, overwrite=overwrite)
+            run.doc = load_config_json(run.out / CONFIG)
+            saved = FitConfig.from_dict(run.doc["fit"])
+            config = replace(saved, epochs=max(config.epochs, saved.epochs) if config.epochs else saved.epochs, out=str(run.out))
+        run.config = config.validate()
+        run.ctx = ctx = distributed.setup(resolve_device(config.device))
+        run.device, run.local_batch = ctx.device, _local_batch(config.batch_size, ctx.world_size)
+        if not resume:
+            run.out = ctx.on_main(lambda: prepare_run_dir(config.out, resume=resume, overwrite=overwrite))
+        if not ctx.is_main:
+            run.cb = FitCallbacks()
+        run.progress = Progress()
+        return run
+
+    # -- build_model --------------------------------------------------------------------------------
+    def build_model(self) -> None:
+        """The model, its weights drawn from ``config.seed`` (before the data is read: a
+        bad ``--model-arg`` fails at once)."""
+        cfg = self.config
+        pyro.clear_param_store()  # a stale store would shadow freshly built networks
+        pyro.set_rng_seed(cfg.seed)  # torch, numpy and random
+        model = build_model(cfg.model, image_size=cfg.image_size, widths=cfg.widths, **cfg.model_args).to(self.device)
+        if cfg.channels_last:  # measured 1.2-1.27x faster training steps on CPU (benchmarks/, options item)
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+
+    # -- load_data ----------------------------------------------------------------------------------
+    def load_data(self) -> None:
+        """The data source, split by patient into train / val / test; every rank must hold the same."""
+        cfg, ctx = self.config, self.ctx
+        self.data = ctx.main_first(lambda: load_source(  # rank 0 first: it fills the cache the others read
+            cfg.data,
+            cfg.image_size,
+            seed=cfg.seed,
+            synthetic_patients=cfg.synthetic_patients,
+            synthetic_slices=cfg.synthetic_slices,
+            cache_dir=cfg.cache_dir,
+            progress=self.cb.on_load_progress,
+        ))
+        split = split_patients(self.data.patient_ids, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
+        self.split = split
+        self.train_data, self.val_data = self.data.subset(split["train"]), self.data.subset(split["val"])
+        self.cb.on_data({**self.data.summary(), "train_slices": len(self.train_data), "val_slices": len(self.val_data),
+                         "train_patients": len(split["train"]), "val_patients": len(split["val"]), "test_patients": len(split["test"])})
+        ctx.check_consistent(lambda: _data_fingerprint(self.train_data, self.val_data),
+                             what="after loading --data", hint="every process must read the same data (shared storage, same files)")
+
+    # -- build_trainer ------------------------------------------------------------------------------
+    def build_trainer(self) -> None:
+        """The optimizer and its guards (wrapped for data parallelism), the batches, and GECO."""
+        cfg, ctx = self.config, self.ctx
+        self.trainer = trainer = Trainer(self.model, lr=cfg.lr, elbo=cfg.elbo, clip_norm=cfg.clip_norm,
+                                         max_nonfinite=cfg.max_nonfinite, free_bits=cfg.free_bits)
+        if ctx.enabled:  # DDP averages gradients in backward; beta = 0 leaves a prior net unused
+            trainer.loss_fn = ctx.wrap(trainer.loss_fn, find_unused_parameters=self.model.has_latent)
+            trainer.reduce = ctx.mean
+        self.sampler, self.loader = make_loader(self.train_data, cfg, self.local_batch, ctx)
+        self.steps_per_epoch = math.ceil(self.sampler.num_samples / self.local_batch)
+        self.geco: GECO | None = (geco_from_config(cfg, self.train_data.masks, self.steps_per_epoch)
+                                  if cfg.objective == "geco" else None)
+
+    # -- restore / start ----------------------------------------------------------------------------
+    def restore(self) -> None:
+        """Continue from ``checkpoint.pt``: weights, optimizer, position, history, RNG
+        states, GECO. A run killed before its first checkpoint starts again."""
+        out, ctx, doc = self.out, self.ctx, self.doc
+        if (out / CHECKPOINT).exists():
+            ckpt = load_checkpoint(out / CHECKPOINT, map_location=self.device)
+            check_checkpoint(ckpt, doc, source=out / CHECKPOINT)  # another model, size or run: refused, naming what differs
+            load_weights(self.model, ckpt, source=out / CHECKPOINT)
+            try:
+                self.trainer.load_state_dict(ckpt["trainer"])
+                self.progress.load_state_dict(ckpt)
+                _restore_rng(ckpt, ctx, self.config.seed, self.progress.global_step)
+                if self.geco is not None:
+                    self.geco.load_state_dict(ckpt["geco"])
+            except (KeyError, ValueError, TypeError, RuntimeError) as e:
+                raise CheckpointError(f"{out / CHECKPOINT}: incomplete training state ({type(e).__name__}: {e})") from None
+            p = self.progress
+            doc.setdefault("resumed", []).append({"at_epoch": p.epoch, "at_batch": p.batch_in_epoch, "time": _now(),
+                                                  **({"world_size": ctx.world_size} if ctx.enabled else {})})
+            log.info("resuming %s at epoch %d, batch %d", out, p.epoch, p.batch_in_epoch)
+        else:  # killed before its first checkpoint: start again, with the saved config
+            log.warning("%s has no checkpoint yet (stopped during its first epoch): starting it from the beginning", out)
+            doc.setdefault("resumed", []).append({"at_epoch": 0, "at_batch": 0, "time": _now()})
+            ctx.seed(self.config.seed)  # as for a new run: each rank its own z noise
+        if ctx.is_main:
+            write_json(out / CONFIG, doc)
+
+    def start(self, *, overwrite: bool) -> None:
+        """A new run: clear what ``--overwrite`` replaces, write config.json and split.json."""
+        cfg, ctx, out = self.config, self.ctx, self.out
         if overwrite and ctx.is_main:  # only now: a bad --data or --model-arg must not cost the previous run
             clear_run_files(out)
         doc = {
             "config_version": CONFIG_VERSION,
-            "fit": config.to_dict(),
-            "model": _model_doc(model),
-            "data": data.summary(),
-            "device": str(device),
+            "fit": cfg.to_dict(),
+            "model": _model_doc(self.model),
+            "data": self.data.summary(),
+            "device": str(self.device),
             "versions": versions(),
             "command": sys.argv,
             "created": _now(),
         }
         if ctx.enabled:
-            doc["distributed"] = {**ctx.describe(), "batch_per_process": local_batch}
-        if geco is not None:
-            doc["geco"] = {"kappa": geco.kappa, "kappa_from": "auto" if config.geco_kappa is None else "--geco-kappa",
-                           "warmup_steps": geco.warmup_steps}
-        ctx.seed(config.seed)  # after the model is built: each rank its own z noise
+            doc["distributed"] = {**ctx.describe(), "batch_per_process": self.local_batch}
+        if self.geco is not None:
+            doc["geco"] = {"kappa": self.geco.kappa, "kappa_from": "auto" if cfg.geco_kappa is None else "--geco-kappa",
+                           "warmup_steps": self.geco.warmup_steps}
+        self.doc = doc
+        ctx.seed(cfg.seed)  # after the model is built: each rank its own z noise
         if ctx.is_main:
-            write_json(out / SPLIT, {"seed": config.seed, "val_fraction": config.val_fraction,
-                                     "test_fraction": config.test_fraction, **split})
-    if ctx.is_main:
-        write_json(out / CONFIG, doc)
+            write_json(out / SPLIT, {"seed": cfg.seed, "val_fraction": cfg.val_fraction,
+                                     "test_fraction": cfg.test_fraction, **self.split})
+            write_json(out / CONFIG, doc)
 
-    def checkpoint() -> None:
-        rng_by_rank = ctx.gather(get_rng_state()) if ctx.enabled else None  # every rank takes part
-        if not ctx.is_main:
-            return
-        extra = {"world_size": ctx.world_size, "rng_by_rank": rng_by_rank} if ctx.enabled else {}
-        save_checkpoint(
-            out / CHECKPOINT,
-            {
-                **extra,
-                "model_name": model.name,
-                "hparams": model.hparams(),
-                "model_state": model.state_dict(),
-                "trainer": trainer.state_dict(),
-                "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch,
-                "global_step": global_step,
-                "history": history,
-                "partial": partial,
-                "rng": get_rng_state(),
-                "config": config.to_dict(),
-                **({"geco": geco.state_dict()} if geco is not None else {}),
-            },
-        )
+    # -- train: the epoch loop ----------------------------------------------------------------------
+    def train(self, *, checkpoint_every: int | None = None) -> None:
+        """Epochs until ``config.epochs``: steps (checkpointing every
+        ``checkpoint_every`` steps within an epoch), then :meth:`end_epoch`."""
+        self.model.train()
+        while self.progress.epoch < self.config.epochs:
+            self.train_epoch(checkpoint_every)
+            self.end_epoch()
 
-    model.train()
-    while epoch < config.epochs:
-        sampler.set_position(epoch, skip=batch_in_epoch * local_batch)
-        cb.on_epoch_start(epoch, config.epochs, steps_per_epoch - batch_in_epoch)
+    def train_epoch(self, checkpoint_every: int | None) -> None:
+        """The remaining steps of the current epoch (all of them, or those after a mid-epoch checkpoint)."""
+        cfg, p, trainer, geco = self.config, self.progress, self.trainer, self.geco
+        self.sampler.set_position(p.epoch, skip=p.batch_in_epoch * self.local_batch)
+        self.cb.on_epoch_start(p.epoch, cfg.epochs, self.steps_per_epoch - p.batch_in_epoch)
         t0 = time.perf_counter()
-        for batch in loader:
-            beta = beta_at(epoch + batch_in_epoch / steps_per_epoch, beta=config.beta, warmup=config.beta_warmup, cycle=config.beta_cycle)
-            image = batch["image"].to(device, non_blocking=True)
-            mask = batch["mask"].to(device, non_blocking=True)
+        for batch in self.loader:
+            beta = beta_at(p.epoch + p.batch_in_epoch / self.steps_per_epoch, beta=cfg.beta, warmup=cfg.beta_warmup, cycle=cfg.beta_cycle)
+            image = batch["image"].to(self.device, non_blocking=True)
+            mask = batch["mask"].to(self.device, non_blocking=True)
             likelihood = geco.likelihood() if geco is not None else contextlib.nullcontext()  # GECO's top-k mask
             with likelihood:
                 outcome = trainer.step(image, mask, beta=beta, recon_scale=geco.recon_scale if geco else 1.0)
@@ -456,47 +526,75 @@ def fit(
                 recon = outcome.terms["recon"] if trainer.reduce is None else trainer.reduce(outcome.terms["recon"])
                 geco.update(float(recon), likelihood.pixels_per_image)  # nats per image over the pixels counted
             if outcome.applied:  # the loss is the global batch's: count every rank's images
-                partial["loss_sum"] += outcome.loss * (image.shape[0] * ctx.world_size)
-                partial["count"] += image.shape[0] * ctx.world_size
-            batch_in_epoch += 1
-            global_step += 1
-            cb.on_step(outcome.loss)
-            if checkpoint_every and global_step % checkpoint_every == 0 and batch_in_epoch < steps_per_epoch:
-                partial["train_time"] += time.perf_counter() - t0
+                p.partial["loss_sum"] += outcome.loss * (image.shape[0] * self.ctx.world_size)
+                p.partial["count"] += image.shape[0] * self.ctx.world_size
+            p.batch_in_epoch += 1
+            p.global_step += 1
+            self.cb.on_step(outcome.loss)
+            if checkpoint_every and p.global_step % checkpoint_every == 0 and p.batch_in_epoch < self.steps_per_epoch:
+                p.partial["train_time"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
-                checkpoint()
-        train_time = partial["train_time"] + time.perf_counter() - t0
+                self.checkpoint()
+        self.epoch_train_time = p.partial["train_time"] + time.perf_counter() - t0
+
+    def end_epoch(self) -> None:
+        """The epoch's row (train loss, beta, GECO, validation), then a checkpoint and metrics.csv."""
+        cfg, p, ctx = self.config, self.progress, self.ctx
         t1 = time.perf_counter()
         row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "step": global_step,
-            "beta": beta_at(epoch + 1, beta=config.beta, warmup=config.beta_warmup, cycle=config.beta_cycle),
-            "train_loss": partial["loss_sum"] / max(partial["count"], 1) if partial["count"] else float("nan"),
+            "epoch": p.epoch + 1,
+            "step": p.global_step,
+            "beta": beta_at(p.epoch + 1, beta=cfg.beta, warmup=cfg.beta_warmup, cycle=cfg.beta_cycle),
+            "train_loss": p.partial["loss_sum"] / max(p.partial["count"], 1) if p.partial["count"] else float("nan"),
         }
-        if geco is not None:
-            row.update(geco.log_row())
-        row.update(ctx.on_main(lambda: _validate(model, val_data, config, device)))  # rank 0's, on every rank
-        model.train()
-        row["nonfinite_steps"] = trainer.nonfinite_total
-        row["train_time_s"] = train_time
+        if self.geco is not None:
+            row.update(self.geco.log_row())
+        row.update(ctx.on_main(lambda: _validate(self.model, self.val_data, cfg, self.device)))  # rank 0's, on every rank
+        self.model.train()
+        row["nonfinite_steps"] = self.trainer.nonfinite_total
+        row["train_time_s"] = self.epoch_train_time
         row["val_time_s"] = time.perf_counter() - t1
-        history.append(row)
-        epoch += 1
-        batch_in_epoch = 0
-        partial = {"loss_sum": 0.0, "count": 0, "train_time": 0.0}
-        ctx.check_consistent(lambda: _rank_state(model, trainer, global_step, geco), what=f"after epoch {epoch}")  # noqa: B023 (called at once)
-        checkpoint()
+        p.history.append(row)
+        p.epoch += 1
+        p.batch_in_epoch = 0
+        p.partial = _fresh_partial()
+        ctx.check_consistent(lambda: _rank_state(self.model, self.trainer, p.global_step, self.geco), what=f"after epoch {p.epoch}")
+        self.checkpoint()
         if ctx.is_main:
-            write_metrics_csv(out / METRICS, history)
-        cb.on_epoch_end(row)
+            write_metrics_csv(self.out / METRICS, p.history)
+        self.cb.on_epoch_end(row)
 
-    if ctx.is_main:
-        write_metrics_csv(out / METRICS, history)
-        if pictures:
-            _pictures(out, model, val_data, device)
-    trainer.loss_fn = trainer.elbo_loss  # drop the DDP wrapper before leaving the process group
-    ctx.close()
-    return out
+    def checkpoint(self) -> None:
+        """Write ``checkpoint.pt`` (rank 0; every rank hands in its RNG state)."""
+        ctx = self.ctx
+        rng_by_rank = ctx.gather(get_rng_state()) if ctx.enabled else None  # every rank takes part
+        if not ctx.is_main:
+            return
+        extra = {"world_size": ctx.world_size, "rng_by_rank": rng_by_rank} if ctx.enabled else {}
+        save_checkpoint(
+            self.out / CHECKPOINT,
+            {
+                **extra,
+                "model_name": self.model.name,
+                "hparams": self.model.hparams(),
+                "model_state": self.model.state_dict(),
+                "trainer": self.trainer.state_dict(),
+                **self.progress.state_dict(),
+                "rng": get_rng_state(),
+                "config": self.config.to_dict(),
+                **({"geco": self.geco.state_dict()} if self.geco is not None else {}),
+            },
+        )
+
+    # -- finish -------------------------------------------------------------------------------------
+    def finish(self, *, pictures: bool = True) -> None:
+        """metrics.csv (also when no epoch was left to train), the pictures, and leave the process group."""
+        if self.ctx.is_main:
+            write_metrics_csv(self.out / METRICS, self.progress.history)
+            if pictures:
+                _pictures(self.out, self.model, self.val_data, self.device)
+        self.trainer.loss_fn = self.trainer.elbo_loss  # drop the DDP wrapper before leaving the process group
+        self.ctx.close()
 
 
 def _local_batch(batch_size: int, world_size: int) -> int:
