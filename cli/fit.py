@@ -173,7 +173,7 @@ def fit_cmd(model, data, image_size, epochs, batch_size, lr, device, seed, out, 
         try:
             kappa = float(geco_kappa)
         except ValueError:
-            raise UsageError(f"--geco-kappa {geco_kappa!r}: expected nats per (selected) pixel (e.g. 0.05) or auto") from None
+            raise UsageError(f"--geco-kappa {geco_kappa!r}: expected nats per pixel (e.g. 0.02) or auto") from None
     if checkpoint_every is not None and checkpoint_every < 1:
         raise UsageError(f"--checkpoint-every {checkpoint_every}: expected at least 1")
     if resume_dir:
