@@ -44,8 +44,8 @@ Layouts (``--model-arg layout=...``; any field can be overridden by its own
 
 Where ``reference`` still differs from DeepMind's code: channel widths come from
 the shared backbone (16 doubling to 128, then 128; theirs 24 doubling to 192);
-PyTorch's default initialisation instead of orthogonal weights; no L2 weight
-decay (theirs 1e-5); one Bernoulli logit instead of a two-class softmax (the
+the Gaussian heads and the logits layer keep pyroseg's initialisation (below, and
+:func:`~pyroseg.nets.init_mask_logits`); no L2 weight decay (theirs 1e-5); one Bernoulli logit instead of a two-class softmax (the
 same likelihood); log-scales softly bounded (:func:`pyroseg.nets.bounded_log_scale`).
 
 Initialisation (``posterior_init_scale``): every head starts with a random
@@ -85,7 +85,11 @@ LAYOUTS: dict[str, dict] = {
 
 
 class PreActResBlock(nn.Module):
-    """DeepMind's ``res_block``: ``skip(x) + proj(conv(relu(... conv(relu(x)))))``.
+    """DeepMind's ``res_block``: ``skip(x) + proj(conv(relu(... conv(relu(x)))))``,
+    with DeepMind's initialisation (orthogonal weights, gain 1; biases N(0, 0.001)).
+    Without normalisation, PyTorch's default initialisation shrinks the signal at every
+    block: on 8 images at 32x32 the model reached Dice 0.70 after 200 steps with it,
+    1.00 after 160 with this one (measured, issue 13).
 
     ``convs`` 3x3 convolutions on ``relu(x)`` with ReLUs between them, at
     ``down`` channels; a 1x1 projection of the skip when ``in_ch != out_ch`` and of
@@ -101,6 +105,10 @@ class PreActResBlock(nn.Module):
         self.residual = nn.Sequential(*layers)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
         self.proj = nn.Conv2d(down, out_ch, 1) if down != out_ch else nn.Identity()
+        for m in self.modules():  # DeepMind's initialisers: orthogonal weights, bias N(0, 0.001)
+            if isinstance(m, nn.Conv2d):
+                nn.init.orthogonal_(m.weight)
+                nn.init.normal_(m.bias, std=0.001)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.skip(x) + self.proj(self.residual(x))
