@@ -39,6 +39,7 @@ __all__ = [
     "peak_rss_mib",
     "run_worker",
     "random_batch",
+    "repeat",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +87,11 @@ class Settings:
     options_model: str = "prob_unet"
     options_repeats: int = 9
     compile: bool = False  # also measure torch.compile (minutes of compiling on a CPU)
+    # steps per timed call (0: 1 on CPU, 20 on a GPU, where a sync after every step would
+    # hide what a step that never waits for the device gains); figures are per step
+    step_block: int = 0
+    # data item: the --data-on-device modes whose data-wait share is measured
+    data_modes: tuple[str, ...] = ("off", "on")
     # workers in this process instead of fresh ones (quick mode: no interpreter start-ups;
     # peak memory is then this process's)
     in_process: bool = False
@@ -125,6 +131,11 @@ class Settings:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def block(self) -> int:
+        """Steps per timed call (``step_block``, resolved for the device)."""
+        return self.step_block or (20 if torch.device(self.device).type == "cuda" else 1)
+
 
 def sync(device: torch.device | str) -> None:
     """Wait for the device to finish (a no-op on CPU)."""
@@ -155,6 +166,18 @@ def interleave(fns: dict[str, Callable[[], object]], *, warmup: int, repeats: in
         for n in names[k:] + names[:k]:
             out[n].append(timed(fns[n], device))
     return out
+
+
+def repeat(fn: Callable[[], object], n: int) -> Callable[[], object]:
+    """``fn`` called ``n`` times in a row, with no sync between the calls."""
+    if n == 1:
+        return fn
+
+    def run():
+        for _ in range(n):
+            fn()
+
+    return run
 
 
 def median(xs: list[float]) -> float:

@@ -104,7 +104,7 @@ def run_pair(name: str, precision: str, args, device: torch.device, ctx) -> dict
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            applied += trainer.step(image, mask, beta=1.0).applied
+            applied += trainer.step(image, mask, beta=1.0).applied_tensor  # on the device: no read per step
         _sync(device)
         per_block.append((time.perf_counter() - t0) / args.steps)
     step_s = statistics.median(per_block)
@@ -121,7 +121,7 @@ def run_pair(name: str, precision: str, args, device: torch.device, ctx) -> dict
         "loss_fp32_first_batch": ref,
         "loss_this_precision_first_batch": here,
         "loss_rel_diff": abs(here - ref) / abs(ref),
-        "steps_applied": f"{applied}/{args.repeats * args.steps}",
+        "steps_applied": f"{int(applied)}/{args.repeats * args.steps}",
         "ddp": bool(ctx is not None and ctx.enabled),
     }
 

@@ -26,7 +26,8 @@ PLAIN = ("unet", "prob_unet")
 
 
 class PlainStep:
-    """``step(image, mask, beta)``: zero grads, loss, backward, Adam step; returns the loss as a float."""
+    """``step(image, mask, beta)``: zero grads, loss, backward, Adam step; returns the loss as a float
+    (``loss.item()``, as a hand-written loop that logs its loss does: on a GPU one sync per step)."""
 
     def __init__(self, model: SegModel, lr: float = 1e-3):
         if model.name not in PLAIN:
@@ -50,12 +51,13 @@ class PlainStep:
         kl = kl_divergence(Normal(loc_q, scale_q), Normal(loc_p, scale_p)).sum(-1)  # (B,)
         return (recon + beta * kl).mean()
 
-    def step(self, image: torch.Tensor, mask: torch.Tensor, beta: float = 1.0) -> float:
+    def step(self, image: torch.Tensor, mask: torch.Tensor, beta: float = 1.0, *, item: bool = True):
+        """``item=False``: return the loss tensor, not ``loss.item()`` (no wait for a GPU)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss(image, mask, beta)
         loss.backward()
         self.optimizer.step()
-        return loss.item()
+        return loss.item() if item else loss.detach()
 
 
 def check_same_loss(model: SegModel, image: torch.Tensor, mask: torch.Tensor, beta: float = 0.5) -> float:

@@ -39,14 +39,17 @@ def _overhead(it: dict) -> list[str]:
             row["loss_diff"] = r["loss_rel_diff_plain_vs_pyro"]
     for row in rows.values():
         row["met"] = max(row.get("trainer_ratio", 9), row.get("svi_ratio", 9)) <= 1.10
-    return [
-        "## 1. Pyro overhead", "", it["what"] + ".", "",
-        table(list(rows.values()), [("model", "model"), ("plain_ms", "hand-written PyTorch (ms)"),
-                                    ("trainer_ms", "pyroseg Trainer (ms)"), ("trainer_ratio", "Trainer / plain"),
-                                    ("svi_ms", "pyro SVI.step (ms)"), ("svi_ratio", "SVI / plain"),
-                                    ("met", f"target {it['target']}"), ("loss_diff", "loss rel. diff. plain vs Pyro")]),
-        "",
-    ]
+    cols = [("model", "model"), ("plain_ms", "hand-written PyTorch (ms)")]
+    if any("plain_nosync_ms" in r for r in rows.values()):
+        cols += [("plain_nosync_ms", "the same, no .item() (ms)")]
+    cols += [("trainer_ms", "pyroseg Trainer (ms)"), ("trainer_ratio", "Trainer / plain")]
+    for v, label in (("trainer_fused", "Trainer, fused Adam + device guard"), ("trainer_loop", "Trainer, loop Adam + host guard"),
+                     ("trainer_before18", "Trainer before issue 18")):
+        if any(f"{v}_ms" in r for r in rows.values()):
+            cols += [(f"{v}_ms", f"{label} (ms)"), (f"{v}_ratio", f"{label} / plain")]
+    cols += [("svi_ms", "pyro SVI.step (ms)"), ("svi_ratio", "SVI / plain"),
+             ("met", f"target {it['target']}"), ("loss_diff", "loss rel. diff. plain vs Pyro")]
+    return ["## 1. Pyro overhead", "", it["what"] + ".", "", table(list(rows.values()), cols), ""]
 
 
 def _throughput(it: dict) -> list[str]:
@@ -87,13 +90,16 @@ def _data(it: dict) -> list[str]:
         out += [table(it["loads"], [("size", "size"), ("slices", "slices"), ("first_load_s", "first load (s)"),
                                     ("cached_load_s", "cached load (s)"), ("cached_scan_and_key_s", "of which scan + stat (s)"),
                                     ("meets_target", "cached < 1 s")]), ""]
-    w = it.get("wait", {})
-    if "error" in w:
-        out += [f"Data wait: error {w['error']}", ""]
-    elif w:
-        out += [f"Data wait ({w['model']}, {w['size']}x{w['size']}, {w['data']} data, {w['batches']} batches): "
-                f"{1e3 * w['data_wait_s']:.1f} ms waiting of {w['epoch_s']:.2f} s = **{100 * w['data_wait_share']:.2f} %** "
-                f"(target met: {_fmt(w['meets_target'])}).", ""]
+    waits = it.get("waits") or ([it["wait"]] if it.get("wait") else [])
+    for w in waits:
+        mode = f", --data-on-device {w['data_on_device']}" if "data_on_device" in w else ""
+        if "error" in w:
+            out += [f"Data wait{mode}: error {w['error']}", ""]
+        else:
+            out += [f"Data wait ({w['model']}, {w['size']}x{w['size']}, {w['data']} data, {w['batches']} batches{mode}): "
+                    f"{1e3 * w['data_wait_s']:.1f} ms waiting of {w['epoch_s']:.2f} s = **{100 * w['data_wait_share']:.2f} %** "
+                    f"(target met: {_fmt(w['meets_target'])})"
+                    + (f"; {w['images_per_s']:.0f} images/s" if "images_per_s" in w else "") + ".", ""]
     return out
 
 

@@ -54,6 +54,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="LGG kaggle_3m folder for the data and scaling items [default: $PYROSEG_LGG_DIR]")
     p.add_argument("--threads", type=int, default=None, help="torch threads [default: torch's own choice]")
     p.add_argument("--models", default=None, help="comma-separated models [default: all six]")
+    p.add_argument("--sizes", default=None, help="comma-separated image sizes for the throughput item [default: 64,128]")
     p.add_argument("--merge", action="store_true",
                    help="keep the other items already in --out/results.json (refresh some items only)")
     p.add_argument("--with-compile", action="store_true",
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     kw: dict = {"device": device, "lgg_dir": args.lgg or None, "compile": args.with_compile}
     if args.models:
         kw["models"] = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    if args.sizes:
+        kw["sizes"] = tuple(int(x) for x in args.sizes.split(",") if x.strip())
     settings = Settings.for_quick(**kw) if args.quick else Settings.for_full(**kw)
     kind = "gpu" if device.startswith("cuda") else "cpu"
     out = args.out or Path(__file__).resolve().parent / "results" / (f"quick-{kind}" if args.quick else kind)

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def _spec(s: Settings, size: int, **kw) -> dict:
     return {"kind": "epoch", "model": s.scaling_model, "size": size, "batch": s.batch, "device": s.device,
             "threads": torch.get_num_threads(), "lgg_dir": s.lgg_dir, "synthetic_patients": s.synthetic_patients,
-            "warmup_batches": 1 if s.quick else 2, **kw}
+            "warmup_batches": 1 if s.quick else 2, "data_on_device": "auto", **kw}
 
 
 def _row(r: dict, **extra) -> dict:
@@ -69,7 +69,7 @@ def run(s: Settings) -> dict:
             for r in good:
                 r[f"{key}_relative"] = r[key] / ref  # 1.0 everywhere = linear
     return {
-        "what": f"model {s.scaling_model}, batch {s.batch}: one timed epoch after a short warm-up, fresh process per row. "
+        "what": f"model {s.scaling_model}, batch {s.batch}, fit's data path (--data-on-device auto): one timed epoch after a short warm-up, fresh process per row. "
                 f"by_slices at {s.scaling_size}x{s.scaling_size} over fractions of the training split; by_size with "
                 f"{s.scaling_size_slices} slices per epoch. *_relative = 1.0 means linear.",
         "data": "lgg" if s.lgg_dir else "synthetic",

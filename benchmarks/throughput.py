@@ -24,9 +24,10 @@ def run(s: Settings) -> dict:
     rows = []
     for size in s.sizes:
         plain = None
-        for name in ("plain_unet", *s.models):
+        before = tuple(f"{m}@before18" for m in s.models if m in s.overhead_models)  # the step before issue 18
+        for name in ("plain_unet", *s.models, *before):
             spec = {"kind": "train", "model": name, "size": size, "batch": s.batch, "warmup": s.throughput_warmup,
-                    "repeats": s.throughput_repeats, "device": s.device, "threads": torch.get_num_threads()}
+                    "repeats": s.throughput_repeats, "device": s.device, "threads": torch.get_num_threads(), "block": s.block}
             r = run_worker(spec, in_process=s.in_process)
             if "error" in r:
                 log.warning("throughput %s at %d: %s", name, size, r["error"])
@@ -48,7 +49,7 @@ def run(s: Settings) -> dict:
             rows.append(row)
             log.info("throughput %s at %d: %.1f images/s", name, size, r["images_per_s"])
     return {
-        "what": f"training steps on one fixed batch of {s.batch}, median of {s.throughput_repeats} after "
+        "what": f"training steps on one fixed batch of {s.batch}, timed {s.block} in a row, median of {s.throughput_repeats} after "
                 f"{s.throughput_warmup} warm-up, one fresh process per row; peak memory: "
                 + ("torch.cuda.max_memory_allocated" if torch.device(s.device).type == "cuda" else "ru_maxrss of that process"),
         "rows": rows,

@@ -2,12 +2,17 @@
 
 ``python -m benchmarks.worker '<json spec>'`` prints one JSON line. Kinds:
 
-* ``train``: ``warmup + repeats`` training steps of ``model`` on one fixed batch
-  (``model = "plain_unet"``: the hand-written PyTorch U-Net step); reports the
+* ``train``: ``warmup + repeats`` timed calls of ``block`` training steps each
+  (default 1; the suite uses 20 on a GPU) of ``model`` on one fixed batch
+  (``model = "plain_unet"``: the hand-written PyTorch U-Net step; ``"unet@before18"``:
+  the step as it was before issue 18); reports the
   median step time, images per second and peak memory;
 * ``epoch``: training epochs over real slices (the LGG copy, or synthetic data),
-  through the same DataLoader set-up as :func:`pyroseg.train.fit`, timing the
-  time spent waiting for the loader apart from the steps.
+  through the same data set-up as :func:`pyroseg.train.fit` (the DataLoader, or
+  the batches made on the device with ``data_on_device``), timing the time spent
+  waiting for the next batch apart from the steps. ``sync_steps`` (default: on
+  CPU only) waits for the device after every step; without it the wait is the
+  host time spent getting a batch (on a GPU what the loop loses to the data).
 
 Peak memory: ``ru_maxrss`` of this process (CPU; ``baseline_rss_mib`` is the
 figure before the model was built) or ``torch.cuda.max_memory_allocated`` (GPU).
@@ -20,6 +25,9 @@ import sys
 import time
 
 import torch
+
+#: a model name ending in this trains with the step as it was before issue 18
+BEFORE18 = "@before18"
 
 
 def _setup(spec: dict):
@@ -51,6 +59,12 @@ def _stepper(name: str, size: int, device, options: dict):
     if name == "plain_unet":
         plain = PlainStep(_as_fit_does(build_model("unet", image_size=size).to(device), options))
         return lambda image, mask: plain.step(image, mask, 1.0)
+    if name.endswith(BEFORE18):  # the step as it was before issue 18 (benchmarks/before18.py)
+        from benchmarks.before18 import TrainerBefore18
+
+        model = build_model(name[: -len(BEFORE18)], image_size=size).to(device)
+        trainer = TrainerBefore18(_as_fit_does(model, options), **options)
+        return lambda image, mask: trainer.step(image, mask, beta=1.0)
     trainer = Trainer(_as_fit_does(build_model(name, image_size=size).to(device), options), **options)
     return lambda image, mask: trainer.step(image, mask, beta=1.0)
 
@@ -73,9 +87,15 @@ def train(spec: dict) -> dict:
     size, batch = int(spec["size"]), int(spec["batch"])
     step = _stepper(spec["model"], size, device, dict(spec.get("options", {})))
     image, mask = random_batch(batch, size, device=device)
+    block = int(spec.get("block", 1))
+
+    def steps():
+        for _ in range(block):
+            step(image, mask)
+
     for _ in range(int(spec["warmup"])):
-        step(image, mask)
-    times = [timed(lambda: step(image, mask), device) for _ in range(int(spec["repeats"]))]
+        steps()
+    times = [timed(steps, device) / block for _ in range(int(spec["repeats"]))]
     t = median(times)
     return {**spec, "median_step_s": t, "images_per_s": batch / t, "times_s": times, **_memory(device, baseline)}
 
@@ -100,6 +120,7 @@ def epoch(spec: dict) -> dict:
 
     from benchmarks.common import peak_rss_mib, sync
     from pyroseg.data import SegDataset, collate_batch
+    from pyroseg.data.device import on_device
     from pyroseg.models import build_model
     from pyroseg.train import EpochSampler, Trainer
 
@@ -116,6 +137,8 @@ def epoch(spec: dict) -> dict:
     sampler = EpochSampler(dataset, seed=0)
     loader = DataLoader(dataset, batch_size=batch, sampler=sampler, collate_fn=collate_batch,
                         num_workers=int(spec.get("num_workers", 0)))
+    loader = on_device(loader, device, spec.get("data_on_device", "off"))
+    sync_steps = bool(spec.get("sync_steps", device.type == "cpu"))
     max_batches = spec.get("max_batches")
 
     def one_epoch(ep: int, limit) -> dict:
@@ -135,12 +158,14 @@ def epoch(spec: dict) -> dict:
             mask = b["mask"].to(device, non_blocking=True)
             t1 = time.perf_counter()
             trainer.step(image, mask, beta=1.0)
-            sync(device)
+            if sync_steps:
+                sync(device)
             t2 = time.perf_counter()
             wait += t1 - t0
             step += t2 - t1
             images += image.shape[0]
             batches += 1
+        sync(device)
         total = time.perf_counter() - t_start
         return {"epoch_s": total, "data_wait_s": wait, "step_s": step, "images": images, "batches": batches}
 
@@ -148,7 +173,8 @@ def epoch(spec: dict) -> dict:
     r = one_epoch(1, int(max_batches) if max_batches else None)
     r["data_wait_share"] = r["data_wait_s"] / r["epoch_s"]
     r["images_per_s"] = r["images"] / r["epoch_s"]
-    return {**spec, "slices": n, "train_slices_all": n_all, **r, **_memory(device, baseline)}
+    return {**spec, "slices": n, "train_slices_all": n_all, "batches_on_device": not isinstance(loader, DataLoader),
+            "sync_steps": sync_steps, **r, **_memory(device, baseline)}
 
 
 KINDS = {"train": train, "epoch": epoch}

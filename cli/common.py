@@ -1,26 +1,50 @@
-"""What every command shares: error handling, progress bars, tables."""
+"""What every command shares: error handling, progress bars, tables.
+
+Nothing here (nor at the top of any ``cli`` module) imports torch, Pyro or
+matplotlib: ``pyroseg --help``, ``--version`` and option errors answer at once,
+and each command imports what it needs when it runs.
+
+Progress: on a terminal, tqdm bars (per batch, per decoded slice); when
+standard error is not a terminal (a file, a pipe, a cluster job's log), no bars
+and one plain line per epoch (or per finished loading) with the same figures.
+"""
 
 from __future__ import annotations
 
 import functools
 import math
 import sys
+import time
 
 import click
-from tqdm.auto import tqdm
 
-from pyroseg.distributed import env_rank, launched_by_torchrun
 from pyroseg.errors import PyrosegError
 
-__all__ = ["CONTEXT", "handle_errors", "LoadBar", "format_table"]
+__all__ = ["CONTEXT", "CHECKPOINTS", "EVAL_SPLITS", "handle_errors", "LoadBar", "format_table", "stderr_is_terminal"]
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+#: ``pyroseg.runs.EVAL_SPLITS``, repeated here so that ``--help`` need not
+#: import the library (tests/test_cli.py checks that the two agree).
+EVAL_SPLITS = ("test", "val", "train", "all")
+#: ``pyroseg.runs.CHECKPOINTS``, likewise (tests/test_cli.py checks the copies agree).
+CHECKPOINTS = ("best", "last")
+
+
+def stderr_is_terminal() -> bool:
+    """Whether progress bars make sense: standard error is an interactive terminal."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
 
 
 def _fail(msg: str, code: int, *, mirrored: bool = False) -> None:
     """Print ``Error: msg`` and exit. Under torchrun the line names the rank, and an
     error that rank 0 raised and shared with the others (``mirrored``) is
     printed by rank 0 alone."""
+    from pyroseg.distributed import env_rank, launched_by_torchrun
+
     rank, world = env_rank()
     if launched_by_torchrun():
         if mirrored and rank != 0:
@@ -58,17 +82,32 @@ def handle_errors(fn):
 
 
 class LoadBar:
-    """A ``progress(done, total)`` callable that draws a tqdm bar (for data loading)."""
+    """A ``progress(done, total)`` callable that draws a tqdm bar (for data loading);
+    when standard error is not a terminal (``bar=False``), one line at the end instead."""
 
-    def __init__(self, desc: str):
+    def __init__(self, desc: str, *, unit: str = "slice", bar: bool | None = None):
         self.desc = desc
+        self.unit = unit
         self.bar = None
+        self.draw = stderr_is_terminal() if bar is None else bar
+        self.t0: float | None = None
 
     def __call__(self, done: int, total: int) -> None:
+        if not self.draw:
+            if self.t0 is None:
+                if done >= total:  # a cache hit reports (total, total) once: nothing to say
+                    return
+                self.t0 = time.perf_counter()
+            if done >= total:
+                click.echo(f"{self.desc}: {total} {self.unit}s in {time.perf_counter() - self.t0:.1f} s", err=True)
+                self.t0 = None
+            return
         if self.bar is None:
             if done >= total:  # a cache hit reports (total, total) once: no bar
                 return
-            self.bar = tqdm(total=total, desc=self.desc, unit="slice", leave=False, file=sys.stderr)
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, leave=False, file=sys.stderr)
         self.bar.n = done
         self.bar.refresh()
         if done >= total:

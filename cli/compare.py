@@ -1,44 +1,66 @@
-"""``pyroseg compare``: train every model under one protocol and tabulate them."""
+"""``pyroseg compare``: train every model under one protocol, over seeds, and tabulate them with intervals."""
 
 from __future__ import annotations
+
+import shlex
+import sys
 
 import click
 
 from cli.common import CONTEXT, handle_errors
 from cli.fit import BarCallbacks
-from pyroseg.compare import compare_models
 from pyroseg.config import FitConfig
-from pyroseg.models import MODELS
+from pyroseg.errors import UsageError
 
 _D = FitConfig()
 
 
 @click.command("compare", context_settings=CONTEXT)
-@click.option("--data", default=_D.data, show_default=True, help="'synthetic', 'synthetic-ambiguous' or an LGG folder.")
+@click.option("--data", default=_D.data, show_default=True, help="'synthetic', 'synthetic-ambiguous', an LGG or QUBIQ folder, or a LIDC pickle.")
 @click.option("--image-size", type=int, default=_D.image_size, show_default=True)
 @click.option("--epochs", type=int, default=_D.epochs, show_default=True)
 @click.option("--batch-size", type=int, default=_D.batch_size, show_default=True)
 @click.option("--lr", type=float, default=_D.lr, show_default=True)
-@click.option("--seed", type=int, default=_D.seed, show_default=True)
+@click.option("--seed", type=int, default=_D.seed, show_default=True, help="First seed; the data and split seed.")
+@click.option("--seeds", type=int, default=1, show_default=True,
+              help="Train each model this many times (seeds --seed, --seed+1, ...); 3 or more for a claim.")
+@click.option("--vary-split", is_flag=True, help="Redraw the patient split (and synthetic data) with each seed.")
+@click.option("--baseline", default="unet", show_default=True, help="The model every other is compared with.")
 @click.option("--device", default=_D.device, show_default=True)
 @click.option("--beta-warmup", type=float, default=None, help="KL warm-up epochs [default: a quarter of --epochs].")
-@click.option("--models", default=",".join(MODELS), show_default=True, help="Comma-separated models to compare.")
+@click.option("--models", default=None,
+              help="Comma-separated models to compare: built-in names (`pyroseg models` lists them), import paths "
+                   "package.module:Class or entry points [default: every built-in model].")
 @click.option("--num-samples", type=int, default=16, show_default=True, help="Samples per image at evaluation.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the runs and the tables.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Folder for the runs and the tables.")
 @click.option("--overwrite", is_flag=True, help="Retrain models whose runs already exist in --out.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--render", "render_dir", type=click.Path(file_okay=False), default=None,
+              help="Only print the Markdown tables of RESULTS_DIR/comparison.json (no training).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
-def compare_cmd(data, image_size, epochs, batch_size, lr, seed, device, beta_warmup, models, num_samples, out,
-                overwrite, cache_dir, quiet):
-    """Train the models with identical data, split, epochs and seed; write comparison.md/.json."""
+def compare_cmd(data, image_size, epochs, batch_size, lr, seed, seeds, vary_split, baseline, device, beta_warmup,
+                models, num_samples, out, overwrite, cache_dir, render_dir, quiet):
+    """Train the models with identical data, split and epochs, --seeds times each; write comparison.md/.csv/.json/.png.
+
+    Run it again with the same options to pick up an interrupted comparison.
+    """
+    from pyroseg.compare import compare_models, render_results
+
+    if render_dir is not None:
+        click.echo(render_results(render_dir), nl=False)
+        return
+    if out is None:
+        raise UsageError("--out: required (a folder for the runs and the tables), or --render RESULTS_DIR")
     base = FitConfig(data=data, image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                      device=device, beta_warmup=beta_warmup, cache_dir=cache_dir)
 
-    def announce(name, i, n):
-        click.echo(f"[{i + 1}/{n}] {name}", err=True)
+    def announce(label, i, n):
+        click.echo(f"[{i + 1}/{n}] {label}", err=True)
 
-    compare_models(base, out, models=[m.strip() for m in models.split(",") if m.strip()], num_samples=num_samples,
-                   overwrite=overwrite, callbacks=BarCallbacks(quiet), on_model=announce)
+    names = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    compare_models(base, out, models=names, seeds=seeds, vary_split=vary_split, baseline=baseline,
+                   num_samples=num_samples, overwrite=overwrite, callbacks=BarCallbacks(quiet), on_model=announce,
+                   command="pyroseg " + shlex.join(sys.argv[1:]))
     click.echo(open(f"{out}/comparison.md").read())
-    click.echo(f"wrote {out}/comparison.md and {out}/comparison.json")
+    click.echo(f"wrote {out}/comparison.md, .csv, .json and comparison.png")

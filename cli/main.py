@@ -13,6 +13,9 @@ import click
 
 from cli.common import CONTEXT
 
+# No torch, Pyro or matplotlib here nor at the top of any cli module: help,
+# --version and option errors answer at once; each command imports what it needs.
+
 
 @click.group(context_settings=CONTEXT)
 @click.version_option(package_name="pyroseg")
@@ -31,12 +34,14 @@ def cli(debug: bool, verbose: int) -> None:
 
 from cli.compare import compare_cmd  # noqa: E402
 from cli.data import inspect_cmd  # noqa: E402
+from cli.ensemble import ensemble_cmd  # noqa: E402
 from cli.evaluate import evaluate_cmd  # noqa: E402
 from cli.fit import fit_cmd  # noqa: E402
+from cli.models import models_cmd  # noqa: E402
 from cli.plot import plot_cmd  # noqa: E402
 from cli.sample import sample_cmd  # noqa: E402
 
-for _cmd in (fit_cmd, evaluate_cmd, sample_cmd, compare_cmd, inspect_cmd, plot_cmd):
+for _cmd in (fit_cmd, evaluate_cmd, sample_cmd, compare_cmd, inspect_cmd, plot_cmd, ensemble_cmd, models_cmd):
     cli.add_command(_cmd)
 
 

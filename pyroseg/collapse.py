@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
@@ -58,6 +59,7 @@ __all__ = [
     "latent_units",
     "predict_probs",
     "collapse_report",
+    "diagnostic_indices",
     "plot_latent_scales",
 ]
 
@@ -160,6 +162,16 @@ def predict_probs(model: SegModel, image: torch.Tensor, *, num_samples: int = 8,
     return probs.view(num_samples, b, *probs.shape[1:])
 
 
+def diagnostic_indices(n: int, max_slices: int | None) -> np.ndarray:
+    """The slices :func:`collapse_report` looks at: all ``n`` (``max_slices`` None or 0,
+    or ``n <= max_slices``), else ``max_slices`` evenly spaced ones, the first and the
+    last included. Fixed by ``n`` alone, so every epoch of a run sees the same slices
+    and its curves move with the model, not with the draw."""
+    if not max_slices or n <= max_slices:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, max_slices).round().astype(np.int64))
+
+
 @torch.no_grad()
 def collapse_report(
     model: SegModel,
@@ -169,27 +181,38 @@ def collapse_report(
     batch_size: int = 32,
     device: torch.device | str = "cpu",
     threshold: float = ACTIVE_THRESHOLD,
+    max_slices: int | None = None,
 ) -> dict[str, float]:
     """Active units and the effect of each latent site over ``data`` (first annotator).
 
     Returns ``{"au_<site>": active units, "units_<site>": total units,
     "dice_change_<site>": ..., "effect_<site>": ...}`` (see module docs);
-    empty for a model without latents or empty data.
+    empty for a model without latents or empty data. ``max_slices``: only that
+    many evenly spaced slices of ``data`` (:func:`diagnostic_indices`; None: all).
+
+    Cost per batch of ``B`` slices: the guide once (posterior means), the
+    model's own :meth:`~pyroseg.models.base.SegModel.sample` for the full
+    prediction, and per site one pass of the model on the ``S x B`` repeated
+    images (the effect). Training runs it on a fixed subset
+    (``FitConfig.collapse_slices``): on all validation slices it cost more than
+    the training epoch of ``hprob_unet`` (docs/guide/comparing.md).
     """
-    if not model.has_latent or len(data) == 0:
+    if not model.latent_sites or model.guide_is_prior or len(data) == 0:
         return {}
     was_training = model.training
     model.eval()
     sites = list(model.latent_sites)
     means: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
     full_dice, changed_dice, agreement = [], {s: [] for s in sites}, {s: [] for s in sites}
-    loader = DataLoader(SegDataset(data), batch_size=batch_size, shuffle=False, collate_fn=collate_batch)
+    indices = diagnostic_indices(len(data), max_slices)
+    loader = DataLoader(SegDataset(data, indices), batch_size=batch_size, shuffle=False, collate_fn=collate_batch)
     try:
         for batch in loader:
             image, mask = batch["image"].to(device), batch["mask"].to(device)
             for s, m in posterior_means(model, image, mask).items():
                 means[s].append(m.cpu())
-            full = predict_probs(model, image, num_samples=num_samples).mean(0)[:, 0] >= 0.5  # (B, H, W)
+            # the model's own sampler: same distribution as predict_probs, sharing the encoder over samples
+            full = model.sample(image, num_samples).mean(0)[:, 0] >= 0.5  # (B, H, W)
             truth = mask[:, 0] > 0.5
             full_dice.append(dice(full, truth).cpu())
             for s in sites:
@@ -232,11 +255,10 @@ def plot_latent_scales(
 
     dev = resolve_device(device)
     run = load_run(run_dir, device=dev)
-    if not run.model.has_latent:
+    if not run.model.latent_sites or run.model.guide_is_prior:
         raise UsageError(f"--latents: model {run.model.name!r} of {run_dir} has no latent sites to show")
     cfg = run.config
-    data = load_source(cfg.data, cfg.image_size, seed=cfg.seed, synthetic_patients=cfg.synthetic_patients,
-                       synthetic_slices=cfg.synthetic_slices, cache_dir=cache_dir or cfg.cache_dir)
+    data = load_source(cfg.data, cfg.image_size, **{**cfg.source_options(), "cache_dir": cache_dir or cfg.cache_dir})
     subset = select_split(data, run.split, split, source=cfg.data)
     png = Path(png) if png else Path(run_dir) / "latent_scales.png"
     return plots.latent_scales_grid(run.model, subset, png, device=dev, n_images=n_images, num_samples=num_samples)

@@ -17,7 +17,17 @@ from typing import Any
 
 from pyroseg.errors import CheckpointError, UsageError
 
-__all__ = ["FitConfig", "CONFIG_VERSION", "versions", "load_config_json"]
+__all__ = ["FitConfig", "CONFIG_VERSION", "AUGMENTS", "LR_SCHEDULES", "SELECT_BY", "versions", "load_config_json"]
+
+#: The values of ``--augment``, ``--lr-schedule`` and ``--select-by`` (checked here,
+#: implemented in :mod:`pyroseg.augment`, :mod:`pyroseg.schedules` and :mod:`pyroseg.train`).
+AUGMENTS = ("none", "flip", "standard")
+LR_SCHEDULES = ("constant", "cosine", "step")
+SELECT_BY = ("auto", "val_dice_tumour", "val_dice_all", "val_loss", "val_ged")
+
+#: What a config.json written before a field existed meant by its absence: that
+#: version's behaviour, which may differ from today's default.
+_LEGACY = {"augment": "none", "lr_schedule": "constant", "lr_warmup": 0.0, "select_by": "auto", "patience": None}
 
 #: Bumped when the meaning of a config field changes; a run written by a newer
 #: version is refused rather than misread.
@@ -29,7 +39,7 @@ class FitConfig:
     """Everything one training run depends on (``pyroseg fit`` options)."""
 
     model: str = "unet"
-    data: str = "synthetic"  # "synthetic", "synthetic-ambiguous" or a folder in the LGG layout
+    data: str = "synthetic"  # "synthetic", "synthetic-ambiguous", an LGG or QUBIQ folder, or a LIDC pickle
     out: str = "runs/unet"
     image_size: int = 64
     epochs: int = 20
@@ -68,6 +78,33 @@ class FitConfig:
     num_workers: int = 0
     # speed: channels-last weights and activations (measured 1.2-1.27x faster steps on CPU)
     channels_last: bool = True
+    # training recipe (docs/guide/training-recipe.md)
+    augment: str = "none"  # training batches only: "none", "flip" or "standard" (pyroseg.augment)
+    lr_schedule: str = "constant"  # "constant", "cosine" or "step" (pyroseg.schedules.lr_at)
+    lr_warmup: float = 0.0  # epochs of linear learning-rate warm-up from 0 to --lr
+    select_by: str = "auto"  # validation column that picks best.pt; auto: val_dice_tumour (one annotator) or val_ged (several)
+    patience: int | None = None  # stop after this many epochs without a better select_by; None: never
+    # multi-rater sources (issue 12): the QUBIQ task (None: the only one there) and the axis
+    # a 3-D NIfTI volume is sliced along (-1: the last); the intensity scaling used is
+    # recorded in config.json's "data" section
+    task: str | None = None
+    slice_axis: int = -1
+    # deep ensembles (issue 15): seed of the weights, the shuffle and the sampling noise; None: --seed.
+    # The data and the split always come from --seed, so members that differ only here share them.
+    init_seed: int | None = None
+
+    # provenance: the config.json this run was trained again from (``fit --config``); None: from options
+    source_config: str | None = None
+    # seed of the data (the synthetic generator) and of the patient split; None: `seed`.
+    # `pyroseg compare --seeds` holds it fixed so that the seeds vary only weights, z noise and order.
+    data_seed: int | None = None
+    # the per-epoch collapse diagnostics look at this many evenly spaced validation slices (0: all);
+    # on all of them they took longer than hprob_unet's training epoch (docs/guide/comparing.md)
+    collapse_slices: int = 32
+    # speed on a GPU: training arrays resident on the device, batches gathered there
+    # (pyroseg.data.device); auto: on a CUDA device when they take < 1/4 of its free memory
+    data_on_device: str = "auto"
+
     # GECO as in DeepMind's HPU-Net code (issue 13): the constraint on a stochastic top-k of the
     # pixels ("topk") or on the mean over the image ("mean", before issue 13); the multiplier as
     # softplus(w)^2 by gradient ascent ("softplus") or by lambda *= exp(rate * C) ("multiplicative")
@@ -75,6 +112,11 @@ class FitConfig:
     geco_top_k: float = 0.02  # share of the batch's pixels in the top-k constraint
     geco_deterministic_top_k: bool = False  # the k largest cross-entropies instead of a draw
     geco_update: str = "softplus"
+
+    @property
+    def train_seed(self) -> int:
+        """The seed of the weights, the shuffle and the noise (``init_seed``, else ``seed``)."""
+        return self.seed if self.init_seed is None else self.init_seed
 
     def validate(self) -> FitConfig:
         """Refuse values that cannot work, naming the option (UsageError, exit 2),
@@ -112,11 +154,33 @@ class FitConfig:
             (self.free_bits >= 0, f"--free-bits {self.free_bits}: expected >= 0 nats"),
             (self.val_samples >= 1, f"--val-samples {self.val_samples}: expected at least 1"),
             (self.num_workers >= 0, f"--num-workers {self.num_workers}: expected >= 0"),
+            (self.augment in AUGMENTS, f"--augment {self.augment!r}: expected one of {', '.join(AUGMENTS)}"),
+            (self.lr_schedule in LR_SCHEDULES, f"--lr-schedule {self.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}"),
+            (self.lr_warmup >= 0, f"--lr-warmup {self.lr_warmup}: expected >= 0 epochs"),
+            (self.select_by in SELECT_BY, f"--select-by {self.select_by!r}: expected one of {', '.join(SELECT_BY)}"),
+            (self.patience is None or self.patience >= 1, f"--patience {self.patience}: expected at least 1 epoch"),
+            (self.task is None or (isinstance(self.task, str) and self.task.strip() != ""), f"--task {self.task!r}: expected a task name such as task01"),
+            (isinstance(self.slice_axis, int) and -3 <= self.slice_axis <= 2, f"--slice-axis {self.slice_axis}: a 3-D volume has axes 0, 1, 2 (or -1, -2, -3)"),
+            (self.init_seed is None or (isinstance(self.init_seed, int) and self.init_seed >= 0),
+             f"--init-seed {self.init_seed}: expected an integer >= 0"),
+            (self.data_seed is None or isinstance(self.data_seed, int), f"data_seed {self.data_seed!r}: expected an integer"),
+            (self.collapse_slices >= 0, f"--collapse-slices {self.collapse_slices}: expected >= 0 (0: every slice)"),
+            (self.data_on_device in ("auto", "on", "off"), f"--data-on-device {self.data_on_device!r}: expected auto, on or off"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise UsageError(msg)
         return self
+
+    def source_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`pyroseg.data.load_source` that rebuild this run's data
+        (besides ``spec`` and ``image_size``)."""
+        return {"seed": self.seed_of_data(), "synthetic_patients": self.synthetic_patients, "synthetic_slices": self.synthetic_slices,
+                "cache_dir": self.cache_dir, "task": self.task, "slice_axis": self.slice_axis}
+
+    def seed_of_data(self) -> int:
+        """The seed of the data and the patient split: ``data_seed``, or ``seed`` when unset."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -129,7 +193,7 @@ class FitConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise CheckpointError(f"config has unknown fields {unknown}: written by a newer pyroseg?")
-        d = dict(d)
+        d = {**_LEGACY, **d}
         if d.get("objective") == "geco":  # a GECO run written before issue 13: its rule, not today's default
             d.setdefault("geco_constraint", "mean")
             d.setdefault("geco_update", "multiplicative")

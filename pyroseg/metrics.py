@@ -13,6 +13,13 @@ Metrics of a *distribution* of masks (:func:`ged`, :func:`hm_iou`,
 fraction of annotators who mark the pixel; :class:`ReliabilityAccumulator` and
 :class:`DistributionAccumulator` collect them batch by batch.
 
+Multi-rater data may have a different number of raters per image: the
+functions that take ``annotations`` also take ``counts`` ``(B,)`` (how many of
+the ``A`` masks of each image are real; the rest are padding and are never
+read), ``None`` meaning all ``A``. :func:`qubiq_score`, :func:`rater_mean`,
+:func:`majority_vote` and :func:`dice_per_rater` judge a point prediction
+against every rater.
+
 Empty-mask conventions (the seed report's, and the usual ones):
 
 * Dice and IoU of an empty prediction on an empty target are ``empty_score``
@@ -45,7 +52,15 @@ __all__ = [
     "ReliabilityAccumulator",
     "DistributionAccumulator",
     "ECE_BINS",
+    "QUBIQ_THRESHOLDS",
+    "rater_mean",
+    "majority_vote",
+    "dice_per_rater",
+    "qubiq_score",
 ]
+
+#: The thresholds of the QUBIQ challenge's score: 0.1, 0.2, ..., 0.9.
+QUBIQ_THRESHOLDS = tuple(round(0.1 * k, 1) for k in range(1, 10))
 
 #: Equal-width bins on [0, 1] of :func:`ece` and :func:`reliability_curve`.
 ECE_BINS = 10
@@ -166,6 +181,16 @@ def _self_mean(d: torch.Tensor, unbiased: bool) -> torch.Tensor:
     return total / n**2
 
 
+def _ragged(fn, samples: torch.Tensor, annotations: torch.Tensor, counts: torch.Tensor | None):
+    """``fn(samples, annotations)`` per image over each image's own ``counts[b]``
+    annotations when they differ from ``A``; one batched call otherwise. ``(B,)``."""
+    a = annotations.shape[-3]
+    if counts is None or bool((torch.as_tensor(counts) == a).all()):
+        return fn(samples, annotations)
+    counts = torch.as_tensor(counts).tolist()
+    return torch.cat([fn(samples[b : b + 1], annotations[b : b + 1, : int(n)]) for b, n in enumerate(counts)])
+
+
 def ged_terms(samples: torch.Tensor, annotations: torch.Tensor, *, unbiased: bool = False) -> dict[str, torch.Tensor]:
     """The three expectations of the generalised energy distance, each ``(B,)``.
 
@@ -181,7 +206,8 @@ def ged_terms(samples: torch.Tensor, annotations: torch.Tensor, *, unbiased: boo
     }
 
 
-def ged(samples: torch.Tensor, annotations: torch.Tensor, *, unbiased: bool = False) -> torch.Tensor:
+def ged(samples: torch.Tensor, annotations: torch.Tensor, *, unbiased: bool = False,
+        counts: torch.Tensor | None = None) -> torch.Tensor:
     """Squared generalised energy distance per image, ``(B,)``.
 
     ``D^2 = 2 E[d(S, Y)] - E[d(S, S')] - E[d(Y, Y')]`` with ``d = 1 - IoU``
@@ -201,9 +227,13 @@ def ged(samples: torch.Tensor, annotations: torch.Tensor, *, unbiased: bool = Fa
     negative, and two identical sets of ``n`` distinct masks score below 0. A set
     of one mask has no distinct pair: its within-set term is 0 either way (so on
     one-annotator data the last term is 0).
+    ``counts``: ``(B,)`` real annotations per image (the rest padding); None: all ``A``.
     """
-    t = ged_terms(samples, annotations, unbiased=unbiased)
-    return 2 * t["cross"] - t["samples"] - t["annotations"]
+    def one(s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        t = ged_terms(s, a, unbiased=unbiased)
+        return 2 * t["cross"] - t["samples"] - t["annotations"]
+
+    return _ragged(one, samples, annotations, counts)
 
 
 def sample_diversity(samples: torch.Tensor) -> torch.Tensor:
@@ -215,7 +245,7 @@ def sample_diversity(samples: torch.Tensor) -> torch.Tensor:
     return _self_mean(1 - pairwise_iou(samples, samples), unbiased=True)
 
 
-def hm_iou(samples: torch.Tensor, annotations: torch.Tensor) -> torch.Tensor:
+def hm_iou(samples: torch.Tensor, annotations: torch.Tensor, *, counts: torch.Tensor | None = None) -> torch.Tensor:
     """Hungarian-matched IoU between the sample set and the annotation set, ``(B,)``.
 
     The smaller set is replicated to the size ``n = max(S, A)`` of the larger
@@ -225,8 +255,11 @@ def hm_iou(samples: torch.Tensor, annotations: torch.Tensor) -> torch.Tensor:
     and the mean IoU of the matched pairs is returned (``IoU(empty, empty) = 1``).
     When ``m`` does not divide ``n`` the first ``n mod m`` members of the smaller
     set count once more than the rest. 1 when the sets are identical.
-    ``samples``: ``(B, S, H, W)``, ``annotations``: ``(B, A, H, W)``, binary.
+    ``samples``: ``(B, S, H, W)``, ``annotations``: ``(B, A, H, W)``, binary;
+    ``counts``: ``(B,)`` real annotations per image (the rest padding), None: all.
     """
+    if counts is not None and not bool((torch.as_tensor(counts) == annotations.shape[-3]).all()):
+        return _ragged(hm_iou, samples, annotations, counts)
     iou_sa = pairwise_iou(samples, annotations)  # (B, S, A)
     n_s, n_a = iou_sa.shape[-2:]
     n = max(n_s, n_a)
@@ -253,7 +286,13 @@ class DistributionAccumulator:
     def __init__(self) -> None:
         self._parts: dict[str, list[np.ndarray]] = {k: [] for k in self.KEYS}
 
-    def update(self, samples: torch.Tensor, annotations: torch.Tensor) -> None:
+    def update(self, samples: torch.Tensor, annotations: torch.Tensor, counts: torch.Tensor | None = None) -> None:
+        """``counts``: ``(B,)`` real annotations per image (the rest padding); None: all ``A``."""
+        a = annotations.shape[-3]
+        if counts is not None and not bool((torch.as_tensor(counts) == a).all()):
+            for b, n in enumerate(torch.as_tensor(counts).tolist()):
+                self.update(samples[b : b + 1], annotations[b : b + 1, : int(n)])
+            return
         d_sa = 1 - pairwise_iou(samples, annotations)  # (B, S, A)
         d_ss = 1 - pairwise_iou(samples, samples)  # (B, S, S)
         d_aa = 1 - pairwise_iou(annotations, annotations)  # (B, A, A)
@@ -354,3 +393,62 @@ def ece(prob: torch.Tensor, target: torch.Tensor, *, n_bins: int = ECE_BINS) -> 
     acc = ReliabilityAccumulator(n_bins)
     acc.update(prob, target)
     return acc.ece()
+
+
+# ---------------------------------------------------------------------------------------
+# a point prediction against every rater: rater mean, majority, per-rater Dice, QUBIQ score
+
+
+def _counts(raters: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+    """``(B,)`` float counts; ``None``: ``A`` for every image."""
+    if counts is None:
+        return torch.full((raters.shape[0],), float(raters.shape[1]), device=raters.device)
+    return torch.as_tensor(counts, device=raters.device).float()
+
+
+def rater_mean(raters: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pixel fraction of raters who mark the pixel, ``(B, H, W)`` float in [0, 1].
+
+    ``raters``: ``(B, A, H, W)`` binary, slots past ``counts[b]`` empty (padding).
+    """
+    n = _counts(raters, counts)
+    return raters.float().sum(1) / n.view(-1, *([1] * (raters.dim() - 2)))
+
+
+def majority_vote(raters: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """The majority mask ``(B, H, W)`` bool: pixels that at least half of the raters mark.
+
+    A tie (2 of 4) counts as lesion, as the 50 % consensus of the LIDC tools
+    (pylidc's ``consensus(clevel=0.5)``) and our mask resize do.
+    """
+    return rater_mean(raters, counts) >= 0.5
+
+
+def dice_per_rater(pred: torch.Tensor, raters: torch.Tensor, counts: torch.Tensor | None = None,
+                   *, empty_score: float = 1.0) -> torch.Tensor:
+    """Dice of a binary ``pred`` ``(B, H, W)`` against each rater of ``raters`` ``(B, A, H, W)``.
+
+    Returns ``(B, A)`` float; NaN in the padded slots (``a >= counts[b]``), so
+    ``nanmean`` over raters averages each image's own raters only.
+    """
+    b, a = raters.shape[:2]
+    d = dice(pred[:, None].expand_as(raters).reshape(b * a, -1), raters.reshape(b * a, -1), empty_score=empty_score)
+    d = d.view(b, a)
+    valid = torch.arange(a, device=raters.device)[None, :] < _counts(raters, counts)[:, None]
+    return torch.where(valid, d, torch.full_like(d, float("nan")))
+
+
+def qubiq_score(prob: torch.Tensor, raters: torch.Tensor, counts: torch.Tensor | None = None,
+                *, thresholds: Sequence[float] = QUBIQ_THRESHOLDS) -> torch.Tensor:
+    """The QUBIQ challenge's score per image, ``(B,)`` in [0, 1].
+
+    The raters are averaged into a continuous map ``m = rater_mean(raters)``;
+    ``m`` and the prediction ``prob`` ``(B, H, W)`` (the model's mean
+    probability) are each thresholded at every ``t`` of ``thresholds`` (strictly
+    above ``t``: with 7 raters ``m`` never equals a threshold; with 4, ``m = 0.5``
+    is not above 0.5) and the Dice of the two masks is averaged over the
+    thresholds; two empty masks score 1.
+    """
+    m = rater_mean(raters, counts)
+    scores = [dice(prob > t, m > t, empty_score=1.0) for t in thresholds]
+    return torch.stack(scores).mean(0)

@@ -79,7 +79,14 @@ class SiteELBO(TraceMeanField_ELBO):
 
     # -- the terms of one particle -------------------------------------------------------
     def _site_kl(self, model_site: dict, guide_site: dict) -> torch.Tensor:
-        """KL of one latent site per image, ``(B,)``, unscaled."""
+        """KL of one latent site per image, ``(B,)``, unscaled.
+
+        A guide site marked ``infer={"guide_is_prior": True}`` draws from the model's
+        own distribution (same network, same input; ``ssn``): its KL is 0 by
+        construction, returned exactly (no rounding noise, no gradient).
+        """
+        if guide_site["infer"].get("guide_is_prior"):
+            return guide_site["value"].new_zeros(model_site["fn"].batch_shape)
         if self.analytic_kl:
             try:
                 return kl_divergence(guide_site["fn"], model_site["fn"])

@@ -104,7 +104,7 @@ def sample_grid(
         label = str(r.get("name", i))[-18:] + (f"\n{r['note']}" if r.get("note") else "")
         ax.set_ylabel(label, fontsize=7)
         if i == 0:
-            ax.set_title("image (FLAIR)", fontsize=8)
+            ax.set_title("image (FLAIR)" if img.shape[0] == 3 else "image", fontsize=8)
         col += 1
         truths = r.get("truth")
         for a in range(n_truth):
@@ -201,18 +201,19 @@ def validation_grid(model, data, png: str | Path, *, device="cpu", n_images: int
     was = model.training
     model.eval()
     images = torch.from_numpy(data.images[pick]).float().div(255).to(device)
-    probs = model.sample(images, num_samples if model.has_latent else 1).cpu().numpy()  # (S, B, 1, H, W)
+    probs = model.sample(images, model.num_draws(num_samples)).cpu().numpy()  # (S, B, 1, H, W)
     model.train(was)
     from pyroseg.metrics import ged, hm_iou
 
     binary = torch.from_numpy(probs[:, :, 0] >= 0.5).transpose(0, 1)  # (B, S, H, W)
     truths = torch.from_numpy(data.masks[pick])  # (B, A, H, W)
-    g, m = ged(binary, truths).tolist(), hm_iou(binary, truths).tolist()
+    counts = torch.from_numpy(data.rater_counts[pick])  # each slice against its own raters only
+    g, m = ged(binary, truths, counts=counts).tolist(), hm_iou(binary, truths, counts=counts).tolist()
     rows = [
         {
             "image": images[j].cpu().numpy(),
             "samples": probs[:, j, 0],
-            "truth": data.masks[i],
+            "truth": data.masks[i, : data.rater_counts[i]],
             "name": f"{data.patients[i]} #{data.slice_numbers[i]}",
             "note": f"GED {g[j]:.2f}, HM-IoU {m[j]:.2f}",
         }

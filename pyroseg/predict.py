@@ -37,7 +37,11 @@ def elbo_terms(model: SegModel, image: torch.Tensor, mask: torch.Tensor) -> dict
     terms = {"recon": -site["fn"].log_prob(site["value"])}  # (B,)
     total = terms["recon"]
     for name in model.latent_sites:
-        kl = kl_divergence(guide_trace.nodes[name]["fn"], model_trace.nodes[name]["fn"])  # (B,)
+        q, p = guide_trace.nodes[name]["fn"], model_trace.nodes[name]["fn"]
+        if guide_trace.nodes[name]["infer"].get("guide_is_prior"):  # ssn: KL 0 by construction
+            kl = torch.zeros(p.batch_shape, device=image.device)
+        else:
+            kl = kl_divergence(q, p)  # (B,)
         terms[f"kl_{name}"] = kl
         total = total + kl
     terms["loss"] = total
@@ -80,12 +84,13 @@ def predict_dataset(
     A model without a latent draws one sample (all its samples are that one).
     ``distribution``: also score, batch by batch, the samples thresholded at
     ``threshold`` against all ``A`` annotator masks of ``data`` (GED, matched
-    IoU, diversity: :attr:`Predictions.distribution`), without keeping them.
+    IoU, diversity: :attr:`Predictions.distribution`), without keeping them;
+    each slice against its own ``data.rater_counts[i]`` raters only.
     """
     was_training = model.training
     model.eval()
     loader = DataLoader(SegDataset(data), batch_size=batch_size, shuffle=False, collate_fn=collate_batch)
-    n_draw = num_samples if model.has_latent else 1
+    n_draw = model.num_draws(num_samples)
     means, samples, terms = [], [], {}
     dist = DistributionAccumulator() if distribution else None
     try:
@@ -98,7 +103,7 @@ def predict_dataset(
                 if keep_samples:
                     samples.append(binary.to(torch.uint8).cpu())
                 if dist is not None:
-                    dist.update(binary, batch["masks"].to(device))
+                    dist.update(binary, batch["masks"].to(device), batch["rater_count"])
             if with_terms:
                 for k, v in elbo_terms(model, image, batch["mask"].to(device)).items():
                     terms.setdefault(k, []).append(v.float().cpu())

@@ -7,6 +7,8 @@
       metrics.csv     one row per epoch (train loss, validation ELBO terms,
                       KL per latent site, beta, validation Dice, timings)
       checkpoint.pt   weights, optimizer, epoch/step, RNG states, history
+      best.pt         the weights of the epoch with the best validation score
+                      (``--select-by``); what evaluate / sample use by default
       curves.png      training curves; val_samples.png a grid of validation samples;
                       latent_scales.png what each latent site controls (models with several)
 """
@@ -26,13 +28,16 @@ from pyroseg.checkpoint import atomic_write_text, load_checkpoint
 from pyroseg.config import CONFIG_VERSION, FitConfig, load_config_json
 from pyroseg.data.core import SegData
 from pyroseg.errors import CheckpointError, UsageError
-from pyroseg.models import SegModel, build_model
+from pyroseg.models import MODELS, SegModel, build_model
 
 __all__ = [
     "CONFIG",
     "SPLIT",
     "METRICS",
     "CHECKPOINT",
+    "BEST",
+    "CHECKPOINTS",
+    "pick_checkpoint",
     "RUN_FILES",
     "prepare_run_dir",
     "clear_run_files",
@@ -53,13 +58,14 @@ CONFIG = "config.json"
 SPLIT = "split.json"
 METRICS = "metrics.csv"
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
 #: The patient groups a command can be asked for (``--split``); ``all``: every slice.
 EVAL_SPLITS = ("test", "val", "train", "all")
-RUN_FILES = (CONFIG, SPLIT, METRICS, CHECKPOINT, "curves.png", "val_samples.png", "latent_scales.png")
+RUN_FILES = (CONFIG, SPLIT, METRICS, CHECKPOINT, BEST, "curves.png", "val_samples.png", "latent_scales.png")
 
 #: Fields of a FitConfig that may differ between a run's config.json and its
 #: checkpoint (``--resume`` may raise ``epochs``; the rest do not change results).
-_FREE_FIELDS = {"out", "epochs", "device", "cache_dir", "num_workers"}
+_FREE_FIELDS = {"out", "epochs", "device", "cache_dir", "num_workers", "source_config"}
 
 log = logging.getLogger(__name__)
 
@@ -154,16 +160,54 @@ def read_metrics_csv(path: str | Path) -> list[dict[str, float]]:
     return out
 
 
-class LoadedRun:
-    """A run folder opened for evaluation or sampling: config, split, model with weights."""
+#: The values of ``--checkpoint`` of evaluate / sample.
+CHECKPOINTS = ("best", "last")
 
-    def __init__(self, run_dir: Path, doc: dict, split: dict, model: SegModel, checkpoint: dict):
+
+def pick_checkpoint(run_dir: str | Path, which: str | None = None) -> tuple[Path, str]:
+    """The weights file of a run and a line saying which it is.
+
+    ``which``: ``"best"`` (``best.pt``; refused when the run has none), ``"last"``
+    (``checkpoint.pt``) or ``None``: best.pt when the run has one, else
+    checkpoint.pt (a run from before best.pt existed, or without validation
+    patients).
+    """
+    run_dir = Path(run_dir)
+    if which not in (None, *CHECKPOINTS):
+        raise UsageError(f"--checkpoint {which!r}: expected best or last")
+    best = run_dir / BEST
+    if which == "best" and not best.is_file():
+        raise UsageError(f"--checkpoint best: {run_dir} has no {BEST} (no validation patients, or written before "
+                         "best.pt existed); use --checkpoint last")
+    if which == "best" or (which is None and best.is_file()):
+        return best, "best"
+    reason = "" if which == "last" else f"; the run has no {BEST}"
+    return run_dir / CHECKPOINT, f"last{reason}"
+
+
+def _describe(path: Path, kind: str, ckpt: dict) -> str:
+    """``best.pt (epoch 7, val_dice_tumour 0.7123)`` or ``checkpoint.pt (last, epoch 10)``."""
+    epoch = ckpt.get("epoch", "?")
+    sel = ckpt.get("best") if kind == "best" else None
+    if isinstance(sel, dict) and "metric" in sel:
+        return f"{path.name} (best by {sel['metric']} {float(sel['value']):.4g}, epoch {epoch})"
+    return f"{path.name} ({kind}, epoch {epoch})"
+
+
+class LoadedRun:
+    """A run folder opened for evaluation or sampling: config, split, model with weights.
+    ``checkpoint_file``: the weights' file; ``checkpoint_used``: a line naming it (for the user)."""
+
+    def __init__(self, run_dir: Path, doc: dict, split: dict, model: SegModel, checkpoint: dict,
+                 checkpoint_file: Path | None = None, checkpoint_used: str = CHECKPOINT):
         self.run_dir = run_dir
         self.doc = doc
         self.config = FitConfig.from_dict(doc["fit"])
         self.split = split
         self.model = model
         self.checkpoint = checkpoint
+        self.checkpoint_file = checkpoint_file or run_dir / CHECKPOINT
+        self.checkpoint_used = checkpoint_used
 
     @property
     def epochs_done(self) -> int:
@@ -188,14 +232,18 @@ def read_run_files(run_dir: str | Path) -> tuple[dict, dict]:
     return doc, split
 
 
-def load_run(run_dir: str | Path, *, device: torch.device | str = "cpu") -> LoadedRun:
-    """Open a run folder: JSON config, JSON split and the checkpoint's weights (safely)."""
+def load_run(run_dir: str | Path, *, device: torch.device | str = "cpu", checkpoint: str | None = None) -> LoadedRun:
+    """Open a run folder: JSON config, JSON split and the weights (safely) of
+    ``checkpoint`` (see :func:`pick_checkpoint`: by default best.pt when there is one)."""
     run_dir = Path(run_dir)
     doc, split = read_run_files(run_dir)
-    ckpt = load_checkpoint(run_dir / CHECKPOINT, map_location=device)
-    model = model_from_checkpoint(ckpt, doc, source=run_dir / CHECKPOINT).to(device)
+    path, kind = pick_checkpoint(run_dir, checkpoint)
+    ckpt = load_checkpoint(path, map_location=device)
+    model = model_from_checkpoint(ckpt, doc, source=path).to(device)
     model.eval()
-    return LoadedRun(run_dir, doc, split, model, ckpt)
+    used = _describe(path, kind.split(";")[0], ckpt) + (kind[kind.index(";"):] if ";" in kind else "")
+    log.info("%s: using %s", run_dir, used)
+    return LoadedRun(run_dir, doc, split, model, ckpt, path, used)
 
 
 def _jsonable(x: Any) -> Any:
@@ -240,7 +288,15 @@ def model_from_checkpoint(ckpt: dict, doc: dict, *, source: Path) -> SegModel:
     """Rebuild the model named in the config and load the checkpoint's weights,
     refusing a checkpoint of another model, image size or run (:func:`check_checkpoint`)."""
     check_checkpoint(ckpt, doc, source=source)
-    model = build_model(doc["model"]["name"], **doc["model"]["hparams"])
+    # a model from outside pyroseg is opened by the import path its run recorded
+    ref = doc["model"].get("import_path") or doc["model"]["name"]
+    try:
+        model = build_model(ref, **doc["model"]["hparams"])
+    except UsageError as e:
+        if ref in MODELS:
+            raise
+        raise CheckpointError(f"{source.parent / CONFIG}: cannot open its model {ref!r}: "
+                              f"{str(e).split(': ', 1)[-1]}") from None
     load_weights(model, ckpt, source=source)
     return model
 

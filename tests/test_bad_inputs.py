@@ -4,8 +4,9 @@ Each row: what the user did wrong, the command line, the exit status it must
 give (2: a bad option or argument; 1: a failure while running) and the words
 the single ``Error: ...`` line must contain (the thing, and what was expected).
 For every row the test also checks: no traceback, nothing left uncaught, and
-the bytes of every file of an existing run unchanged (``keep``). The README's
-"Troubleshooting" table lists the same rows by their ``what`` (checked below).
+the bytes of every file of an existing run unchanged (``keep``). The table of the
+documentation's Troubleshooting page (docs/guide/troubleshooting.md) lists the same
+rows by their ``what`` (checked below).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from rater_files import lidc_record, write_evil_lidc, write_lidc, write_nifti, write_qubiq
 
 import pyroseg.checkpoint as ck
 from cli.main import cli
@@ -38,7 +40,7 @@ TINY = [
 ]  # fmt: skip
 P1, P2 = "TCGA_AA_0001_20000101", "TCGA_BB_0002_20000202"
 ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0  # chmod does not stop root
-README = Path(__file__).resolve().parents[1] / "README.md"
+TROUBLESHOOTING = Path(__file__).resolve().parents[1] / "docs" / "guide" / "troubleshooting.md"
 
 
 # --------------------------------------------------------------------------- what the rows build on
@@ -83,6 +85,13 @@ class Ctx:
                 mask = np.zeros((32, 32), np.uint8)
                 mask[8:20, 10:22] = 255
                 _tif(root / p / f"{p}_{n}_mask.tif", mask)
+        if damage:
+            damage(root)
+        return root
+
+    def qubiq(self, damage: Callable[[Path], None] | None = None) -> Path:
+        """A small QUBIQ task folder (tests/rater_files.py: 5 cases, 16x16, 2-3 raters), then ``damage(root)``."""
+        root = write_qubiq(self.tmp / "brain-growth")
         if damage:
             damage(root)
         return root
@@ -194,7 +203,7 @@ OPENERS = {"fit --resume": _resume, "evaluate": _evaluate, "sample": _sample}
 
 @dataclass
 class Bad:
-    what: str  # as in the README's Troubleshooting table
+    what: str  # as in the Troubleshooting table (docs/guide/troubleshooting.md)
     build: Callable[[Ctx], list[str]]  # makes the bad input, returns the command line
     code: int  # the exit status
     names: tuple[str, ...]  # what the Error line must contain; {run}, {tmp} are filled in
@@ -231,6 +240,10 @@ def _rgb(h=32, w=32):
     return lambda: np.full((h, w, 3), 90, np.uint8)
 
 
+def _qubiq_case(what, damage, *names):
+    return Bad(what, lambda c: c.fit_data(c.qubiq(damage)), 1, names)
+
+
 DATA_CASES = [
     Bad("data folder missing", lambda c: c.fit_data(c.tmp / "nowhere"), 1, ("nowhere", "does not exist")),
     Bad("data path is a file", lambda c: c.fit_data(_touch(c.tmp / "data.csv")), 1, ("data.csv", "not a directory", "expected the kaggle_3m folder")),
@@ -247,7 +260,39 @@ DATA_CASES = [
     _lgg_case("mask not single-channel", _save(f"{P1}/{P1}_2_mask.tif", _rgb(), "RGB"), f"{P1}_2_mask.tif", "mode RGB", "expected a single-channel mask"),
     _lgg_case("truncated TIFF", _truncate(f"{P2}/{P2}_2.tif"), f"{P2}_2.tif", "unreadable or truncated TIFF"),
     _lgg_case("non-binary mask", _nonbinary, f"{P2}_1_mask.tif", "values 1, 128", "expected only 0 and 255"),
+    _qubiq_case("QUBIQ case without image.nii.gz", lambda r: (r / "Training/case02/image.nii.gz").unlink(), "Training/case02", "has no image.nii.gz"),
+    _qubiq_case("QUBIQ rater shape differs from its image", lambda r: [write_nifti(r / f"Training/case01/task01_seg0{k}.nii.gz", np.zeros((8, 8), np.uint8)) for k in (1, 2, 3)],
+                "case01/image.nii.gz", "16x16", "raters are 8x8", "expected the same spatial shape"),
+    _qubiq_case("QUBIQ mask not 0/1", lambda r: write_nifti(r / "Validation/case05/task01_seg02.nii.gz", np.full((16, 16), 255, np.uint8)),
+                "case05/task01_seg02.nii.gz", "values 255", "expected only 0 and 1 (QUBIQ masks are 0/1)"),
+    _qubiq_case("QUBIQ case with no rater", lambda r: [p.unlink() for p in (r / "Validation/case04").glob("task01_*")], "case04", "has no rater for task01"),
+    Bad("--task not present", lambda c: [*c.fit_data(c.qubiq()), "--task", "task02"], 2, ("--task task02", "not present", "task01")),
+    _qubiq_case("NIfTI not 2-D or 3-D", lambda r: write_nifti(r / "Training/case03/image.nii.gz", np.zeros((16, 16, 2, 2, 2), np.uint8)),
+                "case03/image.nii.gz", "5-D", "expected a 2-D image or a 3-D volume"),
+    Bad("pickle with a foreign global", lambda c: c.fit_data(write_evil_lidc(c.tmp / "data_lidc.pickle", c.tmp / "PWNED")), 1,
+        ("data_lidc.pickle", "refused to load the global io.open", "may only hold numpy arrays")),
+    Bad("truncated pickle", lambda c: c.fit_data(_truncated_pickle(c.tmp / "data_lidc.pickle")), 1, ("data_lidc.pickle", "truncated or not a pickle")),
+    Bad("pickle record without masks", lambda c: c.fit_data(write_lidc(c.tmp / "data_lidc.pickle", {"k1": lidc_record("s1"), "k2": _without(lidc_record("s2"), "masks")})), 1,
+        ("data_lidc.pickle", "record 'k2' lacks 'masks'", "expected keys image, masks, series_uid")),
+    Bad("masks of different sizes in one record", lambda c: c.fit_data(write_lidc(c.tmp / "data_lidc.pickle", {"k1": _odd_mask(lidc_record("s1"))})), 1,
+        ("data_lidc.pickle", "record 'k1'", "'masks'[1] is 8x8 but 'masks'[0] is 16x16")),
 ]  # fmt: skip
+
+
+def _truncated_pickle(path: Path) -> Path:
+    write_lidc(path, {f"k{i}": lidc_record(f"s{i}") for i in range(3)})
+    path.write_bytes(path.read_bytes()[:300])
+    return path
+
+
+def _without(rec: dict, key: str) -> dict:
+    del rec[key]
+    return rec
+
+
+def _odd_mask(rec: dict) -> dict:
+    rec["masks"][1] = np.zeros((8, 8), np.uint8)
+    return rec
 
 
 def _touch(p: Path) -> Path:
@@ -266,12 +311,24 @@ def _unreadable_lgg(ctx: Ctx) -> Path:
     return root
 
 
+def _touch_json(path: Path) -> Path:
+    path.write_text('{"not": "a config"}')
+    return path
+
+
 def _fit(*args):
     return lambda c: ["fit", *TINY, "--out", str(c.tmp / "out"), *args]
 
 
 OPTION_CASES = [
-    Bad("unknown --model", _fit("--model", "nope"), 2, ("--model", "'nope' is not one of")),
+    Bad("unknown --model", _fit("--model", "nope"), 2, ("--model", "'nope'", "unknown model", "unet", "import path")),
+    Bad("--model import path that does not import", _fit("--model", "no_such_pkg.models:Net"), 2, ("--model 'no_such_pkg.models:Net'", "no module named 'no_such_pkg'")),
+    Bad("--model import path to something not a SegModel", _fit("--model", "pathlib:Path"), 2, ("--model 'pathlib:Path'", "not a subclass of pyroseg.models.SegModel")),
+    Bad("--tensorboard without the extra", lambda c: (c.monkeypatch.setitem(__import__("sys").modules, "tensorboard", None),
+                                                      ["fit", *TINY, "--out", str(c.tmp / "out"), "--tensorboard"])[1],
+        2, ("--tensorboard", "pip install 'pyroseg[tensorboard]'")),
+    Bad("--config and --resume", lambda c: ["fit", "--config", str(c.run / "config.json"), "--resume", str(c.run)], 2, ("--config with --resume", "give one or the other")),
+    Bad("--config not a pyroseg config", lambda c: ["fit", "--config", str(_touch_json(c.tmp / "other.json")), "--out", str(c.tmp / "o")], 1, ("other.json", "not a pyroseg config")),
     Bad("--image-size not a power of two", _fit("--image-size", "48"), 2, ("--image-size 48", "expected a power of two")),
     Bad("--image-size too small for the network", _fit("--image-size", "8"), 2, ("--image-size 8", "too small")),
     Bad("--epochs 0", _fit("--epochs", "0"), 2, ("--epochs 0", "expected at least 1")),
@@ -284,6 +341,15 @@ OPTION_CASES = [
     Bad("--widths not integers", _fit("--widths", "8,x"), 2, ("--widths", "expected comma-separated integers")),
     Bad("--model-arg without =", _fit("--model-arg", "nonsense"), 2, ("--model-arg 'nonsense'", "expected KEY=VALUE")),
     Bad("--model-arg the model lacks", _fit("--model-arg", "no_such_knob=3"), 2, ("--model-arg 'no_such_knob'", "has no such hyper-parameter")),
+    Bad("--model-arg latent_dim not positive", _fit("--model", "prob_unet", "--model-arg", "latent_dim=-3"), 2, ("--model-arg latent_dim=-3", "expected a positive integer")),
+    Bad("--model-arg rank not an integer", _fit("--model", "ssn", "--model-arg", "rank=abc"), 2, ("--model-arg rank='abc'", "expected a positive integer")),
+    Bad("--model-arg latent_dims of the wrong length", _fit("--model", "hvae", "--model-arg", "latent_dims=[4,4]"), 2, ("--model-arg latent_dims=[4, 4]", "expected a list of 3 positive integers")),
+    Bad("--model-arg dropout outside [0, 1)", _fit("--model", "mc_dropout", "--model-arg", "dropout=1.5"), 2, ("--model-arg dropout=1.5", "expected a rate in [0, 1)")),
+    Bad("--init-seed negative", _fit("--init-seed", "-1"), 2, ("--init-seed -1", "expected an integer >= 0")),
+    Bad("ensemble of one run", lambda c: ["ensemble", str(c.run), "--out", str(c.tmp / "e")], 2, ("RUNS", "expected at least 2 run folders")),
+    Bad("ensemble of runs of another image size", lambda c: ["ensemble", str(c.run), str(c.trained["unet64"]), "--out", str(c.tmp / "e")], 2, ("unet64", "image_size 64", "must share data, image size and split")),
+    Bad("ensemble with a run given twice", lambda c: ["ensemble", str(c.trained["unet"]), str(c.trained["unet"]) + "/", "--out", str(c.tmp / "e")], 2, ("RUNS", "given twice")),
+    Bad("ensemble --out already holds a run", lambda c: ["ensemble", str(c.trained["unet"]), str(c.run), "--out", str(c.run)], 2, ("--out {run}", "already holds a run")),
     Bad("unknown --objective", _fit("--objective", "vi"), 2, ("--objective", "'vi' is not one of")),
     Bad("--geco-kappa not a number", _fit("--objective", "geco", "--geco-kappa", "abc"), 2, ("--geco-kappa 'abc'", "expected nats per pixel")),
     Bad("--geco-kappa negative", _fit("--objective", "geco", "--geco-kappa", "-0.1"), 2, ("--geco-kappa -0.1", "expected a positive number")),
@@ -459,22 +525,22 @@ def test_debug_lets_the_exception_through(what, error, tmp_path, trained, monkey
     assert not [line for line in result.stderr.splitlines() if line.startswith("Error:")]  # not the one-line form
 
 
-def _readme_rows() -> list[str]:
-    text = README.read_text()
-    section = text.split("## Troubleshooting", 1)[1].split("\n## ", 1)[0]
+def _troubleshooting_rows() -> list[str]:
+    text = TROUBLESHOOTING.read_text()
+    section = text.split("## Every error, and what to do", 1)[1].split("\n## ", 1)[0]
     return [line.split("|")[1].strip().strip("`") for line in section.splitlines() if line.startswith("| ")]
 
 
-def test_readme_lists_every_row():
-    """The README's Troubleshooting table has a row for every bad input tested here
+def test_troubleshooting_lists_every_row():
+    """The Troubleshooting page's table has a row for every bad input tested here
     (damaged runs are listed once for the three commands)."""
-    rows = set(_readme_rows())
+    rows = set(_troubleshooting_rows())
     missing = []
     for case in TABLE:
         what = case.what.rsplit(" (", 1)[0] if case in DAMAGED_CASES else case.what
         if what not in rows:
             missing.append(what)
-    assert not missing, f"README Troubleshooting lacks: {sorted(set(missing))}"
+    assert not missing, f"{TROUBLESHOOTING} lacks: {sorted(set(missing))}"
 
 
 def test_the_payload_is_real(tmp_path, trained):

@@ -143,3 +143,15 @@ def test_ddp_cpu_benchmark_runs_one_and_two_processes(tmp_path):
     assert [(x["processes"], x["batch_per_process"]) for x in rows] == [(1, 4), (2, 2)]
     assert rows[0]["comm_share"] == 0 and 0 <= rows[1]["comm_share"] < 1
     assert "images/s" in r.stdout
+
+
+def test_issue18_gpu_script_runs_its_code_path_on_cpu(tmp_path, monkeypatch):
+    """benchmarks/gpu_issue18.py sync on CPU: every variant runs (there is nothing to count)."""
+    out = tmp_path / "sync.json"
+    monkeypatch.setattr(sys, "argv", ["gpu_issue18.py", "sync", "--device", "cpu", "--models", "unet", "--size", "32",
+                                      "--batch", "2", "--steps", "1", "--json", str(out)])
+    _load("gpu_issue18").main()
+    rows = json.loads(out.read_text())["sync"]["rows"]
+    assert [r["variant"].split(" (")[0].split(",")[0] for r in rows] == ["trainer", "trainer", "DeviceBatches", "DataLoader + .to(device)"]
+    assert all(r["syncs"] is None for r in rows)
+    assert [r["check_every"] for r in rows[:2]] == [1, 1]  # the CPU default

@@ -232,4 +232,121 @@ def test_console_script_entry_point():
 
 # ------------------------------------------------------------------ errors
 # The bad options, bad data, damaged runs and full disks of every command are one
-# table in tests/test_bad_inputs.py (with --debug, and the README's Troubleshooting table).
+# table in tests/test_bad_inputs.py (with --debug, and the docs' Troubleshooting table, docs/guide/troubleshooting.md).
+
+
+# ------------------------------------------------------------------ a CLI that answers at once
+
+
+def test_importing_the_cli_imports_no_heavy_library():
+    """`pyroseg --help`, --version and option errors must not wait for torch, Pyro or matplotlib:
+    importing the command line imports none of them (each command imports what it needs)."""
+    code = "import sys, cli.main; print(sorted(m for m in ('torch', 'pyro', 'matplotlib', 'numpy', 'tqdm') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def test_eval_splits_and_checkpoints_of_the_cli_are_the_librarys():
+    from cli.common import CHECKPOINTS, EVAL_SPLITS
+    from pyroseg.runs import CHECKPOINTS as LIB_CHECKPOINTS
+    from pyroseg.runs import EVAL_SPLITS as LIB_SPLITS
+
+    assert EVAL_SPLITS == LIB_SPLITS
+    assert CHECKPOINTS == LIB_CHECKPOINTS
+
+
+def test_models_command_lists_every_built_in_model():
+    from pyroseg.models import MODELS
+
+    res = _ok(invoke("models"))
+    names = [line.split()[0] for line in res.stdout.splitlines()[2:] if line.strip()]
+    assert names == list(MODELS)
+
+
+# ------------------------------------------------------------------ logs that read well in a file
+
+
+def test_fit_log_in_a_file_has_one_line_per_epoch(tmp_path):
+    """Standard error to a file (a cluster job, nohup, CI): no progress bars, no carriage
+    returns; one line when the data is loaded and one per epoch, with the epoch's figures."""
+    log_file = tmp_path / "fit.log"
+    args = [a for a in TINY if a != "--quiet"]
+    args[args.index("--epochs") + 1] = "3"
+    args[args.index("--batch-size") + 1] = "8"  # 32 training slices: 4 batches an epoch
+    args.append("--no-collapse-diagnostics")  # (time)
+    with open(log_file, "w") as err:
+        proc = subprocess.run([sys.executable, "-m", "pyroseg", "fit", "--model", "prob_unet", "--out",
+                               str(tmp_path / "run"), *args], stdout=subprocess.PIPE, stderr=err, text=True,
+                              timeout=600, cwd=Path(__file__).resolve().parents[1])
+    text = log_file.read_text()
+    assert proc.returncode == 0, text
+    assert "\r" not in text and "batch/s" not in text and "it/s" not in text, text
+    lines = text.splitlines()
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"], text
+    for line in epochs:  # the bar's figures: loss, validation -ELBO, KL of z, Dice; and the epoch's time
+        assert all(w in line for w in ("loss ", "val -ELBO ", "kl_z ", "val dice ", " s)")), line
+    assert sum(line.startswith("data: ") for line in lines) == 1
+    assert len(lines) == 4, text  # nothing else (warnings would show here too)
+    # the figures are the ones metrics.csv has
+    first = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    header, row = first[0].split(","), first[1].split(",")
+    assert f"loss {float(row[header.index('train_loss')]):.1f}" in epochs[0]
+
+
+# ------------------------------------------------------------------ training a run again from its config.json
+
+
+def _weights(run: Path) -> dict:
+    import torch
+
+    return torch.load(run / "checkpoint.pt", weights_only=True)["model_state"]
+
+
+def test_fit_again_from_config_gives_identical_weights(runs, tmp_path):
+    """`fit --config RUN/config.json` trains the same configuration again: on CPU the same
+    weights, bit for bit; its config.json says where it came from."""
+    import torch
+
+    first = runs["prob_unet"]
+    again = tmp_path / "again"
+    res = _ok(invoke("fit", "--config", str(first / "config.json"), "--out", str(again), "--quiet"))
+    assert res.stderr == ""  # --quiet: no progress output, bars or lines
+    a, b = _weights(first), _weights(again)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    old, new = (json.loads((r / "config.json").read_text())["fit"] for r in (first, again))
+    assert new["source_config"] == str((first / "config.json").resolve())
+    assert {k: v for k, v in new.items() if k not in ("out", "source_config")} == \
+        {k: v for k, v in old.items() if k not in ("out", "source_config")}
+
+
+def test_fit_again_from_config_with_options_overriding_the_files(runs, tmp_path):
+    import torch
+
+    copy = tmp_path / "x"
+    shutil.copytree(runs["unet"], copy)
+    _ok(invoke("fit", "--config", str(copy), "--seed", "1", "--epochs", "2", "--quiet"))  # a run folder works too
+    again = tmp_path / "x-rerun"  # the default --out
+    doc = json.loads((again / "config.json").read_text())
+    assert doc["fit"]["seed"] == 1 and doc["fit"]["epochs"] == 2  # from the command line
+    assert doc["fit"]["image_size"] == SIZE and doc["fit"]["widths"] == [8, 16, 32, 64]  # from the file
+    assert doc["fit"]["source_config"] == str((copy / "config.json").resolve())
+    assert len((again / "metrics.csv").read_text().splitlines()) == 3
+    a, b = _weights(runs["unet"]), _weights(again)
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # another seed: other weights
+    res = invoke("fit", "--config", str(copy / "config.json"), "--resume", str(copy))
+    assert res.exit_code == 2 and "--config with --resume" in res.stderr
+
+
+def test_load_progress_without_a_terminal_is_one_line(capsys):
+    from cli.common import LoadBar
+
+    bar = LoadBar("decoding data", bar=False)
+    for done in range(0, 501, 50):
+        bar(done, 500)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("decoding data: 500 slices in ") and "\r" not in err
+    LoadBar("decoding data", bar=False)(500, 500)  # a cache hit: nothing to say
+    assert capsys.readouterr().err == ""

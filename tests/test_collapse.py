@@ -108,6 +108,30 @@ def test_a_used_latent_changes_the_prediction_when_set_to_its_prior_mean():
     assert latent_units(hp) == {"z_4": 1, "z_3": 2 * 2, "z_2": 4 * 4, "z_1": 8 * 8}
 
 
+def test_diagnostic_indices_are_a_fixed_even_subset():
+    from pyroseg.collapse import diagnostic_indices
+
+    assert diagnostic_indices(5, None).tolist() == [0, 1, 2, 3, 4] and diagnostic_indices(5, 8).tolist() == [0, 1, 2, 3, 4]
+    assert diagnostic_indices(10, 4).tolist() == [0, 3, 6, 9]  # linspace(0, 9, 4) = 0, 3, 6, 9
+    assert diagnostic_indices(100, 64).tolist() == diagnostic_indices(100, 64).tolist()
+    assert len(diagnostic_indices(100, 64)) == 64 and diagnostic_indices(100, 64)[-1] == 99
+
+
+def test_collapse_report_on_a_subset_equals_the_report_of_those_slices():
+    """``max_slices`` looks at the evenly spaced slices only: the same numbers as the
+    report of a data set made of those slices, with the same draws."""
+    data = _data(n=12)
+    model = build_model("hvae", image_size=H).eval()
+    keep = [0, 4, 7, 11]  # diagnostic_indices(12, 4)
+    sub = SegData(images=data.images[keep], masks=data.masks[keep], patients=data.patients[keep],
+                  slice_numbers=data.slice_numbers[keep], source="test")
+    pyro.set_rng_seed(3)
+    a = collapse_report(model, data, num_samples=2, batch_size=3, max_slices=4)
+    pyro.set_rng_seed(3)
+    b = collapse_report(model, sub, num_samples=2, batch_size=3)
+    assert a == b and set(a) == {f"{k}_{s}" for k in ("au", "units", "dice_change", "effect") for s in model.latent_sites}
+
+
 @pytest.mark.slow
 def test_latent_scales_grid_draws_a_png(tmp_path):
     from pyroseg.plots import latent_scales_grid

@@ -8,9 +8,11 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import cli
-from pyroseg.compare import COLUMNS, compare_models
+from pyroseg.compare import COLUMNS, compare_models, render_results, summarise
 from pyroseg.config import FitConfig
 from pyroseg.errors import UsageError
+from pyroseg.runs import read_metrics_csv
+from pyroseg.train import FitCallbacks
 
 
 def _base(**kw):
@@ -21,33 +23,53 @@ def _base(**kw):
 
 
 def test_compare_trains_each_model_with_one_protocol(tmp_path):
-    rows = compare_models(_base(), tmp_path, models=["unet", "vae"], num_samples=2)
+    doc = compare_models(_base(), tmp_path, models=["unet", "vae"], num_samples=2)
+    rows = doc["runs"]
     assert [r["model"] for r in rows] == ["unet", "vae"]
     md = (tmp_path / "comparison.md").read_text()
     for _, header in COLUMNS:
         assert header in md
-    assert md.count("\n| unet") == 1 and md.count("\n| vae") == 1
-    doc = json.loads((tmp_path / "comparison.json").read_text())
-    assert doc["config"]["epochs"] == 1 and len(doc["rows"]) == 2
+    assert md.count("\n| unet |") == 1 and md.count("\n| vae |") == 1
+    saved = json.loads((tmp_path / "comparison.json").read_text())
+    assert saved["config"]["epochs"] == 1 and len(saved["runs"]) == 2 and saved["seeds"] == [0]
+    assert saved["runs"][1]["run"] == str(tmp_path / "vae" / "seed0")
     # identical protocol: the same split file for both models
-    assert (tmp_path / "unet" / "split.json").read_text() == (tmp_path / "vae" / "split.json").read_text()
-    cu = json.loads((tmp_path / "unet" / "config.json").read_text())["fit"]
-    cv = json.loads((tmp_path / "vae" / "config.json").read_text())["fit"]
+    assert (tmp_path / "unet" / "seed0" / "split.json").read_text() == (tmp_path / "vae" / "seed0" / "split.json").read_text()
+    cu = json.loads((tmp_path / "unet" / "seed0" / "config.json").read_text())["fit"]
+    cv = json.loads((tmp_path / "vae" / "seed0" / "config.json").read_text())["fit"]
     assert {k: v for k, v in cu.items() if k not in ("model", "out")} == {k: v for k, v in cv.items() if k not in ("model", "out")}
     assert "elbo" in rows[1] and "elbo" not in rows[0]
     assert rows[0]["collapsed_sites"] == "n/a"
+    # per-patient scores add up to the table's means
+    pp = rows[0]["per_patient"]["dice_all"]
+    assert sum(s for s, _ in pp.values()) / sum(c for _, c in pp.values()) == pytest.approx(rows[0]["dice_all"])
+    assert sum(c for _, c in pp.values()) == rows[0]["n_slices"]
+    # one seed: no spread, so no t-interval; the patient bootstrap still judges the difference
+    st = {(s["model"], s["metric"]): s for s in saved["summary"]}
+    assert st[("vae", "dice_all")]["n"] == 1 and st[("vae", "dice_all")]["lo"] != st[("vae", "dice_all")]["lo"]  # NaN
+    d = {(x["model"], x["metric"]): x for x in saved["differences"]}[("vae", "dice_all")]
+    assert d["diff"] == pytest.approx(rows[1]["dice_all"] - rows[0]["dice_all"]) and d["patients"]["n"] == rows[0]["n_patients"]
+    csv_text = (tmp_path / "comparison.csv").read_text()
+    assert csv_text.startswith("model,metric,n_seeds,mean,sd,ci_lo,ci_hi") and "\nvae,dice_all,1," in csv_text
+    assert (tmp_path / "comparison.png").stat().st_size > 5000
 
 
 def test_compare_reuses_finished_runs(tmp_path):
     compare_models(_base(), tmp_path, models=["unet"], num_samples=1)
-    before = (tmp_path / "unet" / "checkpoint.pt").stat().st_mtime_ns
+    before = (tmp_path / "unet" / "seed0" / "checkpoint.pt").stat().st_mtime_ns
     compare_models(_base(), tmp_path, models=["unet"], num_samples=1)
-    assert (tmp_path / "unet" / "checkpoint.pt").stat().st_mtime_ns == before
+    assert (tmp_path / "unet" / "seed0" / "checkpoint.pt").stat().st_mtime_ns == before
+    with pytest.raises(UsageError, match="other settings .*lr"):  # a run of another protocol is never reused
+        compare_models(_base(lr=0.01), tmp_path, models=["unet"], num_samples=1)
 
 
-def test_compare_rejects_unknown_models(tmp_path):
+def test_compare_rejects_bad_options(tmp_path):
     with pytest.raises(UsageError, match="unknown"):
         compare_models(_base(), tmp_path, models=["unet", "gan"])
+    with pytest.raises(UsageError, match="--baseline vae: not among"):
+        compare_models(_base(), tmp_path, models=["unet"], baseline="vae")
+    with pytest.raises(UsageError, match="--seeds 0"):
+        compare_models(_base(), tmp_path, models=["unet"], seeds=0)
 
 
 def test_compare_cli(tmp_path):
@@ -55,6 +77,101 @@ def test_compare_cli(tmp_path):
                                    "--models", "unet", "--num-samples", "1", "--out", str(tmp_path), "-q"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "comparison.md").is_file()
+    # the renderer regenerates comparison.md from comparison.json alone
+    rendered = CliRunner().invoke(cli, ["compare", "--render", str(tmp_path)])
+    assert rendered.exit_code == 0, rendered.output
+    assert rendered.output == (tmp_path / "comparison.md").read_text()
+    assert "Command: `pyroseg " in rendered.output
+    bad = CliRunner().invoke(cli, ["compare", "--render", str(tmp_path / "nowhere")])
+    assert bad.exit_code != 0 and "Error: --render" in bad.output and "no comparison.json" in bad.output
+    bad = CliRunner().invoke(cli, ["compare", "--models", "unet"])
+    assert bad.exit_code != 0 and "Error: --out: required" in bad.output
+
+
+class _StopAt(FitCallbacks):
+    """Interrupts the whole compare at its ``n``-th training step (counted over runs)."""
+
+    def __init__(self, n):
+        self.n, self.steps = n, 0
+
+    def on_step(self, loss):
+        self.steps += 1
+        if self.steps == self.n:
+            raise KeyboardInterrupt
+
+
+def _tables(doc):
+    """The numbers of the tables, without the timing (which no two runs share), as JSON (NaN == NaN)."""
+    return json.dumps([[r for r in doc["summary"] if r["metric"] != "sec_per_epoch"], doc["differences"]], sort_keys=True)
+
+
+def test_seeds_resume_and_render_round_trip(tmp_path):
+    """Two models x 2 seeds x 2 epochs; an interrupted compare, run again, gives the same tables."""
+    kw = dict(models=["unet", "vae"], seeds=2, num_samples=2, pictures=False)
+    # 3 test patients to resample; the per-epoch diagnostics are not what is tested here
+    base = _base(epochs=2, synthetic_patients=10, synthetic_slices=4, test_fraction=0.3, collapse_diagnostics=False)
+    whole = compare_models(base, tmp_path / "whole", **kw)
+    per_epoch = read_metrics_csv(tmp_path / "whole" / "unet" / "seed0" / "metrics.csv")[0]["step"]
+    # stop in the 2nd epoch of the 3rd run (unet, seed 1) ...
+    with pytest.raises(KeyboardInterrupt):
+        compare_models(base, tmp_path / "cut", callbacks=_StopAt(int(4 * per_epoch + per_epoch + 1)), **kw)
+    cut = tmp_path / "cut"
+    assert len(json.loads((cut / "comparison.json").read_text())["runs"]) == 2  # whole seeds are tabulated as they finish
+    assert (cut / "unet" / "seed1" / "checkpoint.pt").is_file() and not (cut / "vae" / "seed1").exists()
+    kept = (cut / "vae" / "seed0" / "checkpoint.pt").stat().st_mtime_ns
+    resumed = compare_models(base, cut, **kw)
+    assert (cut / "vae" / "seed0" / "checkpoint.pt").stat().st_mtime_ns == kept  # a finished run is kept
+    assert _tables(resumed) == _tables(whole)
+    d = {(x["model"], x["metric"]): x for x in whole["differences"]}[("vae", "dice_all")]
+    assert d["patients"]["n"] == 3 and d["seeds"]["n"] == 2
+    # seeds vary the weights, not the data: one split for every run
+    splits = {(cut / m / f"seed{s}" / "split.json").read_text() for m in ("unet", "vae") for s in (0, 1)}
+    assert len(splits) == 1
+    st = {(s["model"], s["metric"]): s for s in whole["summary"]}
+    assert st[("vae", "dice_all")]["n"] == 2 and st[("vae", "dice_all")]["lo"] <= st[("vae", "dice_all")]["mean"]
+    # the renderer round-trips: comparison.md is render_results(comparison.json)
+    assert render_results(cut) == (cut / "comparison.md").read_text()
+    assert "95 % t-interval (seeds)" in render_results(cut)
+
+
+def test_vary_split_redraws_the_split_per_seed(tmp_path):
+    doc = compare_models(_base(collapse_diagnostics=False), tmp_path, models=["unet"], seeds=2, vary_split=True,
+                         num_samples=1, pictures=False)
+    seeds = [json.loads((tmp_path / "unet" / f"seed{s}" / "split.json").read_text())["seed"] for s in (0, 1)]
+    assert seeds == [0, 1] and doc["vary_split"]
+
+
+def _fake_run(model, seed, dice_all, per_patient):
+    return {"model": model, "seed": seed, "dice_all": dice_all, "ged": 1 - dice_all,
+            "per_patient": {"dice_all": per_patient, "ged": {p: [c - s, c] for p, (s, c) in per_patient.items()}}}
+
+
+def test_summarise_by_hand():
+    """Hand-computed: the paired differences 0.2, 0.05, 0.2 over 3 seeds have a t-interval containing 0: a tie."""
+    pp = {"a": [1.0, 2], "b": [0.5, 1]}
+    runs = [_fake_run("unet", s, v, pp) for s, v in zip((0, 1, 2), (0.6, 0.65, 0.7), strict=True)]
+    runs += [_fake_run("vae", s, v, {"a": [1.5, 2], "b": [0.8, 1]}) for s, v in zip((0, 1, 2), (0.8, 0.7, 0.9), strict=True)]
+    doc = summarise({"runs": runs, "seeds": [0, 1, 2], "baseline": "unet", "level": 0.95, "n_boot": 500})
+    st = {(s["model"], s["metric"]): s for s in doc["summary"]}
+    assert st[("unet", "dice_all")]["mean"] == pytest.approx(0.65) and st[("unet", "dice_all")]["sd"] == pytest.approx(0.05)
+    d = {(x["model"], x["metric"]): x for x in doc["differences"]}
+    dice_d = d[("vae", "dice_all")]
+    assert dice_d["diff"] == pytest.approx(0.15)
+    assert dice_d["seeds"]["lo"] == pytest.approx(-0.0651326, abs=1e-6) and dice_d["seeds"]["hi"] == pytest.approx(0.3651326, abs=1e-6)
+    # patients pooled over 3 seeds: vae (4.5 + 2.4) / 9 - unet (3 + 1.5) / 9; every patient better -> bootstrap > 0
+    assert dice_d["patients"]["diff"] == pytest.approx((6.9 - 4.5) / 9) and dice_d["patients"]["lo"] > 0
+    assert dice_d["verdict"] == "tie"  # the seeds' interval contains 0
+    assert d[("vae", "ged")]["verdict"] == "tie" and d[("vae", "ged")]["diff"] == pytest.approx(-0.15)
+    # a consistent gain over seeds and patients: GED lower is "better"
+    for r in runs:
+        if r["model"] == "vae":
+            r["ged"] = 1 - 0.65 - 0.1 - 0.01 * r["seed"]
+    doc = summarise(doc)
+    assert {(x["model"], x["metric"]): x for x in doc["differences"]}[("vae", "ged")]["verdict"] == "better"
+    # one seed: only the patient bootstrap (every patient gains 0.25-0.3), and the verdict says so
+    one = summarise({**doc, "runs": [r for r in runs if r["seed"] == 0], "seeds": [0]})
+    d = {(x["model"], x["metric"]): x for x in one["differences"]}[("vae", "dice_all")]
+    assert d["seeds"]["n"] == 1 and d["patients"]["lo"] > 0 and d["verdict"] == "better (1 seed)"
 
 
 def _check_ambiguous_rows(rows, models, tmp_path):
@@ -77,10 +194,10 @@ def _check_ambiguous_rows(rows, models, tmp_path):
 
 
 def test_compare_on_ambiguous_data_adds_the_oracle(tmp_path):
-    rows = compare_models(_base(data="synthetic-ambiguous"), tmp_path, models=["unet"], num_samples=3)
+    rows = compare_models(_base(data="synthetic-ambiguous"), tmp_path, models=["unet"], num_samples=3)["runs"]
     _check_ambiguous_rows(rows, ["unet"], tmp_path)
     doc = json.loads((tmp_path / "comparison.json").read_text())
-    assert doc["rows"][-2]["model"] == "oracle" and doc["rows"][-2]["num_samples"] == 3
+    assert doc["runs"][-2]["model"] == "oracle" and doc["runs"][-2]["num_samples"] == 3
 
 
 @pytest.mark.slow
@@ -89,7 +206,7 @@ def test_every_model_trains_and_is_judged_on_ambiguous_data(tmp_path):
     distribution metrics on 4-annotator data."""
     from pyroseg.models import MODELS
 
-    rows = compare_models(_base(data="synthetic-ambiguous"), tmp_path, models=list(MODELS), num_samples=4)
+    rows = compare_models(_base(data="synthetic-ambiguous"), tmp_path, models=list(MODELS), num_samples=4)["runs"]
     _check_ambiguous_rows(rows, list(MODELS), tmp_path)
 
 

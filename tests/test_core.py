@@ -83,6 +83,7 @@ def test_summary_counts():
         "image_size": H,
         "channels": C,
         "annotators": 2,
+        "raters_per_slice": [2, 2],
         "slices_with_lesion": 2,
         "lesion_pixel_fraction": pytest.approx(8 / (4 * H * H)),
     }

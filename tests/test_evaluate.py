@@ -180,3 +180,111 @@ def test_oracle_one_mask_is_the_thresholded_marginal(amb):
     assert rep["hm_iou"] == pytest.approx(float(hm_iou(one, masks).mean()), abs=1e-6)
     # the same mean probability as the oracle's, so the same calibration
     assert rep["ece"] == evaluate_oracle(amb, num_samples=2)["ece"]
+
+
+def test_multi_annotator_runs_select_best_by_validation_ged(amb_run):
+    best = torch.load(amb_run / "best.pt", weights_only=True)["best"]
+    assert best["metric"] == "val_ged" and best["epoch"] == 1 and math.isfinite(best["value"])
+
+
+def test_evaluate_uses_best_pt_by_default_and_says_so(tmp_path):
+    """A run whose best.pt holds epoch 1 and checkpoint.pt epoch 2: evaluate scores
+    best.pt unless told --checkpoint last, and names the file it used."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+    from pyroseg.checkpoint import save_checkpoint
+
+    cfg = FitConfig(model="unet", out=str(tmp_path / "run"), image_size=SIZE, epochs=1, batch_size=16, synthetic_patients=6,
+                    synthetic_slices=8, widths=(8, 16, 32, 64), val_samples=1, device="cpu", select_by="val_loss")
+    run = fit(cfg, pictures=False)
+    first = torch.load(run / "checkpoint.pt", weights_only=True)
+    fit(FitConfig(out=str(run), epochs=2), resume=True, pictures=False)
+    save_checkpoint(run / "best.pt", {"model_name": "unet", "hparams": first["hparams"], "model_state": first["model_state"],
+                                      "epoch": 1, "best": {"metric": "val_loss", "value": 1.0, "epoch": 1},
+                                      "config": first["config"]})
+    best = evaluate_run(run, num_samples=1, device="cpu", collapse_samples=0)
+    last = evaluate_run(run, num_samples=1, device="cpu", collapse_samples=0, checkpoint="last")
+    assert best["checkpoint"] == "best.pt (best by val_loss 1, epoch 1)" and best["epochs_trained"] == 1
+    assert last["checkpoint"] == "checkpoint.pt (last, epoch 2)" and last["epochs_trained"] == 2
+    assert best["nll"] != last["nll"]  # other weights, other scores
+    res = CliRunner().invoke(cli, ["evaluate", str(run), "--device", "cpu", "--num-samples", "1", "--collapse-samples", "0"])
+    assert res.exit_code == 0, res.output
+    assert "weights: best.pt (best by val_loss 1, epoch 1)" in res.output
+    (run / "best.pt").unlink()
+    assert evaluate_run(run, num_samples=1, device="cpu", collapse_samples=0)["checkpoint"] == (
+        "checkpoint.pt (last, epoch 2); the run has no best.pt")
+    res = CliRunner().invoke(cli, ["evaluate", str(run), "--device", "cpu", "--checkpoint", "best"])
+    assert res.exit_code == 2 and "Error: --checkpoint best:" in res.output and "no best.pt" in res.output
+# --------------------------------------------------------------------------- real raters: the references
+
+from pyroseg.data.core import SegData  # noqa: E402
+from pyroseg.evaluate import MAJORITY, ORACLE_ONE_MASK, RATERS_LOO, evaluate_reference, reference_names  # noqa: E402
+
+
+def _raters(counts=(2, 2)) -> SegData:
+    """Two slices of two patients, 4x4: rater 0 marks the top 2 rows, rater 1 the top row (IoU 0.5);
+    a third slot is padding."""
+    masks = np.zeros((2, 3, 4, 4), np.uint8)
+    masks[:, 0, :2] = 1
+    masks[:, 1, :1] = 1
+    return SegData(np.zeros((2, 1, 4, 4), np.uint8), masks, np.array(["a", "b"]), np.zeros(2, int),
+                   rater_counts=np.array(counts))
+
+
+def test_reference_names_by_data():
+    amb = make_synthetic_ambiguous(SIZE, n_patients=2, slices_per_patient=2, seed=0)
+    assert reference_names(amb) == (ORACLE, ORACLE_ONE_MASK)
+    assert reference_names(_raters()) == (RATERS_LOO, MAJORITY)
+    assert reference_names(make_synthetic(SIZE, n_patients=2, slices_per_patient=2)) == ()
+
+
+def test_leave_one_out_by_hand():
+    """Each rater against the other: one mask against one, d = 1 - IoU = 0.5, so GED = 2 x 0.5 = 1,
+    HM-IoU 0.5; Dice of 2 rows vs 1 row = 2/3; the padded slot is never a rater."""
+    r = evaluate_reference(_raters(), RATERS_LOO)
+    assert r["n_pairs"] == 4 and r["n_slices"] == 2 and r["model"] == RATERS_LOO
+    assert r["ged"] == pytest.approx(1.0) and r["hm_iou"] == pytest.approx(0.5)
+    assert r["dice_raters"] == pytest.approx(2 / 3) and r["dice_majority"] == pytest.approx(2 / 3)
+    assert r["qubiq"] == pytest.approx(2 / 3)  # one other rater: its mean is its mask
+    assert r["raters_per_slice"] == [1, 1]
+
+
+def test_majority_vote_by_hand():
+    """The majority of 2 raters (a tie counts) is rater 0's 2 rows: Dice 1 with it and the majority,
+    2/3 with rater 1; GED = 2 E d(S, Y) - 0 - E d(Y, Y') = 2 (0 + 0.5) / 2 - (0 + 0.5 + 0.5 + 0) / 4 = 0.25."""
+    r = evaluate_reference(_raters(), MAJORITY)
+    assert r["dice_majority"] == 1.0 and r["dice_raters"] == pytest.approx((1 + 2 / 3) / 2)
+    assert r["dice_per_rater"][:2] == pytest.approx([1.0, 2 / 3]) and math.isnan(r["dice_per_rater"][2])
+    assert r["ged"] == pytest.approx(0.25) and r["hm_iou"] == pytest.approx(0.75)
+    # rater mean: row 0 = 1, row 1 = 0.5; the majority says 1 on both rows: the 4 px of row 1 are off
+    # by 0.5, out of 16 px: ECE 0.125
+    assert r["ece"] == pytest.approx(0.125)
+
+
+def test_one_rater_slices_have_no_leave_one_out_pair():
+    r = evaluate_reference(_raters((1, 2)), RATERS_LOO, ["a", "b"])
+    assert r["n_pairs"] == 2 and r["n_slices"] == 1
+def test_patient_scores_add_up_to_the_reports_means():
+    """Per patient [sum, count]: pooled over all patients they give score_predictions' numbers
+    exactly (what the paired bootstrap of pyroseg compare resamples)."""
+    from pyroseg.evaluate import PATIENT_METRICS, patient_scores, score_predictions
+
+    data = make_synthetic_ambiguous(image_size=32, n_patients=3, slices_per_patient=4, seed=0)
+    model = build_model("vae", image_size=32, widths=(8, 16, 32, 64))
+    pred = predict_dataset(model, data, num_samples=3, distribution=True)
+    report = score_predictions(pred, data)
+    report["elbo"] = float(np.mean(pred.terms["loss"]))
+    per = patient_scores(pred, data)
+    assert set(per) == set(PATIENT_METRICS)
+    for k, by_patient in per.items():
+        assert set(by_patient) == set(data.patient_ids)
+        total = sum(c for _, c in by_patient.values())
+        if total:
+            assert sum(s for s, _ in by_patient.values()) / total == pytest.approx(report[k], rel=1e-6, abs=1e-6), k
+    tumour = int((data.masks[:, 0].reshape(len(data), -1).max(1) > 0).sum())
+    assert sum(c for _, c in per["dice_tumour"].values()) == tumour
+    assert sum(c for _, c in per["dice_all"].values()) == len(data)
+    assert all(c == 1 for _, c in per["dice_volume"].values())
+    unet = predict_dataset(build_model("unet", image_size=32, widths=(8, 16, 32, 64)), data, num_samples=1)
+    assert "elbo" not in patient_scores(unet, data) and "ged" not in patient_scores(unet, data)

@@ -14,6 +14,11 @@ a chosen instant:
 After each kill: ``checkpoint.pt`` is whole (it loads) and is the previous
 checkpoint, the torn or unrenamed temporary file is left beside it, and the
 work lost (the process's position minus the checkpoint's) is at most one epoch.
+The training recipe's state (``--augment standard``: draws fixed by seed and
+step; ``--lr-schedule cosine --lr-warmup``: a function of the step; best.pt
+and its score in the checkpoint) is killed and resumed the same way
+(:func:`test_recipe_killed_in_a_write_then_resumed`), best.pt compared too.
+
 Then ``pyroseg fit --resume`` finishes the run, and: it removed the temporary
 file, ``metrics.csv`` has each epoch once, and the final weights, training
 losses and validation metrics EQUAL those of an uninterrupted run, bit for bit.
@@ -215,3 +220,30 @@ def test_killed_at_random_instants_twice_then_resumed(tmp_path, reference):
         args = ["fit", "--resume", str(run), "--quiet", "--checkpoint-every", str(EVERY)]
     assert kills >= 1
     _finish_and_compare(tmp_path, run, reference, "--checkpoint-every", str(EVERY))
+
+
+RECIPE = ["--augment", "standard", "--lr-schedule", "cosine", "--lr-warmup", "1", "--select-by", "val_loss"]
+
+
+@pytest.fixture(scope="module")
+def reference_recipe(tmp_path_factory) -> dict:
+    """The uninterrupted run with the training recipe: final checkpoint and best.pt."""
+    tmp = tmp_path_factory.mktemp("reference_recipe")
+    _run(tmp, "fit", *FIT, *RECIPE, "--out", str(tmp / "run"))
+    return {**load_checkpoint(tmp / "run" / "checkpoint.pt"), "best.pt": load_checkpoint(tmp / "run" / "best.pt")}
+
+
+def test_recipe_killed_in_a_write_then_resumed(tmp_path, reference_recipe):
+    """Killed before renaming its checkpoint at step 12 (mid-epoch 2, after best.pt of
+    epoch 1), resumed from step 9: weights, Adam state, history, learning rate and
+    best.pt equal the unbroken run's."""
+    run = tmp_path / "run"
+    extra = ["--checkpoint-every", str(EVERY)]
+    _kill_in_write(tmp_path, run, ["fit", *FIT, *RECIPE, "--out", str(run), *extra], 5, "before_rename")
+    assert _position(load_checkpoint(run / "checkpoint.pt")) == 9
+    _finish_and_compare(tmp_path, run, reference_recipe, *extra)
+    final, best = load_checkpoint(run / "checkpoint.pt"), load_checkpoint(run / "best.pt")
+    assert final["best"] == reference_recipe["best"] == best["best"] == reference_recipe["best.pt"]["best"]
+    assert final["trainer"]["optimizer"]["param_groups"][0]["lr"] == reference_recipe["trainer"]["optimizer"]["param_groups"][0]["lr"]
+    for k, v in reference_recipe["best.pt"]["model_state"].items():
+        assert torch.equal(best["model_state"][k], v), f"best.pt: {k} differs from the uninterrupted run"

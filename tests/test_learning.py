@@ -27,6 +27,8 @@ BUDGET = {
     "hvae": (1200, 400),
     "prob_unet": (200, 0),
     "hprob_unet": (200, 0),
+    "ssn": (200, 0),
+    "mc_dropout": (300, 0),
 }
 
 

@@ -391,3 +391,61 @@ def test_reliability_accumulator_equals_one_shot():
     assert math.isnan(ReliabilityAccumulator().ece())
     with pytest.raises(ValueError, match="shape"):
         acc.update(prob, target[:1])
+
+
+# ---------------------------------------------------------------------------------------
+# every rater: rater counts (padding), rater mean, majority, per-rater Dice, QUBIQ score
+
+from pyroseg.metrics import QUBIQ_THRESHOLDS, dice_per_rater, majority_vote, qubiq_score, rater_mean  # noqa: E402
+
+
+def _row(*values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32).view(1, 1, -1)  # (1, 1, P): one slice, P pixels
+
+
+def test_rater_mean_and_majority_read_only_real_raters():
+    raters = torch.cat([_row(1, 1, 0, 0), _row(1, 0, 0, 0), _row(0, 0, 0, 0)], 1)  # (1, 3, 4); slot 2 padding
+    counts = torch.tensor([2])
+    assert rater_mean(raters, counts).tolist() == [[1.0, 0.5, 0.0, 0.0]]
+    assert rater_mean(raters)[0].tolist() == pytest.approx([2 / 3, 1 / 3, 0.0, 0.0])  # None: all three
+    assert majority_vote(raters, counts).tolist() == [[True, True, False, False]]  # 1 of 2 is a tie: lesion
+    assert majority_vote(raters).tolist() == [[True, False, False, False]]
+
+
+def test_dice_per_rater_is_nan_in_padded_slots():
+    raters = torch.cat([_row(1, 1, 1, 0), _row(1, 1, 0, 0), _row(0, 0, 0, 0)], 1)
+    d = dice_per_rater(_row(1, 1, 0, 0)[:, 0].bool(), raters, torch.tensor([2]))
+    assert d[0, :2].tolist() == pytest.approx([0.8, 1.0]) and math.isnan(d[0, 2])
+
+
+def test_qubiq_score_by_hand():
+    """Raters' mean (1, 2/3, 1/3, 0), prediction (0.95, 0.55, 0.25, 0): the masks differ at t = 0.3
+    (pred 2 px, raters 3 px: Dice 0.8) and t = 0.6 (1 px vs 2 px: 2/3); the other 7 thresholds agree."""
+    raters = torch.cat([_row(1, 1, 1, 0), _row(1, 1, 0, 0), _row(1, 0, 0, 0)], 1)
+    prob = _row(0.95, 0.55, 0.25, 0.0)[:, 0]
+    assert QUBIQ_THRESHOLDS == (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    assert qubiq_score(prob, raters).item() == pytest.approx((7 + 0.8 + 2 / 3) / 9)
+    assert qubiq_score(torch.zeros(1, 4), torch.zeros(1, 3, 4)).item() == 1.0  # both empty: 1
+    assert qubiq_score(torch.zeros(1, 4), raters).item() == 0.0  # nothing predicted where raters mark
+    padded = torch.cat([raters, torch.zeros(1, 2, 4)], 1)  # the same three raters and two padded slots
+    assert qubiq_score(prob, padded, torch.tensor([3])).item() == pytest.approx(qubiq_score(prob, raters).item())
+
+
+def test_ged_and_hm_iou_with_counts_ignore_padding():
+    """Slice 0 has 2 of 3 raters: scoring it against the padded set with counts equals scoring it
+    against its two raters alone (an empty padded mask would otherwise count as a rater)."""
+    g = torch.Generator().manual_seed(0)
+    samples = (torch.rand(2, 5, H, W, generator=g) > 0.5).float()
+    ann = (torch.rand(2, 3, H, W, generator=g) > 0.5).float()
+    ann[0, 2] = 0
+    counts = torch.tensor([2, 3])
+    for fn in (ged, hm_iou):
+        both = fn(samples, ann, counts=counts)
+        assert both[0].item() == pytest.approx(fn(samples[:1], ann[:1, :2])[0].item())
+        assert both[1].item() == pytest.approx(fn(samples[1:], ann[1:])[0].item())
+        assert both[0].item() != pytest.approx(fn(samples[:1], ann[:1])[0].item())  # padding would change it
+    acc = DistributionAccumulator()
+    acc.update(samples, ann, counts)
+    assert acc.per_image()["ged"][0] == pytest.approx(ged(samples[:1], ann[:1, :2])[0].item())
+    assert acc.per_image()["annotator_diversity"][0] == pytest.approx(
+        1 - pairwise_iou(ann[:1, :1], ann[:1, 1:2])[0, 0, 0].item())

@@ -23,6 +23,8 @@ EXPECTED_LATENTS = {
     "prob_unet": {"z": (6,)},
     # DeepMind's hierarchy: one channel at the four coarsest scales, down to a global 1x1 latent
     "hprob_unet": {"z_4": (1, 1, 1), "z_3": (1, 2, 2), "z_2": (1, 4, 4), "z_1": (1, 8, 8)},
+    "ssn": {"eta": (20, H * H)},  # M = 20 draws of the H*W logits, given a mask
+    "mc_dropout": {},
 }
 
 
@@ -80,7 +82,7 @@ def test_elbo_is_finite_and_has_gradients(name, elbo):
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
-@pytest.mark.parametrize("name", [n for n in MODELS if MODELS[n].latent_sites])
+@pytest.mark.parametrize("name", [n for n in MODELS if MODELS[n].latent_sites and not MODELS[n].guide_is_prior])
 def test_beta_scales_exactly_the_kl_part(name):
     """With the noise fixed, loss(beta) = recon + beta * KL, so it is affine in beta
     with slope equal to the sum of the per-site KLs of elbo_terms."""
@@ -141,7 +143,11 @@ def test_sample_is_the_models_test_time_predictive(name):
         else:
             trace = poutine.trace(model.model).get_trace(image, None)
         fn = trace.nodes["mask"]["fn"]
-        expected = fn.base_dist.probs  # (B, 1, H, W)
+        if model.guide_is_prior:  # ssn: a mixture of M = 1 Bernoulli map without a mask
+            assert fn.component_distribution.batch_shape == (B, 1)
+            expected = fn.component_distribution.base_dist.probs[:, 0]
+        else:
+            expected = fn.base_dist.probs  # (B, 1, H, W)
         pyro.set_rng_seed(11)
         got = model.sample(image, 1)
     assert got.shape == (1, B, 1, H, H)

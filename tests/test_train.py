@@ -15,7 +15,8 @@ from pyro.infer import SVI, TraceMeanField_ELBO
 from pyroseg.config import FitConfig
 from pyroseg.errors import TrainingError, UsageError
 from pyroseg.models import MODELS, build_model
-from pyroseg.train import EpochSampler, Trainer, fit, resolve_device
+from pyroseg.schedules import lr_at
+from pyroseg.train import EpochSampler, FitCallbacks, Trainer, fit, resolve_device, select_metric
 
 H = 32
 
@@ -27,7 +28,7 @@ def _batch(b=4, seed=0):
     return image, mask
 
 
-@pytest.mark.parametrize("name", ["unet", "prob_unet", "hvae"])
+@pytest.mark.parametrize("name", ["unet", "prob_unet", "hvae", "mc_dropout"])
 def test_trainer_step_equals_pyro_svi_step(name):
     """Our step (differentiable_loss + torch Adam) is Pyro's SVI step with
     pyro.optim.Adam: after two steps from the same weights and noise, the
@@ -177,10 +178,12 @@ def test_fit_refuses_an_existing_run_unless_told(tmp_path):
     fit(cfg, overwrite=True, pictures=False)
 
 
-def test_resume_continues_to_the_same_weights(tmp_path):
-    """2 epochs, then resume to 3, equals 3 epochs straight (CPU, fixed seed)."""
-    straight = fit(_tiny_config(tmp_path, model="prob_unet", epochs=3, beta_warmup=1.0, out=str(tmp_path / "straight")), pictures=False)
-    part = fit(_tiny_config(tmp_path, model="prob_unet", epochs=2, beta_warmup=1.0, out=str(tmp_path / "part")), pictures=False)
+@pytest.mark.parametrize("name", ["prob_unet", "ssn", "mc_dropout"])
+def test_resume_continues_to_the_same_weights(tmp_path, name):
+    """2 epochs, then resume to 3, equals 3 epochs straight (CPU, fixed seed): the
+    noise (z, eta, dropout masks) is restored with the weights."""
+    straight = fit(_tiny_config(tmp_path, model=name, epochs=3, beta_warmup=1.0, out=str(tmp_path / "straight")), pictures=False)
+    part = fit(_tiny_config(tmp_path, model=name, epochs=2, beta_warmup=1.0, out=str(tmp_path / "part")), pictures=False)
     fit(FitConfig(out=str(part), epochs=3), resume=True, pictures=False)
     s1 = torch.load(straight / "checkpoint.pt", weights_only=True)
     s2 = torch.load(part / "checkpoint.pt", weights_only=True)
@@ -238,3 +241,91 @@ def test_compiled_trainer_step_matches_eager():
         scale = float(q.grad.abs().max())
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-4 * scale + 1e-12, msg=lambda m, n=n: f"{n}: {m}")
         torch.testing.assert_close(p, q, rtol=0, atol=2e-4, msg=lambda m, n=n: f"{n}: {m}")
+
+
+# --------------------------------------------------------------------------- the training recipe
+
+
+class _KillAt(FitCallbacks):
+    """Raises at the given step, as a kill would stop the process there (after the
+    step, before any checkpoint due at it)."""
+
+    def __init__(self, step: int):
+        self.step, self.n = step, 0
+
+    def on_step(self, loss):
+        self.n += 1
+        if self.n == self.step:
+            raise KeyboardInterrupt
+
+
+RECIPE = dict(model="prob_unet", epochs=3, batch_size=8, augment="standard", lr_schedule="cosine", lr_warmup=1.0,
+              select_by="val_loss", beta_warmup=1.0)
+
+
+def test_recipe_state_survives_a_kill_and_resume_bit_for_bit(tmp_path):
+    """Augmentation, the cosine schedule with warm-up and best.pt: killed mid-epoch 2
+    (last checkpoint one step earlier), resumed, equal to the unbroken run in
+    weights, Adam state, learning rate, history and best.pt, bit for bit."""
+    straight = fit(_tiny_config(tmp_path, out=str(tmp_path / "straight"), **RECIPE), pictures=False)
+    cfg = _tiny_config(tmp_path, out=str(tmp_path / "killed"), **RECIPE)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, callbacks=_KillAt(7), checkpoint_every=3, pictures=False)  # 4 steps per epoch; last checkpoint: step 6
+    ckpt = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["best"]["epoch"]) == (1, 2, 1)
+    fit(FitConfig(out=str(tmp_path / "killed"), epochs=0), resume=True, checkpoint_every=3, pictures=False)
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+    for k in a["model_state"]:
+        assert torch.equal(a["model_state"][k], b["model_state"][k]), k
+    for k, v in a["trainer"]["optimizer"]["state"].items():
+        assert torch.equal(v["exp_avg_sq"], b["trainer"]["optimizer"]["state"][k]["exp_avg_sq"]), k
+    assert a["trainer"]["optimizer"]["param_groups"][0]["lr"] == b["trainer"]["optimizer"]["param_groups"][0]["lr"]
+    assert a["best"] == b["best"] and a["best"]["metric"] == "val_loss"
+    assert len(a["history"]) == len(b["history"]) == 3
+    for ra, rb in zip(a["history"], b["history"]):
+        assert {k: v for k, v in ra.items() if not k.endswith("_time_s")} == {k: v for k, v in rb.items() if not k.endswith("_time_s")}
+    # the learning rate of each epoch's last step follows the schedule (4 steps per epoch)
+    assert [r["lr"] for r in a["history"]] == [lr_at(e + 3 / 4, lr=1e-3, schedule="cosine", warmup=1.0, epochs=3) for e in range(3)]
+    ba = torch.load(straight / "best.pt", weights_only=True)
+    bb = torch.load(tmp_path / "killed" / "best.pt", weights_only=True)
+    assert ba["best"] == bb["best"] == a["best"] and ba["epoch"] == a["best"]["epoch"]
+    for k in ba["model_state"]:
+        assert torch.equal(ba["model_state"][k], bb["model_state"][k]), k
+
+
+def test_best_checkpoint_is_the_best_validation_epoch(tmp_path):
+    out = fit(_tiny_config(tmp_path, epochs=3, select_by="val_loss"), pictures=False)
+    history = torch.load(out / "checkpoint.pt", weights_only=True)["history"]
+    best = torch.load(out / "best.pt", weights_only=True)
+    losses = [r["val_loss"] for r in history]
+    assert best["best"] == {"metric": "val_loss", "value": min(losses), "epoch": 1 + losses.index(min(losses))}
+    assert best["epoch"] == best["best"]["epoch"] and "trainer" not in best  # weights only, no optimizer
+
+
+def test_select_by_auto_is_dice_on_one_annotator_and_ged_on_several():
+    assert select_metric("auto", 1) == ("val_dice_tumour", "max")
+    assert select_metric("auto", 4) == ("val_ged", "min")
+    assert select_metric("val_loss", 1) == ("val_loss", "min")
+    with pytest.raises(UsageError, match="--select-by val_ged"):
+        select_metric("val_ged", 1)
+
+
+def test_patience_stops_when_the_score_stops_improving(tmp_path):
+    """With patience 1 the run ends one epoch after its best epoch, or at --epochs."""
+    out = fit(_tiny_config(tmp_path, epochs=5, select_by="val_dice_all", patience=1), pictures=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == len(ckpt["history"]) == min(5, ckpt["best"]["epoch"] + 1)
+    # resumed with more epochs, a stopped run stays stopped (the stop is a function of the saved state)
+    if ckpt["epoch"] < 5:
+        fit(FitConfig(out=str(out), epochs=8), resume=True, pictures=False)
+        assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == ckpt["epoch"]
+
+
+def test_old_configs_read_without_the_recipe_mean_no_augmentation():
+    cfg = FitConfig.from_dict({"model": "unet"})
+    assert (cfg.augment, cfg.lr_schedule, cfg.patience) == ("none", "constant", None)
+    for bad, match in [(dict(augment="elastic"), "--augment"), (dict(lr_schedule="linear"), "--lr-schedule"),
+                       (dict(patience=0), "--patience"), (dict(lr_warmup=-1), "--lr-warmup"), (dict(select_by="x"), "--select-by")]:
+        with pytest.raises(UsageError, match=match):
+            FitConfig(**bad).validate()

@@ -7,7 +7,14 @@ A :class:`SegData` holds every slice of a data source at the training size:
 * ``masks``: ``uint8`` array ``(N, A, H, W)`` of 0/1, one mask per annotator
   (A = 1 for the LGG data, A > 1 for multi-annotator sources);
 * ``patients``: ``(N,)`` patient id of every slice, and ``slice_numbers``: ``(N,)``
-  the slice's number within its patient (as in the file name).
+  the slice's number within its patient (as in the file name);
+* ``rater_counts``: ``(N,)`` int, how many of the ``A`` masks of each slice are
+  real raters. Sources with a different number of raters per case (QUBIQ
+  prostate has a case with 5 of 6) pad ``masks`` with empty masks after the
+  real ones; every consumer (the training draw, every metric) reads only the
+  first ``rater_counts[i]`` masks of slice ``i``, so a padded mask is never
+  scored and no rater is ever duplicated. ``None`` (the default) means every
+  slice has all ``A``.
 
 Storing ``uint8`` keeps a 256x256 copy of the whole LGG set under 1 GiB and lets
 the cache load with one ``np.load``.
@@ -33,6 +40,7 @@ class SegData:
     slice_numbers: np.ndarray  # (N,) int
     source: str = ""
     meta: dict = field(default_factory=dict)
+    rater_counts: np.ndarray | None = None  # (N,) int in [1, A]; None: all A (filled in by __post_init__)
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -47,6 +55,14 @@ class SegData:
             )
         if self.images.shape[2:] != self.masks.shape[2:]:
             raise ValueError(f"images are {self.images.shape[2:]} but masks are {self.masks.shape[2:]}")
+        a = self.masks.shape[1]
+        if self.rater_counts is None:
+            self.rater_counts = np.full(n, a, dtype=np.int64)
+        self.rater_counts = np.asarray(self.rater_counts, dtype=np.int64)
+        if self.rater_counts.shape != (n,):
+            raise ValueError(f"rater_counts must be (N,) = ({n},), got {self.rater_counts.shape}")
+        if n and (self.rater_counts.min() < 1 or self.rater_counts.max() > a):
+            raise ValueError(f"rater_counts must lie in [1, {a}], got {self.rater_counts.min()}..{self.rater_counts.max()}")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -58,6 +74,15 @@ class SegData:
     @property
     def num_annotators(self) -> int:
         return int(self.masks.shape[1])
+
+    @property
+    def uniform_raters(self) -> bool:
+        """True when every slice has all ``A`` raters (no padded masks)."""
+        return bool((self.rater_counts == self.num_annotators).all())
+
+    def rater_valid(self) -> np.ndarray:
+        """``(N, A)`` bool: which masks of each slice are real raters (not padding)."""
+        return np.arange(self.num_annotators)[None, :] < self.rater_counts[:, None]
 
     @property
     def patient_ids(self) -> list[str]:
@@ -80,6 +105,7 @@ class SegData:
             slice_numbers=self.slice_numbers[keep],
             source=self.source,
             meta=dict(self.meta),
+            rater_counts=self.rater_counts[keep],
         )
 
     def summary(self) -> dict:
@@ -92,6 +118,9 @@ class SegData:
             "image_size": self.image_size,
             "channels": int(self.images.shape[1]),
             "annotators": self.num_annotators,
+            "raters_per_slice": [int(self.rater_counts.min()), int(self.rater_counts.max())] if len(self) else [0, 0],
+            **({"intensity": self.meta["intensity"]} if "intensity" in self.meta else {}),
+            **({k: self.meta[k] for k in ("task", "slice_axis") if k in self.meta}),
             "slices_with_lesion": int(lesion[:, 0].sum()) if len(self) else 0,
             "lesion_pixel_fraction": float(self.masks[:, 0].mean()) if len(self) else 0.0,
         }
@@ -106,8 +135,10 @@ class SegDataset(Dataset):
 
     * ``image``: float ``(C, H, W)`` in [0, 1];
     * ``mask``: float ``(1, H, W)`` in {0, 1}: the annotator chosen for this draw
-      (a random one when ``random_annotator``, else the first);
-    * ``masks``: float ``(A, H, W)``, every annotator;
+      (when ``random_annotator``, one drawn uniformly from the slice's own
+      ``rater_counts[i]`` raters, never a padded mask; else the first);
+    * ``masks``: float ``(A, H, W)``, every annotator (padded slots empty);
+    * ``rater_count``: long ``()``, how many of ``masks`` are real raters;
     * ``index``: the slice's index in the :class:`SegData`.
 
     No augmentation is applied, ever: validation and test data must be the data.
@@ -118,6 +149,7 @@ class SegDataset(Dataset):
         self.indices = torch.arange(len(data)) if indices is None else torch.as_tensor(list(indices), dtype=torch.long)
         self.images = torch.from_numpy(np.ascontiguousarray(data.images))
         self.masks = torch.from_numpy(np.ascontiguousarray(data.masks))
+        self.counts = torch.from_numpy(np.ascontiguousarray(data.rater_counts))
         self.random_annotator = random_annotator
 
     def __len__(self) -> int:
@@ -132,12 +164,16 @@ class SegDataset(Dataset):
         image = self.images[idx].float().div_(255.0)  # (B, C, H, W)
         masks = self.masks[idx].float()  # (B, A, H, W)
         a = masks.shape[1]
+        counts = self.counts[idx]  # (B,)
         if self.random_annotator and a > 1:
-            pick = torch.randint(a, (len(idx),))
+            if bool((counts == a).all()):
+                pick = torch.randint(a, (len(idx),))  # the same draws as before counts existed
+            else:  # uniform over each slice's own raters
+                pick = (torch.rand(len(idx)) * counts).long().clamp_max_(counts - 1)
         else:
             pick = torch.zeros(len(idx), dtype=torch.long)
         mask = masks[torch.arange(len(idx)), pick].unsqueeze(1)  # (B, 1, H, W)
-        return {"image": image, "mask": mask, "masks": masks, "index": idx}
+        return {"image": image, "mask": mask, "masks": masks, "rater_count": counts, "index": idx}
 
 
 def collate_batch(batch: dict) -> dict:

@@ -33,7 +33,7 @@ from pyroseg.data.resize import resize_image, resize_mask
 from pyroseg.errors import DataError, UsageError
 
 __all__ = ["SliceFiles", "scan_lgg", "load_lgg", "read_image", "read_mask", "read_npz", "default_cache_dir", "cache_key",
-           "CACHE_FORMAT_VERSION"]
+           "CACHE_FORMAT_VERSION", "write_cache", "check_image_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -428,3 +428,11 @@ def load_lgg(
         source=str(data_root),
         meta={"image_size": size, "original_sizes": [int(v) for v in arrays["original_sizes"]]},
     )
+
+
+# --------------------------------------------------------------------------- shared with the other readers
+
+#: The cache writer and the size check, used as they are by :mod:`pyroseg.data.qubiq`
+#: and :mod:`pyroseg.data.lidc` (one cache folder, one atomic write, one message).
+write_cache = _write_cache
+check_image_size = _check_image_size

@@ -20,6 +20,7 @@ Conventions shared by every model (see :mod:`pyroseg.models` for the registry):
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, ClassVar
 
 import pyro
@@ -28,9 +29,77 @@ import torch
 from pyro import poutine
 from torch import nn
 
+from pyroseg.errors import UsageError
 from pyroseg.nets import check_image_size, num_params
 
-__all__ = ["SegModel", "mask_likelihood", "beta_scale"]
+__all__ = ["SegModel", "mask_likelihood", "beta_scale", "positive_int", "positive_ints", "rate", "positive_float"]
+
+
+# -- hyper-parameter checks (``--model-arg``), shared by every model --------------------
+# Each returns the value converted, or raises one UsageError line naming the option,
+# the value given and what was expected (not a PyTorch traceback from deep inside a layer).
+
+
+#: Backbone settings that have their own ``fit`` option rather than a ``--model-arg``.
+_OWN_OPTIONS = {"widths", "image_size", "in_channels"}
+
+
+def _bad(name: str, value: Any, expected: str) -> UsageError:
+    where = f"--{name.replace('_', '-')} {value!r}" if name in _OWN_OPTIONS else f"--model-arg {name}={value!r}"
+    return UsageError(f"{where}: expected {expected}")
+
+
+def positive_int(name: str, value: Any) -> int:
+    """A hyper-parameter that must be an integer >= 1 (``latent_dim``, ``rank``, ...)."""
+    if isinstance(value, str):
+        ok = value.strip().isdigit()
+    else:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer()
+    if not ok or int(value) < 1:
+        raise _bad(name, value, "a positive integer")
+    return int(value)
+
+
+def positive_ints(name: str, value: Any, length: int | None = None) -> tuple[int, ...]:
+    """A list of integers >= 1 (``widths``, ``latent_dims``), of ``length`` entries when given."""
+    what = f"a list of {length} positive integers" if length else "a list of positive integers"
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise _bad(name, value, what)
+    items = list(value)
+    if not items or (length is not None and len(items) != length):
+        raise _bad(name, items, what)
+    try:
+        return tuple(positive_int(name, v) for v in items)
+    except UsageError:
+        raise _bad(name, items, what) from None
+
+
+def _number(name: str, value: Any, expected: str) -> float:
+    if isinstance(value, bool):
+        raise _bad(name, value, expected)
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise _bad(name, value, expected) from None
+    if x != x or x in (float("inf"), float("-inf")):
+        raise _bad(name, value, expected)
+    return x
+
+
+def rate(name: str, value: Any) -> float:
+    """A probability in ``[0, 1)`` (a dropout rate)."""
+    x = _number(name, value, "a rate in [0, 1)")
+    if not 0.0 <= x < 1.0:
+        raise _bad(name, value, "a rate in [0, 1)")
+    return x
+
+
+def positive_float(name: str, value: Any) -> float:
+    """A finite number > 0 (an epsilon, a scale)."""
+    x = _number(name, value, "a number > 0")
+    if x <= 0:
+        raise _bad(name, value, "a number > 0")
+    return x
 
 
 def beta_scale(beta: float):
@@ -74,12 +143,18 @@ class SegModel(nn.Module):
     #: Levels of the shared encoder; the image size must allow them.
     levels_needed: ClassVar[int] = 4
 
+    #: The test-time ``z`` is drawn by the guide, which *is* the prior (``ssn``): the
+    #: KL is 0 by construction, so evaluate reports the likelihood and no collapse diagnostics.
+    guide_is_prior: ClassVar[bool] = False
+    #: The samples differ without a latent site (dropout masks, ensemble members).
+    stochastic: ClassVar[bool] = False
+
     def __init__(self, *, image_size: int = 64, in_channels: int = 3, widths: tuple[int, ...] = (16, 32, 64, 128)):
         super().__init__()
-        check_image_size(image_size, len(widths))
+        self.widths = positive_ints("widths", widths)
+        self.in_channels = positive_int("in_channels", in_channels)
+        check_image_size(positive_int("image_size", image_size), len(self.widths))
         self.image_size = int(image_size)
-        self.in_channels = int(in_channels)
-        self.widths = tuple(int(w) for w in widths)
 
     # -- what rebuilds the model -------------------------------------------------------
     def hparams(self) -> dict[str, Any]:
@@ -92,7 +167,14 @@ class SegModel(nn.Module):
 
     @property
     def has_latent(self) -> bool:
-        return bool(self.latent_sites)
+        """Whether its samples differ: a latent site, or another source of randomness
+        (:attr:`stochastic`). How many samples prediction draws depends on it."""
+        return bool(self.latent_sites) or self.stochastic
+
+    def num_draws(self, num_samples: int) -> int:
+        """How many samples prediction draws when ``num_samples`` are asked for:
+        all of them for a model whose samples differ, else 1 (they are all one)."""
+        return num_samples if self.has_latent else 1
 
     # -- the Pyro pair -----------------------------------------------------------------
     def model(self, image: torch.Tensor, mask: torch.Tensor | None = None, *, beta: float = 1.0, recon_scale: float = 1.0):
@@ -110,8 +192,7 @@ class SegModel(nn.Module):
     def predict(self, image: torch.Tensor, num_samples: int = 16) -> torch.Tensor:
         """Mean mask probability over ``num_samples`` samples, ``(B, 1, H, W)``
         (under ``torch.inference_mode``: the result cannot enter autograd)."""
-        n = num_samples if self.has_latent else 1
-        return self.sample(image, n).mean(0)
+        return self.sample(image, self.num_draws(num_samples)).mean(0)
 
     def extra_repr(self) -> str:
         return f"latent_sites={self.latent_sites}, params={self.num_params:,}"

@@ -28,7 +28,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyroseg.models.base import SegModel, beta_scale, mask_likelihood
+from pyroseg.models.base import SegModel, beta_scale, mask_likelihood, positive_int, positive_ints
 from pyroseg.models.vae import FlatDecoderStem, FlatEncoderHead
 from pyroseg.nets import POSTERIOR_INIT_SCALE, Decoder, DiagGaussianHead, Encoder, ResBlock, init_mask_logits
 
@@ -43,10 +43,8 @@ class HVAEModel(SegModel):
     def __init__(self, *, latent_dims: tuple[int, int, int] = (16, 32, 64), hidden: int = 256, **kw):
         """``latent_dims``: sizes of ``(z_3, z_2, z_1)``, top first."""
         super().__init__(**kw)
-        self.latent_dims = tuple(int(d) for d in latent_dims)
-        if len(self.latent_dims) != 3:
-            raise ValueError(f"latent_dims must have 3 entries (z_3, z_2, z_1), got {latent_dims}")
-        self.hidden = int(hidden)
+        self.latent_dims = positive_ints("latent_dims", latent_dims, length=3)
+        self.hidden = positive_int("hidden", hidden)
         d3, d2, d1 = self.latent_dims
         hd = self.hidden
         spatial = self.image_size // 2 ** (len(self.widths) - 1)

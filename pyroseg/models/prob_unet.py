@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyroseg.models.base import SegModel, beta_scale, mask_likelihood
+from pyroseg.models.base import SegModel, beta_scale, mask_likelihood, positive_int
 from pyroseg.nets import POSTERIOR_INIT_SCALE, DiagGaussianHead, Encoder, UNet, init_mask_logits
 
 __all__ = ["ProbUNetModel", "GaussianEncoder", "FComb"]
@@ -99,8 +99,8 @@ class ProbUNetModel(SegModel):
 
     def __init__(self, *, latent_dim: int = 6, comb_hidden: int = 16, **kw):
         super().__init__(**kw)
-        self.latent_dim = int(latent_dim)
-        self.comb_hidden = int(comb_hidden)
+        self.latent_dim = positive_int("latent_dim", latent_dim)
+        self.comb_hidden = positive_int("comb_hidden", comb_hidden)
         self.unet = UNet(self.in_channels, self.widths, out_ch=0)
         self.prior_net = GaussianEncoder(self.in_channels, self.widths, self.latent_dim)
         self.posterior_net = GaussianEncoder(

@@ -23,7 +23,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyroseg.models.base import SegModel, beta_scale, mask_likelihood
+from pyroseg.models.base import SegModel, beta_scale, mask_likelihood, positive_int
 from pyroseg.models.vae import FlatDecoderStem, FlatEncoderHead
 from pyroseg.nets import POSTERIOR_INIT_SCALE, Decoder, DiagGaussianHead, Encoder, init_mask_logits
 
@@ -37,8 +37,8 @@ class SkipVAEModel(SegModel):
 
     def __init__(self, *, latent_dim: int = 24, hidden: int = 256, **kw):
         super().__init__(**kw)
-        self.latent_dim = int(latent_dim)
-        self.hidden = int(hidden)
+        self.latent_dim = positive_int("latent_dim", latent_dim)
+        self.hidden = positive_int("hidden", hidden)
         spatial = self.image_size // 2 ** (len(self.widths) - 1)
         self.encoder = Encoder(self.in_channels, self.widths)  # used by the guide (q) and the model (skips)
         self.enc_head = FlatEncoderHead(self.widths[-1], spatial, self.hidden)

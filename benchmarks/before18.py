@@ -1,0 +1,48 @@
+"""The training step as it was before issue 18, kept as the benchmarks' "before".
+
+:class:`TrainerBefore18` is :class:`pyroseg.train.Trainer` with the loop Adam and
+the step of commit d8a998a: the gradient norm and the loss read back to the host
+(``float(...)``: two waits for a GPU per step), the non-finite decision taken on
+the host, the counters host integers. Same networks, loss and Adam as the
+Trainer, so "before / after" figures measure only what issue 18 changed in the
+step (the fit loop's own per-step reads are not part of it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import torch
+
+from pyroseg.errors import TrainingError
+from pyroseg.train import StepOutcome, Trainer
+
+__all__ = ["TrainerBefore18"]
+
+
+class TrainerBefore18(Trainer):
+    def __init__(self, model, **kw):
+        kw["fused_adam"] = False
+        super().__init__(model, **kw)
+        self.streak_before18 = 0
+
+    def step(self, image, mask, *, beta=1.0, recon_scale=1.0) -> StepOutcome:
+        self.optimizer.zero_grad(set_to_none=True)
+        with pyro.validation_enabled(self.validate):
+            loss = self.loss_fn(image, mask, beta, recon_scale)
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.clip_norm if self.clip_norm is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+        value = float(loss.detach() if self.reduce is None else self.reduce(loss.detach()))
+        applied = math.isfinite(value) and math.isfinite(grad_norm)
+        if applied:
+            self.optimizer.step()
+            self.streak_before18 = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.streak_before18 += 1
+            if self.streak_before18 >= self.max_nonfinite:
+                raise TrainingError(f"{self.streak_before18} non-finite steps in a row")
+        return StepOutcome(torch.tensor(value), torch.tensor(grad_norm), torch.tensor(applied), self.elbo_loss.last_terms)

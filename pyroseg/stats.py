@@ -1,0 +1,134 @@
+"""Statistics that separate models from noise: intervals over seeds, paired differences.
+
+Pure functions on numbers (numpy arrays or lists); :mod:`pyroseg.compare` applies
+them to its runs. Two sources of noise are handled separately:
+
+* **training runs**: the same model trained with another seed (initialisation,
+  ``z`` noise, batch order) scores differently. :func:`t_interval` gives the mean,
+  standard deviation and Student-t interval of a metric over ``n`` seeds;
+  :func:`paired_t` the same for the per-seed *difference* between two models
+  trained on the same data, split and seed (paired by seed).
+* **test patients**: a different draw of test patients would score differently.
+  :func:`paired_bootstrap` resamples patients (all the slices of a patient
+  together, the clusters of the data) and recomputes the difference of two
+  slice-weighted means on the same resampled patients (paired by patient).
+
+:func:`verdict` calls a difference ``"tie"`` when any of its intervals contains 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import stats as _st
+
+__all__ = ["t_interval", "paired_t", "ratio_mean", "paired_bootstrap", "verdict", "LEVEL", "N_BOOT"]
+
+#: Confidence level of every interval.
+LEVEL = 0.95
+#: Bootstrap resamples.
+N_BOOT = 2000
+
+
+def t_interval(values: Sequence[float], level: float = LEVEL) -> dict[str, float]:
+    """Mean, sample standard deviation (``n - 1``) and the Student-t interval of the mean.
+
+    ``values``: ``(n,)`` one number per seed; NaNs (a metric undefined for that
+    run) are dropped first. Returns ``{"n", "mean", "sd", "lo", "hi"}``; ``sd``,
+    ``lo`` and ``hi`` are NaN when fewer than 2 values remain (one seed says
+    nothing about the spread), ``mean`` is NaN when none does.
+    ``lo, hi = mean -+ t_{(1 + level) / 2, n - 1} * sd / sqrt(n)``.
+    """
+    x = np.asarray(values, dtype=float)
+    x = x[~np.isnan(x)]
+    n = int(x.size)
+    nan = float("nan")
+    if n == 0:
+        return {"n": 0, "mean": nan, "sd": nan, "lo": nan, "hi": nan}
+    mean = float(x.mean())
+    if n < 2:
+        return {"n": 1, "mean": mean, "sd": nan, "lo": nan, "hi": nan}
+    sd = float(x.std(ddof=1))
+    half = float(_st.t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "sd": sd, "lo": mean - half, "hi": mean + half}
+
+
+def paired_t(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> dict[str, float]:
+    """:func:`t_interval` of the paired differences ``a[i] - b[i]`` (``i``: the seed).
+
+    ``a``, ``b``: ``(n,)`` the two models' scores, seed by seed; a pair with a NaN
+    is dropped. Pairing removes what the two runs of a seed share (data, split,
+    batch order), so the interval is narrower than that of two independent means
+    when the models move together.
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"paired values must match: {a.shape} vs {b.shape}")
+    return t_interval(a - b, level)
+
+
+def ratio_mean(sums: np.ndarray, counts: np.ndarray) -> float:
+    """``sum(sums) / sum(counts)``: a slice-weighted mean from per-patient sums and
+    slice counts (NaN when there are no slices)."""
+    total = float(np.sum(counts))
+    return float(np.sum(sums)) / total if total > 0 else float("nan")
+
+
+def paired_bootstrap(
+    sums_a: Sequence[float],
+    counts_a: Sequence[float],
+    sums_b: Sequence[float],
+    counts_b: Sequence[float],
+    *,
+    n_boot: int = N_BOOT,
+    level: float = LEVEL,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Patient bootstrap of the difference of two slice-weighted means.
+
+    Index ``p`` is a patient, the same one for both models: ``sums_a[p]`` is model
+    A's metric summed over that patient's scored slices (pooled over seeds) and
+    ``counts_a[p]`` how many slices that is (for a per-patient metric such as
+    3-D Dice: the value and 1). Each resample draws ``P`` patients with
+    replacement and computes ``ratio_mean(A) - ratio_mean(B)`` on them; the
+    interval is the percentile interval of ``n_boot`` resamples. Returns
+    ``{"n": P, "diff", "lo", "hi"}``; ``diff`` is the difference on all patients
+    (exactly the difference of the two tables' means). Patients with no slices
+    for either model are dropped; fewer than 2 patients give NaN bounds.
+    """
+    sa, ca, sb, cb = (np.asarray(v, dtype=float) for v in (sums_a, counts_a, sums_b, counts_b))
+    if not (sa.shape == ca.shape == sb.shape == cb.shape) or sa.ndim != 1:
+        raise ValueError(f"per-patient arrays must be (P,) alike; got {sa.shape}, {ca.shape}, {sb.shape}, {cb.shape}")
+    keep = (ca > 0) & (cb > 0) & ~np.isnan(sa) & ~np.isnan(sb)
+    sa, ca, sb, cb = sa[keep], ca[keep], sb[keep], cb[keep]
+    p = int(sa.size)
+    nan = float("nan")
+    if p == 0:
+        return {"n": 0, "diff": nan, "lo": nan, "hi": nan}
+    diff = ratio_mean(sa, ca) - ratio_mean(sb, cb)
+    if p < 2:
+        return {"n": p, "diff": diff, "lo": nan, "hi": nan}
+    idx = np.random.default_rng(seed).integers(0, p, size=(n_boot, p))  # (n_boot, P)
+    boot = sa[idx].sum(1) / ca[idx].sum(1) - sb[idx].sum(1) / cb[idx].sum(1)  # (n_boot,)
+    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+    return {"n": p, "diff": diff, "lo": float(lo), "hi": float(hi)}
+
+
+def verdict(intervals: Sequence[tuple[float, float]], higher_is_better: bool | None) -> str:
+    """``"tie"`` when any interval ``(lo, hi)`` contains 0 (NaN bounds, an interval
+    that cannot be computed, are skipped; none left: ``"n/a"``); otherwise
+    ``"better"`` / ``"worse"`` (``higher_is_better`` known) or ``"higher"`` /
+    ``"lower"`` (a metric with no better direction, e.g. diversity)."""
+    usable = [(lo, hi) for lo, hi in intervals if not (math.isnan(lo) or math.isnan(hi))]
+    if not usable:
+        return "n/a"
+    if any(lo <= 0 <= hi for lo, hi in usable):
+        return "tie"
+    up = usable[0][0] > 0
+    if any((lo > 0) != up for lo, _ in usable):  # intervals on both sides of 0: no claim
+        return "tie"
+    if higher_is_better is None:
+        return "higher" if up else "lower"
+    return "better" if up == higher_is_better else "worse"

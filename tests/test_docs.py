@@ -1,0 +1,67 @@
+"""The documentation site covers the library and the command line, and the README
+stays a front page. (CI builds the site with ``mkdocs build --strict``, which fails
+on a broken link, anchor or API reference; these checks need no MkDocs.)"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+
+
+def _documented_modules() -> tuple[set[str], set[str]]:
+    """Modules named by ``::: module`` on an API page, and those whose submodules are shown too."""
+    named, with_submodules = set(), set()
+    for page in (DOCS / "api").glob("*.md"):
+        for m in re.finditer(r"^::: (pyroseg[\w.]*)\n((?:    .*\n)*)", page.read_text(), flags=re.M):
+            named.add(m.group(1))
+            if "show_submodules: true" in m.group(2):
+                with_submodules.add(m.group(1))
+    return named, with_submodules
+
+
+def test_every_public_module_has_an_api_page():
+    named, with_submodules = _documented_modules()
+    missing = []
+    for path in sorted((ROOT / "pyroseg").rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        if parts[-1] == "__main__":
+            continue
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        if module == "pyroseg":
+            continue  # the package's docstring is the API overview's table
+        covered = module in named or any(module.startswith(p + ".") for p in with_submodules)
+        if not covered:
+            missing.append(module)
+    assert not missing, f"no API page (docs/api/*.md, '::: module') for {missing}"
+
+
+def test_every_api_page_is_in_the_nav():
+    nav = (ROOT / "mkdocs.yml").read_text()
+    missing = [p.relative_to(DOCS).as_posix() for p in (DOCS / "api").glob("*.md") if p.relative_to(DOCS).as_posix() not in nav]
+    assert not missing, missing
+
+
+def test_the_command_line_page_is_generated_from_every_command():
+    from cli.main import cli
+
+    page = (DOCS / "cli.md").read_text()
+    assert ":module: cli.main" in page and ":command: cli" in page and ":list_subcommands: true" in page
+    assert {"fit", "evaluate", "sample", "compare", "inspect", "plot", "models"} <= set(cli.commands)
+
+
+def test_the_worked_example_is_the_tested_file():
+    page = (DOCS / "api" / "custom-model.md").read_text()
+    assert '--8<-- "examples/my_models.py"' in page  # included as it is, so the docs show what the test runs
+    assert (ROOT / "examples" / "my_models.py").is_file()
+
+
+def test_readme_is_a_front_page_with_the_ci_test_command():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 160
+    assert "python -m pytest" in readme  # the command .ci/run runs
+    assert "python -m pytest" in (ROOT / ".ci" / "run").read_text()
+    for link in re.findall(r"\]\((docs/[^)#]+)", readme):
+        assert (ROOT / link).exists(), link
