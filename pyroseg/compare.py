@@ -243,7 +243,7 @@ def _train(cfg: FitConfig, callbacks: FitCallbacks | None, overwrite: bool, pict
     state = _state(run, cfg.epochs)
     if state in ("finished", "partial") and not overwrite:
         saved = FitConfig.from_dict(load_config_json(run / "config.json")["fit"])
-        diff = sorted(k for k, v in cfg.to_dict().items() if k not in _NOT_PROTOCOL and saved.to_dict().get(k) != v)
+        diff = sorted(k for k, v in cfg.to_dict().items() if _protocol(k, cfg) and saved.to_dict().get(k) != v)
         if diff:
             raise UsageError(f"--out: {run} holds a run with other settings ({', '.join(diff)}); "
                              "use another --out, or --overwrite to retrain it")
@@ -254,6 +254,11 @@ def _train(cfg: FitConfig, callbacks: FitCallbacks | None, overwrite: bool, pict
         fit(replace(cfg), callbacks=callbacks, resume=True, pictures=pictures)
     else:
         fit(replace(cfg), callbacks=callbacks, overwrite=overwrite or run.exists(), pictures=pictures)
+
+
+def _protocol(field: str, cfg: FitConfig) -> bool:
+    """Whether a config field changes what a run computes (GECO's fields do not, under the ELBO)."""
+    return field not in _NOT_PROTOCOL and not (cfg.objective != "geco" and field.startswith("geco_"))
 
 
 def _state(run: Path, epochs: int) -> str:
