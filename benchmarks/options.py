@@ -99,7 +99,10 @@ def run(s: Settings) -> dict:
     pyro.set_rng_seed(0)
     n = max(s.sample_ns)
     for name in ("prob_unet", "hprob_unet"):
-        model = build_model(name, image_size=s.sample_size).to(dev).eval()
+        # hprob_unet: the v1 layout, the one whose sample shares work beyond the prior encoder
+        # (for the default reference layout sample and sample_reference are the same path)
+        extra = {"layout": "v1"} if name == "hprob_unet" else {}
+        model = build_model(name, image_size=s.sample_size, **extra).to(dev).eval()
         x = torch.rand(s.sample_images, 3, s.sample_size, s.sample_size, device=dev)
 
         def grad_on(model=model, x=x):

@@ -37,10 +37,13 @@ _D = FitConfig()
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
 @click.option("--render", "render_dir", type=click.Path(file_okay=False), default=None,
               help="Only print the Markdown tables of RESULTS_DIR/comparison.json (no training).")
+@click.option("--columns", default=None,
+              help="With --render: only a short table of these metrics (comma-separated keys, e.g. "
+                   "dice_tumour,ged,hm_iou) and each model's verdicts against --baseline.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
 def compare_cmd(data, image_size, epochs, batch_size, lr, seed, seeds, vary_split, baseline, device, beta_warmup,
-                models, num_samples, out, overwrite, cache_dir, render_dir, quiet):
+                models, num_samples, out, overwrite, cache_dir, render_dir, columns, quiet):
     """Train the models with identical data, split and epochs, --seeds times each; write comparison.md/.csv/.json/.png.
 
     Run it again with the same options to pick up an interrupted comparison.
@@ -48,7 +51,8 @@ def compare_cmd(data, image_size, epochs, batch_size, lr, seed, seeds, vary_spli
     from pyroseg.compare import compare_models, render_results
 
     if render_dir is not None:
-        click.echo(render_results(render_dir), nl=False)
+        cols = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
+        click.echo(render_results(render_dir, cols), nl=False)
         return
     if out is None:
         raise UsageError("--out: required (a folder for the runs and the tables), or --render RESULTS_DIR")

@@ -165,15 +165,25 @@ def _parse_model_args(items: tuple[str, ...]) -> dict:
               help="meanfield: analytic KL per site (TraceMeanField_ELBO); trace: Monte Carlo KL (Trace_ELBO).")
 @click.option("--objective", type=click.Choice(["elbo", "geco"]), default=_DEFAULTS.objective, show_default=True,
               help="elbo: beta-weighted ELBO; geco: minimise KL subject to a reconstruction target (Rezende & Viola 2018).")
+@click.option("--geco-constraint", type=click.Choice(["topk", "mean"]), default=_DEFAULTS.geco_constraint, show_default=True,
+              help="topk: cross-entropy of a stochastic top-k of the pixels, kappa per selected pixel (DeepMind's HPU-Net); "
+                   "mean: mean cross-entropy over the image, kappa per pixel (pyroseg before issue 13).")
+@click.option("--geco-top-k", type=float, default=_DEFAULTS.geco_top_k, show_default=True,
+              help="Share of the batch's pixels in the topk constraint.")
+@click.option("--geco-deterministic-top-k", is_flag=True, help="topk: the largest cross-entropies instead of a draw.")
+@click.option("--geco-update", type=click.Choice(["softplus", "multiplicative"]), default=_DEFAULTS.geco_update, show_default=True,
+              help="softplus: lambda = softplus(w)^2, w by gradient ascent (DeepMind); multiplicative: "
+                   "lambda *= exp(rate * C_ma) (Rezende & Viola's Algorithm 1).")
 @click.option("--geco-kappa", default="auto", show_default=True,
-              help="GECO target reconstruction error, nats per pixel; auto: a quarter of the error of predicting "
-                   "the training set's lesion share everywhere.")
+              help="GECO target reconstruction error: nats per selected pixel (topk; auto: 0.05), or nats per pixel "
+                   "(mean; auto: a quarter of the error of predicting the training set's lesion share everywhere).")
 @click.option("--geco-alpha", type=float, default=_DEFAULTS.geco_alpha, show_default=True,
               help="GECO moving-average decay of the constraint.")
-@click.option("--geco-rate", type=float, default=_DEFAULTS.geco_rate, show_default=True,
-              help="GECO multiplier rate: log lambda moves by rate * C_ma per step.")
+@click.option("--geco-rate", type=float, default=None,
+              help="GECO multiplier rate: the gradient scale on w (softplus) or log lambda's step per unit of C_ma "
+                   "(multiplicative) [default: 1e-2 softplus, 1 multiplicative].")
 @click.option("--geco-warmup", type=float, default=None,
-              help="Epochs with lambda fixed at 1 before GECO moves it [default: a tenth of --epochs].")
+              help="Epochs with lambda fixed at 1 before GECO moves it [default: 0 softplus, a tenth of --epochs multiplicative].")
 @click.option("--geco-max-step", type=float, default=_DEFAULTS.geco_max_step, show_default=True,
               help="Bound on |change of log lambda| per step.")
 @click.option("--free-bits", type=float, default=_DEFAULTS.free_bits, show_default=True,
@@ -224,7 +234,7 @@ def _parse_model_args(items: tuple[str, ...]) -> dict:
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @handle_errors
 def fit_cmd(model, data, task, slice_axis, image_size, epochs, batch_size, lr, device, seed, init_seed, out, resume_dir, overwrite, beta, beta_warmup,
-            beta_cycle, elbo, objective, geco_kappa, geco_alpha, geco_rate, geco_warmup, geco_max_step, free_bits,
+            beta_cycle, elbo, objective, geco_constraint, geco_top_k, geco_deterministic_top_k, geco_update, geco_kappa, geco_alpha, geco_rate, geco_warmup, geco_max_step, free_bits,
             clip_norm, max_nonfinite, val_fraction, test_fraction, val_samples, collapse_diagnostics, collapse_slices, model_args, widths,
             synthetic_patients, synthetic_slices, cache_dir, checkpoint_every, channels_last, data_on_device, launcher, nproc_per_node,
             augment, lr_schedule, lr_warmup, select_by, patience, quiet, config_file, tensorboard, log_dir):
@@ -278,6 +288,8 @@ def fit_cmd(model, data, task, slice_axis, image_size, epochs, batch_size, lr, d
             init_seed=init_seed,
             collapse_slices=collapse_slices,
             data_on_device=data_on_device,
+            geco_constraint=geco_constraint, geco_top_k=geco_top_k,
+            geco_deterministic_top_k=geco_deterministic_top_k, geco_update=geco_update,
         ).validate()
     from pyroseg.train import fit
 

@@ -66,6 +66,7 @@ __all__ = [
     "compare_models",
     "comparison_markdown",
     "render_markdown",
+    "render_summary",
     "render_results",
     "summarise",
     "collapsed_sites",
@@ -243,7 +244,7 @@ def _train(cfg: FitConfig, callbacks: FitCallbacks | None, overwrite: bool, pict
     state = _state(run, cfg.epochs)
     if state in ("finished", "partial") and not overwrite:
         saved = FitConfig.from_dict(load_config_json(run / "config.json")["fit"])
-        diff = sorted(k for k, v in cfg.to_dict().items() if k not in _NOT_PROTOCOL and saved.to_dict().get(k) != v)
+        diff = sorted(k for k, v in cfg.to_dict().items() if _protocol(k, cfg) and saved.to_dict().get(k) != v)
         if diff:
             raise UsageError(f"--out: {run} holds a run with other settings ({', '.join(diff)}); "
                              "use another --out, or --overwrite to retrain it")
@@ -254,6 +255,11 @@ def _train(cfg: FitConfig, callbacks: FitCallbacks | None, overwrite: bool, pict
         fit(replace(cfg), callbacks=callbacks, resume=True, pictures=pictures)
     else:
         fit(replace(cfg), callbacks=callbacks, overwrite=overwrite or run.exists(), pictures=pictures)
+
+
+def _protocol(field: str, cfg: FitConfig) -> bool:
+    """Whether a config field changes what a run computes (GECO's fields do not, under the ELBO)."""
+    return field not in _NOT_PROTOCOL and not (cfg.objective != "geco" and field.startswith("geco_"))
 
 
 def _state(run: Path, epochs: int) -> str:
@@ -384,13 +390,14 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def comparison_markdown(rows: list[dict[str, Any]], *, title: str = "") -> str:
-    """The wide Markdown table (:data:`COLUMNS`) of one report per row."""
+def comparison_markdown(rows: list[dict[str, Any]], *, title: str = "",
+                        columns: Sequence[tuple[str, str]] = tuple(COLUMNS)) -> str:
+    """The wide Markdown table (``columns``, default :data:`COLUMNS`) of one report per row."""
     lines = [f"### {title}", ""] if title else []
-    lines.append("| " + " | ".join(h for _, h in COLUMNS) + " |")
-    lines.append("|" + "---|" * len(COLUMNS))
+    lines.append("| " + " | ".join(h for _, h in columns) + " |")
+    lines.append("|" + "---|" * len(columns))
     for r in rows:
-        lines.append("| " + " | ".join(_cell(r.get(k, "")) for k, _ in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(r.get(k, "")) for k, _ in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -417,20 +424,51 @@ def _interval(d: dict) -> str:
     return "-" if math.isnan(d["lo"]) else f"[{_cell(d['lo'])}, {_cell(d['hi'])}]"
 
 
-def render_markdown(doc: dict[str, Any]) -> str:
-    """``comparison.md`` made from a ``comparison.json`` document alone (so any table
-    in the docs can be regenerated from its results file: ``pyroseg compare --render``)."""
-    first = next(r for r in doc["runs"] if r["model"] not in (ORACLE, ORACLE_ONE_MASK))
-    cfg = doc["config"]
-    seeds = doc["seeds"]
+def _title(doc: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The first model's report, and the tables' title: data, size, test set, budget, seeds."""
+    first = next(r for r in doc["runs"] if r["model"] not in REFERENCES)
+    cfg, seeds = doc["config"], doc["seeds"]
     n = len(seeds)
-    pct = f"{round(doc['level'] * 100)} %"
-    title = (
+    return first, (
         f"{first['data']}, {first['image_size']}x{first['image_size']}, test patients "
         f"({first['n_patients']} patients, {first['n_slices']} slices), {cfg['epochs']} epochs, "
         f"{n} seed{'s' if n > 1 else ''} ({', '.join(map(str, seeds))}), "
         f"point prediction = mean of {doc['num_samples']} samples"
     )
+
+
+def render_summary(doc: dict[str, Any], columns: Sequence[str]) -> str:
+    """A short table of ``comparison.json``: the means (± sd over seeds) of ``columns``
+    (keys of :data:`COLUMNS`) per model, and per model the metrics where it differs from
+    the baseline beyond both intervals (every other difference is a tie). What the
+    README shows; ``pyroseg compare --render DIR --columns a,b`` regenerates it."""
+    known = dict(COLUMNS)
+    unknown = [c for c in columns if c not in known]
+    if unknown:
+        raise UsageError(f"--columns {','.join(unknown)}: unknown; expected some of {', '.join(k for k, _ in COLUMNS[1:])}")
+    _, title = _title(doc)
+    cols = [("model", "model"), *((c, known[c]) for c in columns if c != "model"), ("verdict", f"vs `{doc['baseline']}`")]
+    calls: dict[str, list[str]] = {}
+    for d in doc["differences"]:
+        if d["metric"] in columns and d["verdict"] not in ("tie", "n/a"):
+            calls.setdefault(d["model"], []).append(f"{d['metric']} {d['verdict']}")
+    rows = []
+    for row in _mean_rows(doc):
+        name = row["model"]
+        row["verdict"] = ("reference" if name == doc["baseline"] else "-" if name in REFERENCES
+                          else "; ".join(calls.get(name, [])) or "tie on all")
+        rows.append(row)
+    return comparison_markdown(rows, title=title, columns=cols)
+
+
+def render_markdown(doc: dict[str, Any]) -> str:
+    """``comparison.md`` made from a ``comparison.json`` document alone (so any table
+    in the docs can be regenerated from its results file: ``pyroseg compare --render``)."""
+    first, title = _title(doc)
+    cfg = doc["config"]
+    seeds = doc["seeds"]
+    n = len(seeds)
+    pct = f"{round(doc['level'] * 100)} %"
     md = comparison_markdown(_mean_rows(doc), title=title)
     md += f"\nMeans over seeds{' ± standard deviation' if n > 1 else ''}.\n"
     md += (f"\n#### Per metric: {pct} intervals and the paired difference from `{doc['baseline']}`\n\n"
@@ -542,8 +580,9 @@ def _write(out: Path, doc: dict[str, Any], *, figure: bool = True) -> None:
         _figure(out, doc)
 
 
-def render_results(results_dir: str | Path) -> str:
-    """The Markdown of ``results_dir/comparison.json`` (:func:`render_markdown`).
+def render_results(results_dir: str | Path, columns: Sequence[str] | None = None) -> str:
+    """The Markdown of ``results_dir/comparison.json`` (:func:`render_markdown`, or
+    :func:`render_summary` of ``columns``).
 
     :raises UsageError: no readable ``comparison.json`` there.
     """
@@ -556,7 +595,7 @@ def render_results(results_dir: str | Path) -> str:
         raise UsageError(f"--render {path}: not a JSON document ({e})") from None
     if not isinstance(doc, dict) or "runs" not in doc or "summary" not in doc:
         raise UsageError(f"--render {path}: not a comparison.json of this pyroseg version (no runs/summary)")
-    return render_markdown(doc)
+    return render_markdown(doc) if columns is None else render_summary(doc, columns)
 
 
 def _known(ref: str) -> bool:

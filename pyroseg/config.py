@@ -59,10 +59,10 @@ class FitConfig:
     max_nonfinite: int = 20
     # "elbo" (beta-weighted ELBO) or "geco" (constrained reconstruction, pyroseg.geco)
     objective: str = "elbo"
-    geco_kappa: float | None = None  # nats per pixel; None: auto (pyroseg.geco.auto_kappa, resolved by fit)
+    geco_kappa: float | None = None  # topk: nats per selected pixel, None: 0.05; mean: nats per pixel, None: auto (pyroseg.geco)
     geco_alpha: float = 0.99
-    geco_rate: float = 1.0
-    geco_warmup: float | None = None  # epochs of fixed lambda; None: a tenth of the epochs (resolved by validate())
+    geco_rate: float | None = None  # None: 1e-2 (softplus, DeepMind) or 1.0 (multiplicative), resolved by validate()
+    geco_warmup: float | None = None  # epochs of fixed lambda; None: 0 (softplus) or a tenth of the epochs (multiplicative)
     geco_max_step: float = 0.01  # bound on |Delta log lambda| per step
     free_bits: float = 0.0  # nats per latent site (batch mean), 0: off
     # evaluation during training
@@ -105,6 +105,14 @@ class FitConfig:
     # (pyroseg.data.device); auto: on a CUDA device when they take < 1/4 of its free memory
     data_on_device: str = "auto"
 
+    # GECO as in DeepMind's HPU-Net code (issue 13): the constraint on a stochastic top-k of the
+    # pixels ("topk") or on the mean over the image ("mean", before issue 13); the multiplier as
+    # softplus(w)^2 by gradient ascent ("softplus") or by lambda *= exp(rate * C) ("multiplicative")
+    geco_constraint: str = "topk"
+    geco_top_k: float = 0.02  # share of the batch's pixels in the top-k constraint
+    geco_deterministic_top_k: bool = False  # the k largest cross-entropies instead of a draw
+    geco_update: str = "softplus"
+
     @property
     def train_seed(self) -> int:
         """The seed of the weights, the shuffle and the noise (``init_seed``, else ``seed``)."""
@@ -117,8 +125,10 @@ class FitConfig:
             # GECO balances the terms through lambda: no KL annealing on top by default
             anneal = self.beta_cycle == 0 and self.objective != "geco"
             self.beta_warmup = round(0.25 * self.epochs, 4) if anneal else 0.0
+        if self.geco_rate is None:
+            self.geco_rate = 1e-2 if self.geco_update == "softplus" else 1.0
         if self.geco_warmup is None:
-            self.geco_warmup = round(0.1 * self.epochs, 4)
+            self.geco_warmup = 0.0 if self.geco_update == "softplus" else round(0.1 * self.epochs, 4)
         checks = [
             (self.epochs >= 1, f"--epochs {self.epochs}: expected at least 1"),
             (self.batch_size >= 1, f"--batch-size {self.batch_size}: expected at least 1"),
@@ -134,6 +144,9 @@ class FitConfig:
             (self.max_nonfinite >= 1, f"--max-nonfinite {self.max_nonfinite}: expected at least 1"),
             (self.objective in ("elbo", "geco"), f"--objective {self.objective!r}: expected elbo or geco"),
             (self.geco_kappa is None or self.geco_kappa > 0, f"--geco-kappa {self.geco_kappa}: expected a positive number of nats per pixel (or auto)"),
+            (self.geco_constraint in ("topk", "mean"), f"--geco-constraint {self.geco_constraint!r}: expected topk or mean"),
+            (0 < self.geco_top_k <= 1, f"--geco-top-k {self.geco_top_k}: expected a share of the pixels in (0, 1]"),
+            (self.geco_update in ("softplus", "multiplicative"), f"--geco-update {self.geco_update!r}: expected softplus or multiplicative"),
             (0 <= self.geco_alpha < 1, f"--geco-alpha {self.geco_alpha}: expected a decay in [0, 1)"),
             (self.geco_rate > 0, f"--geco-rate {self.geco_rate}: expected a positive rate"),
             (self.geco_warmup >= 0, f"--geco-warmup {self.geco_warmup}: expected >= 0 epochs"),
@@ -181,6 +194,9 @@ class FitConfig:
         if unknown:
             raise CheckpointError(f"config has unknown fields {unknown}: written by a newer pyroseg?")
         d = {**_LEGACY, **d}
+        if d.get("objective") == "geco":  # a GECO run written before issue 13: its rule, not today's default
+            d.setdefault("geco_constraint", "mean")
+            d.setdefault("geco_update", "multiplicative")
         if "widths" in d:
             d["widths"] = tuple(d["widths"])
         return cls(**d)

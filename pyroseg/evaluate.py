@@ -221,6 +221,18 @@ def evaluate_run(
     return report
 
 
+
+def _run_data(run_dir: str | Path, split: str) -> tuple[SegData, list[str] | None]:
+    """The data of the run in ``run_dir`` (its ``config.json``) and the patients of its
+    ``split`` (its ``split.json``; None for ``all``); the weights are not read."""
+    doc, run_split = read_run_files(Path(run_dir))
+    cfg = FitConfig.from_dict(doc["fit"])
+    dataset = load_source(cfg.data, cfg.image_size, **cfg.source_options())
+    if split not in EVAL_SPLITS:
+        raise UsageError(f"--split {split!r}: expected one of {', '.join(EVAL_SPLITS)}")
+    patients = None if split == "all" else select_split(dataset, run_split, split, source=cfg.data).patient_ids
+    return dataset, patients
+
 def evaluate_run_oracle(
     run_dir: str | Path,
     *,
@@ -231,13 +243,7 @@ def evaluate_run_oracle(
 ) -> dict[str, Any]:
     """:func:`evaluate_oracle` on the data and the ``split`` patients of the run in
     ``run_dir`` (its ``config.json`` and ``split.json``; the weights are not read)."""
-    run_dir = Path(run_dir)
-    doc, run_split = read_run_files(run_dir)
-    cfg = FitConfig.from_dict(doc["fit"])
-    dataset = load_source(cfg.data, cfg.image_size, **cfg.source_options())
-    if split not in EVAL_SPLITS:
-        raise UsageError(f"--split {split!r}: expected one of {', '.join(EVAL_SPLITS)}")
-    patients = None if split == "all" else select_split(dataset, run_split, split, source=cfg.data).patient_ids
+    dataset, patients = _run_data(run_dir, split)
     report = evaluate_oracle(dataset, patients, num_samples=num_samples, sample_seed=sample_seed, one_mask=one_mask)
     report.update({"run": str(run_dir), "split": split})
     return report
@@ -248,13 +254,7 @@ def evaluate_run_references(run_dir: str | Path, *, split: str = "test", num_sam
     """Every reference of the run's data (:func:`reference_names`) on its ``split``
     patients, as :func:`evaluate_reference` reports (``[]`` for one-annotator data);
     the weights are not read."""
-    run_dir = Path(run_dir)
-    doc, run_split = read_run_files(run_dir)
-    cfg = FitConfig.from_dict(doc["fit"])
-    dataset = load_source(cfg.data, cfg.image_size, **cfg.source_options())
-    if split not in EVAL_SPLITS:
-        raise UsageError(f"--split {split!r}: expected one of {', '.join(EVAL_SPLITS)}")
-    patients = None if split == "all" else select_split(dataset, run_split, split, source=cfg.data).patient_ids
+    dataset, patients = _run_data(run_dir, split)
     reports = []
     for name in reference_names(dataset):
         report = evaluate_reference(dataset, name, patients, num_samples=num_samples, sample_seed=sample_seed)

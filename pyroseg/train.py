@@ -31,6 +31,7 @@ that a step equals ``pyro.infer.SVI`` + ``pyro.optim.Adam`` numerically.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import logging
@@ -712,10 +713,12 @@ class FitRun:
             progress = p.epoch + p.batch_in_epoch / self.steps_per_epoch
             beta = beta_at(progress, beta=cfg.beta, warmup=cfg.beta_warmup, cycle=cfg.beta_cycle)
             self.set_lr(progress)
-            outcome = trainer.step(image, mask, beta=beta, recon_scale=geco.recon_scale if geco else 1.0)
+            likelihood = geco.likelihood() if geco is not None else contextlib.nullcontext()  # GECO's top-k mask
+            with likelihood:
+                outcome = trainer.step(image, mask, beta=beta, recon_scale=geco.recon_scale if geco else 1.0)
             if geco is not None and outcome.applied:  # C of the global batch: identical on every rank
                 recon = outcome.terms["recon"] if trainer.reduce is None else trainer.reduce(outcome.terms["recon"])
-                geco.update(float(recon) / mask[0].numel())  # nats per pixel
+                geco.update(float(recon), likelihood.pixels_per_image)  # nats per image over the pixels counted
             meter.add(outcome, image.shape[0] * self.ctx.world_size)  # the loss is the global batch's: every rank's images
             p.batch_in_epoch += 1
             p.global_step += 1

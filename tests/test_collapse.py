@@ -105,7 +105,7 @@ def test_a_used_latent_changes_the_prediction_when_set_to_its_prior_mean():
     assert rep["effect_z"] > 0.1
     assert latent_units(model) == {"z": 6}
     hp = build_model("hprob_unet", image_size=H)
-    assert latent_units(hp) == {"z_3": 2 * 4 * 4, "z_2": 2 * 8 * 8, "z_1": 2 * 16 * 16}
+    assert latent_units(hp) == {"z_4": 1, "z_3": 2 * 2, "z_2": 4 * 4, "z_1": 8 * 8}
 
 
 def test_diagnostic_indices_are_a_fixed_even_subset():

@@ -223,3 +223,29 @@ def test_collapsed_sites_by_kl_or_by_units_and_effect():
     assert collapsed_sites({"kl_z": 5.0}) == "-"  # diagnostics skipped: KL is all there is
     three = {"kl_z_3": 0.01, "kl_z_2": 2.0, "au_z_2": 0, "effect_z_2": 0.0, "kl_z_1": 3.0, "au_z_1": 7, "effect_z_1": 0.1}
     assert collapsed_sites(three) == "z_3,z_2"
+
+
+def test_render_summary_keeps_the_asked_columns_and_names_only_supported_differences():
+    """The README's short table: means (± sd) of the asked metrics and, per model, only the
+    differences both intervals support; a tie says so, and an unknown column is refused."""
+    from pyroseg.compare import render_summary
+
+    meta = {"data": "synthetic-ambiguous", "image_size": 32, "n_patients": 2, "n_slices": 8}
+    pp = {"a": [1.0, 2], "b": [0.5, 1]}
+    runs = [{**_fake_run("unet", s, v, pp), **meta} for s, v in zip((0, 1, 2), (0.6, 0.65, 0.7), strict=True)]
+    runs += [{**_fake_run("vae", s, v, {"a": [1.5, 2], "b": [0.8, 1]}), **meta} for s, v in zip((0, 1, 2), (0.8, 0.7, 0.9), strict=True)]
+    for r in runs:
+        if r["model"] == "vae":
+            r["ged"] = 1 - 0.65 - 0.1 - 0.01 * r["seed"]  # better than unet on every seed and patient
+    doc = summarise({"runs": runs, "seeds": [0, 1, 2], "baseline": "unet", "level": 0.95, "n_boot": 500,
+                     "config": {"epochs": 3}, "num_samples": 4})
+    md = render_summary(doc, ["dice_all", "ged"])
+    lines = md.splitlines()
+    assert lines[2] == "| model | Dice (all slices) | GED | vs `unet` |"
+    unet = next(line for line in lines if line.startswith("| unet"))
+    vae = next(line for line in lines if line.startswith("| vae"))
+    assert "0.650 ± 0.050" in unet and unet.endswith("| reference |")
+    assert vae.endswith("| ged better |")  # dice_all's seed interval contains 0: a tie, not listed
+    assert "HM-IoU" not in md
+    with pytest.raises(UsageError, match="--columns nope"):
+        render_summary(doc, ["nope"])

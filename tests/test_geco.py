@@ -13,7 +13,16 @@ import torch
 
 from pyroseg.config import FitConfig
 from pyroseg.errors import UsageError
-from pyroseg.geco import GECO, auto_kappa, moving_average, multiplier_step
+from pyroseg.geco import (
+    GECO,
+    TopKLikelihood,
+    auto_kappa,
+    inverse_softplus_squared,
+    moving_average,
+    multiplier_step,
+    softplus_squared,
+    topk_pixels,
+)
 from pyroseg.models import build_model
 from pyroseg.train import Trainer, fit
 
@@ -79,8 +88,102 @@ def test_geco_config_is_validated():
         FitConfig(geco_alpha=1.0).validate()
     with pytest.raises(UsageError, match="--free-bits"):
         FitConfig(free_bits=-1).validate()
+    with pytest.raises(UsageError, match="--geco-constraint"):
+        FitConfig(geco_constraint="max").validate()
+    with pytest.raises(UsageError, match="--geco-top-k"):
+        FitConfig(geco_top_k=0).validate()
+    with pytest.raises(UsageError, match="--geco-update"):
+        FitConfig(geco_update="adam").validate()
     cfg = FitConfig(objective="geco", epochs=20).validate()
-    assert cfg.beta_warmup == 0.0 and cfg.geco_warmup == 2.0  # no KL annealing under GECO; lambda fixed 2 epochs
+    # DeepMind's defaults: top-k, softplus multiplier at rate 1e-2, no warm-up; no KL annealing under GECO
+    assert (cfg.geco_constraint, cfg.geco_top_k, cfg.geco_update, cfg.geco_rate) == ("topk", 0.02, "softplus", 1e-2)
+    assert cfg.beta_warmup == 0.0 and cfg.geco_warmup == 0.0 and not cfg.geco_deterministic_top_k
+    old = FitConfig(objective="geco", epochs=20, geco_update="multiplicative").validate()
+    assert old.geco_rate == 1.0 and old.geco_warmup == 2.0  # the rule before issue 13: lambda fixed 2 epochs
+
+
+def test_a_geco_config_written_before_issue_13_keeps_its_rule():
+    d = FitConfig(objective="geco").to_dict()
+    for k in ("geco_constraint", "geco_top_k", "geco_deterministic_top_k", "geco_update"):
+        del d[k]
+    cfg = FitConfig.from_dict(d)
+    assert (cfg.geco_constraint, cfg.geco_update) == ("mean", "multiplicative")
+    assert FitConfig.from_dict(FitConfig(objective="geco").to_dict()).geco_constraint == "topk"
+
+
+def test_deterministic_top_k_selects_the_largest_cross_entropies():
+    ce = torch.rand(4, 1, 10, 10, generator=torch.Generator().manual_seed(1))
+    keep = topk_pixels(ce, 0.02, deterministic=True)  # k = floor(0.02 * 400) = 8, over the whole batch
+    assert keep.shape == ce.shape and keep.dtype == torch.bool and int(keep.sum()) == 8
+    assert float(ce[keep].min()) > float(ce[~keep].max())
+    assert int(topk_pixels(ce, 1e-6, deterministic=True).sum()) == 1  # at least one pixel
+
+
+def test_stochastic_top_k_draws_pixels_in_proportion_to_their_cross_entropy():
+    ce = torch.tensor([0.0, 1.0, 3.0, 6.0]).view(1, 1, 2, 2)
+    torch.manual_seed(0)
+    counts = torch.zeros(4)
+    n = 4000
+    for _ in range(n):
+        keep = topk_pixels(ce, 0.25)  # k = 1: one categorical draw with p = ce / sum(ce)
+        assert int(keep.sum()) == 1
+        counts += keep.view(-1).float()
+    assert counts[0] == 0  # a pixel already right is never drawn
+    torch.testing.assert_close(counts / n, torch.tensor([0.0, 0.1, 0.3, 0.6]), atol=0.025, rtol=0)
+
+
+def test_top_k_messenger_makes_the_likelihood_the_top_k_cross_entropy():
+    """Under ``TopKLikelihood`` the "mask" site's log-probability is minus the summed
+    cross-entropy of the selected pixels only, per image; outside it, of all of them."""
+    from pyro import poutine
+
+    g = torch.Generator().manual_seed(0)
+    image, mask = torch.rand(2, 3, 32, 32, generator=g), (torch.rand(2, 1, 32, 32, generator=g) > 0.9).float()
+    model = build_model("unet", image_size=32)
+    full = poutine.trace(model.model).get_trace(image, mask).nodes["mask"]
+    ce = -full["fn"].base_dist.log_prob(mask).detach()  # (2, 1, 32, 32)
+    handler = TopKLikelihood(0.02, deterministic=True)
+    with handler:
+        site = poutine.trace(model.model).get_trace(image, mask).nodes["mask"]
+    keep = topk_pixels(ce, 0.02, deterministic=True)  # 40 of 2048 pixels
+    expected = -(ce * keep).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(site["fn"].log_prob(mask).detach(), expected, rtol=1e-5, atol=1e-5)
+    assert site["fn"].event_shape == (1, 32, 32) and site["fn"].batch_shape == (2,)
+    assert handler.pixels_per_image == pytest.approx(40 / 2)
+    counting = TopKLikelihood(None)
+    with counting:
+        poutine.trace(model.model).get_trace(image, mask)
+    assert counting.pixels_per_image == 32 * 32
+
+
+def test_constraint_units_top_k_per_image_and_mean_per_pixel():
+    """DeepMind's constraint: ma(sum of the selected pixels' CE) - kappa * N, nats per image;
+    the mean constraint: nats per pixel."""
+    top = GECO(kappa=0.05, constraint="topk")
+    assert top.constraint_value(10.0, pixels=82) == pytest.approx(10.0 - 0.05 * 82)
+    mean = GECO(kappa=0.02, constraint="mean")
+    assert mean.constraint_value(40.96, pixels=4096) == pytest.approx(0.01 - 0.02)
+    assert mean.constraint_value(0.01) == pytest.approx(0.01 - 0.02)  # the old call: already per pixel
+
+
+def test_softplus_multiplier_is_adam_ascent_on_w():
+    """lambda = softplus(w)^2 starts at 1; Adam's first step moves w by lr against
+    the gradient -rate * C_ma * dlambda/dw, i.e. up while the constraint is unmet."""
+    g = GECO(kappa=0.05, constraint="topk", update_rule="softplus", rate=1e-2, lr=0.1, alpha=0.0)
+    assert g.lam == 1.0 and softplus_squared(g.w) == pytest.approx(1.0)
+    w0 = g.w
+    g.update(10.0, pixels=20)  # C = 10 - 1 = 9 > 0: unmet
+    assert g.w == pytest.approx(w0 + 0.1, rel=1e-6) and g.lam == pytest.approx(softplus_squared(w0 + 0.1))
+    assert g.lam > 1.0
+    ws = []
+    for _ in range(40):
+        g.update(0.0, pixels=20)  # C = -1: met; w turns back down once Adam's momentum turns
+        ws.append(g.w)
+    assert ws[-1] < ws[-2] and ws[-1] < max(ws)
+    assert inverse_softplus_squared(softplus_squared(0.3)) == pytest.approx(0.3)
+    h = GECO(kappa=0.05, update_rule="softplus")
+    h.load_state_dict(g.state_dict())
+    assert (h.lam, h.w, h.adam_m, h.adam_v, h.steps) == (g.lam, g.w, g.adam_m, g.adam_v, g.steps)
 
 
 def test_lambda_scales_the_likelihood_gradient_only():
@@ -121,3 +224,4 @@ def test_geco_and_free_bits_state_survives_a_resume(tmp_path):
     doc = json.loads((part / "config.json").read_text())
     assert doc["fit"]["free_bits"] == 0.5 and doc["geco"]["kappa"] == 0.01
     assert doc["model"]["latent_units"] == {"z_3": 16, "z_2": 32, "z_1": 64}
+    assert doc["fit"]["geco_constraint"] == "topk" and doc["fit"]["geco_update"] == "softplus"

@@ -21,7 +21,8 @@ EXPECTED_LATENTS = {
     "skip_vae": {"z": (24,)},
     "hvae": {"z_3": (16,), "z_2": (32,), "z_1": (64,)},
     "prob_unet": {"z": (6,)},
-    "hprob_unet": {"z_3": (2, H // 8, H // 8), "z_2": (2, H // 4, H // 4), "z_1": (2, H // 2, H // 2)},
+    # DeepMind's hierarchy: one channel at the four coarsest scales, down to a global 1x1 latent
+    "hprob_unet": {"z_4": (1, 1, 1), "z_3": (1, 2, 2), "z_2": (1, 4, 4), "z_1": (1, 8, 8)},
     "ssn": {"eta": (20, H * H)},  # M = 20 draws of the H*W logits, given a mask
     "mc_dropout": {},
     # coarsest (2x2) first; the finest latent at 1/4 of the image (see pyroseg/models/phiseg.py)
@@ -168,9 +169,11 @@ def test_sample_is_the_models_test_time_predictive(name):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_sample_shapes_and_diversity(name):
     model = build_model(name, image_size=H).eval()
+    # hprob_unet: 6 levels of residual blocks without normalisation saturate the logits at 0.1
+    noise = 0.01 if name == "hprob_unet" else 0.1
     with torch.no_grad():  # a random, non-degenerate posterior/prior
         for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+            p.add_(noise * torch.randn_like(p))
         image, _ = _batch()
         s = model.sample(image, 5)
     assert s.shape == (5, B, 1, H, H)
@@ -208,9 +211,74 @@ def test_hparams_rebuild_the_same_architecture():
 
 
 def test_models_share_the_backbone_size():
-    """Fair comparison: every model's size is within a small factor of the U-Net's."""
-    sizes = {n: build_model(n, image_size=64).num_params for n in MODELS}
+    """Fair comparison: every model's size is within a small factor of the U-Net's.
+    Except the HPU-Net at its published depth (3 residual blocks of 3 convolutions per
+    level, down to 1x1: most of its weights sit at the 128-wide coarse levels, where
+    they cost little time); its ``v1`` layout is on the shared backbone."""
+    sizes = {n: build_model(n, image_size=64).num_params for n in MODELS if n != "hprob_unet"}
+    sizes["hprob_unet v1"] = build_model("hprob_unet", image_size=64, layout="v1").num_params
     assert max(sizes.values()) < 4 * sizes["unet"], sizes
+
+
+def test_hprob_unet_layouts():
+    """The default follows DeepMind's hierarchy scaled to the image (85 latent units
+    at any size, the coarsest a global 1x1 latent); ``layout=v1`` is the layout before
+    issue 13 (2 channels at 1/8, 1/4, 1/2 of the image); each field can be overridden."""
+    from pyroseg.collapse import latent_units
+
+    ref = build_model("hprob_unet", image_size=64)
+    assert ref.latent_sites == ("z_4", "z_3", "z_2", "z_1")
+    assert ref.core_widths == (16, 32, 64, 128, 128, 128, 128)  # 64, 32, ..., 1 pixels
+    assert latent_units(ref) == {"z_4": 1, "z_3": 4, "z_2": 16, "z_1": 64}
+    blocks = ref.prior_core.encoder.levels[0]
+    assert len(blocks) == 3 and sum(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) for m in blocks[0].modules()) == 3
+    assert len(ref.stitch.blocks) == 7 - 1 - 4  # levels after the last latent scale
+    v1 = build_model("hprob_unet", image_size=64, layout="v1")
+    assert latent_units(v1) == {"z_3": 2 * 8 * 8, "z_2": 2 * 16 * 16, "z_1": 2 * 32 * 32}
+    custom = build_model("hprob_unet", image_size=64, latent_scales=2, latent_channels=3, blocks_per_level=1)
+    assert latent_units(custom) == {"z_2": 3, "z_1": 3 * 4}
+    assert build_model("hprob_unet", **custom.hparams()).hparams() == custom.hparams()
+
+
+@pytest.mark.parametrize("arg, match", [
+    ({"layout": "deepmind"}, "--model-arg layout=deepmind: expected one of reference, v1"),
+    ({"latent_scales": 6}, "--model-arg latent_scales=6: expected 1 to 5"),
+    ({"latent_channels": 0}, "--model-arg latent_channels=0: expected at least 1"),
+    ({"blocks_per_level": 0}, "--model-arg blocks_per_level=0"),
+    ({"layout": "v1", "blocks_per_level": 3}, "layout v1 has one block"),
+    ({"posterior_init_scale": 0}, "--model-arg posterior_init_scale=0"),
+])
+def test_hprob_unet_bad_hyper_parameters_are_one_line_usage_errors(arg, match):
+    with pytest.raises(UsageError, match=match) as e:
+        build_model("hprob_unet", image_size=H, **arg)
+    assert "\n" not in str(e.value)
+
+
+#: bound on KL / reconstruction at the first step (64x64, batch 2, a lesion share of 5 %)
+STEP0_KL_RATIO = 0.5
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS if n != "unet"])
+def test_first_step_kl_is_not_a_multiple_of_the_reconstruction(name):
+    """An initialisation whose KL dwarfs the reconstruction erases the latents before
+    the decoder learns to use them (hprob_unet before issue 13: KL 5,000 vs 870 nats).
+    Measured at 64x64 (issue 13): vae 0.05, skip_vae 0.05, hvae 0.23, prob_unet 0.01,
+    hprob_unet 0.001 (v1 layout with its old posterior scale 0.1: 5.7)."""
+    from pyroseg.objective import SiteELBO
+
+    g = torch.Generator().manual_seed(0)
+    image, mask = torch.rand(2, C, 64, 64, generator=g), (torch.rand(2, 1, 64, 64, generator=g) < 0.05).float()
+    torch.manual_seed(0)
+    model = build_model(name, image_size=64)
+    _, terms = SiteELBO().differentiable_loss_and_terms(model.model, model.guide, image, mask)
+    kl = sum(float(v.mean()) for k, v in terms.items() if k.startswith("kl_"))
+    assert 0 <= kl <= STEP0_KL_RATIO * float(terms["recon"].mean()), (kl, float(terms["recon"].mean()))
+    if name == "hprob_unet":  # the old initialisation, still reachable, fails the bound
+        torch.manual_seed(0)
+        old = build_model(name, image_size=64, layout="v1", posterior_init_scale=0.1)
+        _, terms = SiteELBO().differentiable_loss_and_terms(old.model, old.guide, image, mask)
+        kl = sum(float(v.mean()) for k, v in terms.items() if k.startswith("kl_"))
+        assert kl > 3 * float(terms["recon"].mean())
 
 
 def test_conv_of_upsampled_input_without_upsampling():
@@ -224,9 +292,9 @@ def test_conv_of_upsampled_input_without_upsampling():
 
 @pytest.mark.parametrize("widths", [(16, 32, 64, 128), (8, 16, 32, 64, 128)])
 def test_hprob_unet_fast_sample_equals_the_reference(widths):
-    """``sample`` shares the z-independent work between samples: same draws, same
+    """``sample`` (layout v1) shares the z-independent work between samples: same draws, same
     probabilities (to float rounding) as running the decoder on repeated features."""
-    model = build_model("hprob_unet", image_size=H if len(widths) == 4 else 64, widths=widths).eval()
+    model = build_model("hprob_unet", image_size=H if len(widths) == 4 else 64, widths=widths, layout="v1").eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))

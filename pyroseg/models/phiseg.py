@@ -62,7 +62,9 @@ parameters at 64 x 64; the reference's n0 = 32 is ``--model-arg n0=32``).
 Other differences from the reference: a :class:`~pyroseg.nets.ConvBlock` (two 3x3
 convolutions with GroupNorm) where it has three (or two) convolutions with batch
 norm; the Gaussian heads are the shared 1x1 :class:`~pyroseg.nets.DiagGaussianHead`
-(soft-bounded log-scale, prior heads starting at N(0, 1)) where it has a 3x3 mean
+(soft-bounded log-scale, prior heads starting at N(0, 1), posterior heads at a random
+mean and scale 1, as ``hprob_unet``'s, so that the first step's KL stays small against
+the reconstruction: at scale 0.1 it was 1.5x it at 64 x 64) where it has a 3x3 mean
 and a softplus scale at the top level and 1x1 elsewhere; one Bernoulli logit map
 where it has two-class softmax logits; the mask enters the posterior as ``y - 0.5``
 (one channel, its one-hot minus 0.5 in the reference); and the unused upsampling
@@ -87,7 +89,7 @@ from torch import nn
 
 from pyroseg.errors import UsageError
 from pyroseg.models.base import SegModel, beta_scale, mask_likelihood, positive_int
-from pyroseg.nets import POSTERIOR_INIT_SCALE, ConvBlock, DiagGaussianHead, init_mask_logits
+from pyroseg.nets import ConvBlock, DiagGaussianHead, init_mask_logits
 
 __all__ = ["PHiSegModel", "PHiSegCore", "PHiSegLikelihood", "accumulate", "channels_for"]
 
@@ -263,7 +265,7 @@ class PHiSegModel(SegModel):
         self.exponential_weighting = _flag("exponential_weighting", exponential_weighting)
         args = (self.n0, self.resolution_levels, self.latent_levels, self.zdim)
         self.prior_net = PHiSegCore(self.in_channels, *args)
-        self.posterior_net = PHiSegCore(self.in_channels + 1, *args, init_scale=POSTERIOR_INIT_SCALE)
+        self.posterior_net = PHiSegCore(self.in_channels + 1, *args, init_scale=1.0)  # step-0 KL small (see docs)
         self.likelihood_net = PHiSegLikelihood(*args)
 
     latent_sites = _LatentSites()
