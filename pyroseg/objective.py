@@ -59,8 +59,10 @@ class SiteELBO(TraceMeanField_ELBO):
     ``differentiable_loss_and_terms(model, guide, *args, **kwargs)`` returns
     the loss (a scalar to backpropagate, summed over the batch) and the
     unscaled per-image terms of that same pass, detached: ``"recon"``
-    (``-log p(y | x, z)``, nats per image, ``(B,)``) and ``"kl_<site>"`` (the KL
-    of each latent site before the free-bits floor, ``(B,)``).
+    (``-log p(y | x, z)`` of the ``"mask"`` site, nats per image, ``(B,)``),
+    ``"recon_<site>"`` for any other observed site (phiseg's per-level
+    ``"mask_l"``; every observed site enters the loss with its scale) and
+    ``"kl_<site>"`` (the KL of each latent site before the free-bits floor, ``(B,)``).
     ``differentiable_loss`` returns only the loss, so this is a drop-in
     ``pyro.infer.ELBO`` (``SVI`` can use it too).
     """
@@ -106,7 +108,10 @@ class SiteELBO(TraceMeanField_ELBO):
             if site["is_observed"]:
                 nll = -site["fn"].log_prob(site["value"])  # (B,) nats per image
                 loss = loss + scale_and_mask(nll, site["scale"], site["mask"]).sum()
-                recon = nll if recon is None else recon + nll
+                if name == "mask" or "mask" not in model_trace.nodes:
+                    recon = nll if recon is None else recon + nll
+                else:  # an extra likelihood beside "mask" (phiseg's per-level "mask_l"): its own term
+                    terms[f"recon_{name}"] = nll
                 continue
             guide_site = guide_trace.nodes[name]
             if is_validation_enabled():

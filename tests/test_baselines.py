@@ -251,6 +251,105 @@ def test_ensemble_command_joins_runs_that_evaluate_opens(tmp_path):
     assert report["nll"] < (tta["nll"] + nll_b) / 2
 
 
+# ------------------------------------------------------------------------------------- phiseg
+
+
+def _kl_diag_gauss(mu_q, sigma_q, mu_p, sigma_p):
+    """The reference's KL_two_gauss_with_diag_cov, per image (summed over all positions)."""
+    t = (sigma_q**2 + (mu_p - mu_q) ** 2) / sigma_p**2 + torch.log(sigma_p**2) - torch.log(sigma_q**2) - 1
+    return 0.5 * t.flatten(1).sum(1)
+
+
+@pytest.mark.parametrize(("level_loss_weight", "exponential", "beta", "recon_scale"),
+                         [(1.0, True, 1.0, 1.0), (0.5, False, 0.3, 2.0), (0.0, True, 1.0, 1.0)])
+def test_phiseg_loss_is_the_references_multi_level_loss(level_loss_weight, exponential, beta, recon_scale):
+    """loss = recon_scale * [NLL(y | s_1+...+s_L) + w * sum_{l>=2} NLL(y | s_l+...+s_L)]
+    + beta * sum_l 4^(l-1) KL_l, computed by hand from the networks (the reference's
+    residual_multinoulli_loss and hierarchical KL with exponential_weighting), equals
+    SiteELBO's and Pyro's TraceMeanField_ELBO's loss; SiteELBO's terms are unscaled."""
+    from pyro.infer import TraceMeanField_ELBO
+
+    model = _perturbed("phiseg", level_loss_weight=level_loss_weight, exponential_weighting=exponential)
+    image, mask = _batch()
+    assert model.latent_sites == ("z_3", "z_2", "z_1")
+    kw = {"beta": beta, "recon_scale": recon_scale}
+    pyro.set_rng_seed(5)
+    loss, terms = SiteELBO().differentiable_loss_and_terms(model.model, model.guide, image, mask, **kw)
+    pyro.set_rng_seed(5)
+    pyro_loss = TraceMeanField_ELBO().differentiable_loss(model.model, model.guide, image, mask, **kw)
+
+    # by hand, with the same posterior draws: the guide draws z_3, z_2, z_1 in that order
+    pyro.set_rng_seed(5)
+    with torch.no_grad():
+        q, p, zs = {}, {}, {}
+
+        def draw(name, loc, scale):
+            q[name] = (loc, scale)
+            zs[name] = loc + scale * torch.randn_like(loc)
+            return zs[name]
+
+        def given(name, loc, scale):
+            p[name] = (loc, scale)
+            return zs[name]
+
+        model.posterior_net.walk(model.posterior_net.encode(torch.cat([image, mask - 0.5], 1)), draw)
+        model.prior_net.walk(model.prior_net.encode(image), given)
+        s = model.likelihood_net([zs["z_1"], zs["z_2"], zs["z_3"]], (H, H))  # finest first, (B, 1, H, W)
+        assert [t.shape for t in s] == [(B, 1, H, H)] * 3
+        # each level's map is constant on blocks of 2^(l-1) pixels (nearest upsampling of H / 2^(l-1))
+        assert torch.equal(s[2], s[2][..., ::4, ::4].repeat_interleave(4, -1).repeat_interleave(4, -2))
+
+        def nll(logits):
+            return F.binary_cross_entropy_with_logits(logits, mask, reduction="none").flatten(1).sum(1)
+
+        nll_1, nll_2, nll_3 = nll(s[0] + s[1] + s[2]), nll(s[1] + s[2]), nll(s[2])
+        kl = {n: _kl_diag_gauss(*q[n], *p[n]) for n in ("z_1", "z_2", "z_3")}
+        weight = {"z_1": 1.0, "z_2": 4.0, "z_3": 16.0} if exponential else {"z_1": 1.0, "z_2": 1.0, "z_3": 1.0}
+        expected = recon_scale * (nll_1 + level_loss_weight * (nll_2 + nll_3)).sum() + beta * sum(
+            weight[n] * kl[n].sum() for n in kl)
+
+    assert float(expected) > 1.0
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(pyro_loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    torch.testing.assert_close(terms["recon"], nll_1, rtol=1e-5, atol=1e-4)  # the full-resolution "mask" site
+    if level_loss_weight > 0:
+        torch.testing.assert_close(terms["recon_mask_2"], nll_2, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(terms["recon_mask_3"], nll_3, rtol=1e-5, atol=1e-4)
+    else:
+        assert "recon_mask_2" not in terms
+    for n in kl:  # unweighted
+        torch.testing.assert_close(terms[f"kl_{n}"], kl[n], rtol=1e-4, atol=1e-4)
+        assert float(kl[n].min()) > 0
+
+
+def test_phiseg_samples_come_from_the_prior_and_encode_once():
+    """``sample`` runs the prior encoder once for all samples, and its mean over many
+    samples differs from a single one (the latents matter)."""
+    model = _perturbed("phiseg").eval()
+    image = torch.rand(1, C, H, H)
+    calls = []  # the batch size each encoder block sees
+    for block in model.prior_net.encoder:
+        block.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    with torch.no_grad():
+        s = model.sample(image, 6)
+    assert s.shape == (6, 1, 1, H, H)
+    assert calls == [1] * len(model.prior_net.encoder)  # each encoder block once, on the one image
+    assert float((s - s[:1]).abs().max()) > 1e-3
+
+
+def test_phiseg_levels_scale_with_the_image_and_are_checked():
+    m64 = build_model("phiseg", image_size=64)
+    assert (m64.resolution_levels, m64.latent_levels) == (6, 4)
+    m128 = build_model("phiseg", image_size=128)  # the reference's 7 resolution and 5 latent levels
+    assert (m128.resolution_levels, m128.latent_levels) == (7, 5)
+    assert m128.latent_sites == ("z_5", "z_4", "z_3", "z_2", "z_1")
+    assert [m128.kl_weight(n) for n in m128.latent_sites] == [256.0, 64.0, 16.0, 4.0, 1.0]
+    m = build_model("phiseg", image_size=64, latent_levels=5)
+    assert m.resolution_levels == 6 and m.latent_sites[0] == "z_5"
+    rebuilt = build_model("phiseg", **m.hparams())
+    assert rebuilt.num_params == m.num_params and rebuilt.latent_levels == 5
+
+
 # ------------------------------------------------------------------------- hyper-parameter checks
 
 
@@ -267,6 +366,14 @@ def test_ensemble_command_joins_runs_that_evaluate_opens(tmp_path):
     ("mc_dropout", {"dropout": 1.0}, "--model-arg dropout=1.0: expected a rate in [0, 1)"),
     ("mc_dropout", {"dropout": "x"}, "--model-arg dropout='x': expected a rate in [0, 1)"),
     ("unet", {"widths": (8, 0, 32, 64)}, "--widths [8, 0, 32, 64]: expected a list of positive integers"),
+    ("phiseg", {"latent_levels": 0}, "--model-arg latent_levels=0: expected a positive integer"),
+    ("phiseg", {"latent_levels": 6}, "--model-arg latent_levels=6: expected at most resolution_levels (5)"),
+    ("phiseg", {"resolution_levels": 6},
+     "--model-arg resolution_levels=6: expected at most 5 at --image-size 32 (the coarsest level 2x2)"),
+    ("phiseg", {"zdim": -2}, "--model-arg zdim=-2: expected a positive integer"),
+    ("phiseg", {"n0": "wide"}, "--model-arg n0='wide': expected a positive integer"),
+    ("phiseg", {"level_loss_weight": -1}, "--model-arg level_loss_weight=-1: expected a number >= 0"),
+    ("phiseg", {"exponential_weighting": "yes"}, "--model-arg exponential_weighting='yes': expected true or false"),
 ])  # fmt: skip
 def test_bad_hyper_parameters_are_one_line(name, kw, words):
     with pytest.raises(UsageError) as e:

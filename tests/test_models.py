@@ -25,7 +25,17 @@ EXPECTED_LATENTS = {
     "hprob_unet": {"z_4": (1, 1, 1), "z_3": (1, 2, 2), "z_2": (1, 4, 4), "z_1": (1, 8, 8)},
     "ssn": {"eta": (20, H * H)},  # M = 20 draws of the H*W logits, given a mask
     "mc_dropout": {},
+    # coarsest (2x2) first; the finest latent at 1/4 of the image (see pyroseg/models/phiseg.py)
+    "phiseg": {"z_3": (2, H // 16, H // 16), "z_2": (2, H // 8, H // 8), "z_1": (2, H // 4, H // 4)},
 }
+
+#: observed sites beside "mask" when a mask is given: phiseg's per-level likelihoods
+EXTRA_OBSERVED = {"phiseg": {"mask_2", "mask_3"}}
+
+#: hyper-parameters that make the training loss the plain negative ELBO (recon + beta * sum KL),
+#: which the generic beta / recon_scale tests check; phiseg's weighted loss has its own test
+#: (tests/test_baselines.py)
+PLAIN_ELBO = {"phiseg": {"level_loss_weight": 0, "exponential_weighting": False}}
 
 
 def _batch(seed=0):
@@ -52,7 +62,9 @@ def test_trace_has_exactly_the_expected_sites(name):
     guide_trace, model_trace = _traces(model, image, mask)
     expected = EXPECTED_LATENTS[name]
     msites = _samples(model_trace)
-    assert set(msites) == set(expected) | {"mask"}
+    assert set(msites) == set(expected) | {"mask"} | EXTRA_OBSERVED.get(name, set())
+    for extra in EXTRA_OBSERVED.get(name, ()):
+        assert msites[extra]["is_observed"] and torch.equal(msites[extra]["value"], mask)
     assert tuple(model.latent_sites) == tuple(expected)  # declared in sampling order
     assert set(_samples(guide_trace)) == set(expected)  # the guide covers every latent, and nothing else
     for site, event in expected.items():
@@ -86,7 +98,7 @@ def test_elbo_is_finite_and_has_gradients(name, elbo):
 def test_beta_scales_exactly_the_kl_part(name):
     """With the noise fixed, loss(beta) = recon + beta * KL, so it is affine in beta
     with slope equal to the sum of the per-site KLs of elbo_terms."""
-    model = build_model(name, image_size=H)
+    model = build_model(name, image_size=H, **PLAIN_ELBO.get(name, {}))
     # move the posterior away from the prior so the KL is not ~0
     with torch.no_grad():
         for p in model.parameters():
@@ -111,7 +123,7 @@ def test_beta_scales_exactly_the_kl_part(name):
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_recon_scale_scales_only_the_likelihood(name):
-    model = build_model(name, image_size=H)
+    model = build_model(name, image_size=H, **PLAIN_ELBO.get(name, {}))
     image, mask = _batch()
     elbo = TraceMeanField_ELBO()
 
@@ -174,7 +186,7 @@ def test_sample_shapes_and_diversity(name):
     assert model.predict(image, 4).shape == (B, 1, H, H)
 
 
-@pytest.mark.parametrize("name", ["prob_unet", "hprob_unet"])
+@pytest.mark.parametrize("name", ["prob_unet", "hprob_unet", "phiseg"])
 def test_guide_needs_the_mask(name):
     model = build_model(name, image_size=H)
     with pytest.raises(ValueError, match="needs the mask"):

@@ -33,6 +33,7 @@ from pyroseg.models.ensemble import EnsembleModel
 from pyroseg.models.hprob_unet import HProbUNetModel
 from pyroseg.models.hvae import HVAEModel
 from pyroseg.models.mc_dropout import MCDropoutModel
+from pyroseg.models.phiseg import PHiSegModel
 from pyroseg.models.prob_unet import ProbUNetModel
 from pyroseg.models.skip_vae import SkipVAEModel
 from pyroseg.models.ssn import SSNModel
@@ -44,7 +45,7 @@ __all__ = ["MODELS", "COMPOSITES", "ENTRY_POINT_GROUP", "EnsembleModel", "SegMod
 
 MODELS: dict[str, type[SegModel]] = {
     cls.name: cls for cls in (UNetModel, VAEModel, SkipVAEModel, HVAEModel, ProbUNetModel, HProbUNetModel, SSNModel,
-                             MCDropoutModel)
+                             MCDropoutModel, PHiSegModel)
 }
 
 
