@@ -13,13 +13,20 @@ from pyroseg.errors import UsageError
 from pyroseg.train import EpochSampler, fit
 
 
-def _data(n=23, annotators=3, size=8, seed=0) -> SegData:
+def _data(n=23, annotators=3, size=8, seed=0, uneven=False) -> SegData:
+    """``uneven``: every third slice has one rater fewer (its last slot padded empty)."""
     rng = np.random.default_rng(seed)
+    masks = (rng.random((n, annotators, size, size)) > 0.7).astype(np.uint8)
+    counts = np.full(n, annotators)
+    if uneven:
+        counts[::3] = annotators - 1
+        masks[::3, -1] = 0
     return SegData(
         images=rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8),
-        masks=(rng.random((n, annotators, size, size)) > 0.7).astype(np.uint8),
+        masks=masks,
         patients=np.array([f"p{i // 4}" for i in range(n)]),
         slice_numbers=np.arange(n),
+        rater_counts=counts,
     )
 
 
@@ -28,11 +35,13 @@ def _loader(dataset, sampler, batch):
                       generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("annotators, indices", [(3, None), (1, None), (3, [5, 0, 7, 9, 2, 11, 13, 1, 4])])
-def test_device_batches_equal_the_dataloader_batches_and_random_draws(annotators, indices):
+@pytest.mark.parametrize("annotators, indices, uneven", [(3, None, False), (1, None, False),
+                                                         (3, [5, 0, 7, 9, 2, 11, 13, 1, 4], False), (3, None, True)])
+def test_device_batches_equal_the_dataloader_batches_and_random_draws(annotators, indices, uneven):
     """Epoch by epoch, from a mid-epoch position too: the same batches (values,
-    dtype, annotator drawn) and the global random stream left in the same state."""
-    data = _data(annotators=annotators)
+    dtype, annotator drawn, raters per slice) and the global random stream left in the
+    same state; with uneven rater counts a padded slot is never drawn."""
+    data = _data(annotators=annotators, uneven=uneven)
     dataset = SegDataset(data, indices=indices, random_annotator=True)
     runs = {}
     for kind in ("loader", "device"):
@@ -54,6 +63,11 @@ def test_device_batches_equal_the_dataloader_batches_and_random_draws(annotators
     if annotators > 1:  # the annotator draw is real: not always the first
         picks = [bool((b["mask"][:, 0] != b["masks"][:, 0]).flatten(1).any(1).any()) for b in runs["device"] if "mask" in b]
         assert any(picks)
+    if uneven:  # a slice with 2 raters never trains on its empty third slot
+        for b in runs["device"]:
+            if "mask" in b:
+                short = b["rater_count"] == annotators - 1
+                assert not torch.equal(b["mask"][short, 0], b["masks"][short, -1]) or not b["masks"][short, :-1].any()
 
 
 def test_device_batches_length_follows_the_sampler():

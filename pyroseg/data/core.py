@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["SegData", "SegDataset", "collate_batch"]
+__all__ = ["SegData", "SegDataset", "collate_batch", "draw_rater"]
 
 
 @dataclass
@@ -163,17 +163,24 @@ class SegDataset(Dataset):
         idx = self.indices[torch.as_tensor(list(items), dtype=torch.long)]
         image = self.images[idx].float().div_(255.0)  # (B, C, H, W)
         masks = self.masks[idx].float()  # (B, A, H, W)
-        a = masks.shape[1]
         counts = self.counts[idx]  # (B,)
-        if self.random_annotator and a > 1:
-            if bool((counts == a).all()):
-                pick = torch.randint(a, (len(idx),))  # the same draws as before counts existed
-            else:  # uniform over each slice's own raters
-                pick = (torch.rand(len(idx)) * counts).long().clamp_max_(counts - 1)
-        else:
-            pick = torch.zeros(len(idx), dtype=torch.long)
+        pick = draw_rater(counts, masks.shape[1], self.random_annotator)
         mask = masks[torch.arange(len(idx)), pick].unsqueeze(1)  # (B, 1, H, W)
         return {"image": image, "mask": mask, "masks": masks, "rater_count": counts, "index": idx}
+
+
+def draw_rater(counts: torch.Tensor, num_annotators: int, random: bool) -> torch.Tensor:
+    """``(B,)`` long: the annotator each slice's training mask comes from, given each
+    slice's rater count ``counts`` ``(B,)`` (CPU): uniform over the slice's own raters,
+    drawn from the global CPU random stream, when ``random``; else the first.
+    :class:`SegDataset` and :class:`pyroseg.data.device.DeviceBatches` both draw here,
+    so the two paths give the same masks and leave the stream in the same state."""
+    b = len(counts)
+    if not random or num_annotators == 1:
+        return torch.zeros(b, dtype=torch.long)
+    if bool((counts == num_annotators).all()):
+        return torch.randint(num_annotators, (b,))  # the same draws as before counts existed
+    return (torch.rand(b) * counts).long().clamp_max_(counts - 1)
 
 
 def collate_batch(batch: dict) -> dict:

@@ -35,7 +35,7 @@ import logging
 import torch
 from torch.utils.data import DataLoader
 
-from pyroseg.data.core import SegDataset
+from pyroseg.data.core import SegDataset, draw_rater
 from pyroseg.errors import UsageError
 
 __all__ = ["DeviceBatches", "on_device", "fits_on_device", "AUTO_FRACTION", "CHOICES"]
@@ -72,19 +72,17 @@ class DeviceBatches:
 
     def __iter__(self):
         order = torch.as_tensor(list(iter(self.sampler)), dtype=torch.long)  # dataset positions, this epoch
-        slices = self._to_device(self.indices[order])  # (n,) slice indices, on the device
-        random = self.dataset.random_annotator and self.num_annotators > 1
+        slices_cpu = self.indices[order]  # (n,) slice indices
+        slices = self._to_device(slices_cpu)  # the same, on the device
         for start in range(0, len(order), self.batch_size):
             idx = slices[start : start + self.batch_size]  # (B,)
-            b = len(idx)
+            counts = self.dataset.counts[slices_cpu[start : start + self.batch_size]]  # (B,) raters per slice, CPU
             image = self.images[idx].float().div_(255.0)  # (B, C, H, W)
             masks = self.masks[idx].float()  # (B, A, H, W)
-            if random:  # the CPU generator, as SegDataset draws it: the same annotators, the same later draws
-                pick = self._to_device(torch.randint(self.num_annotators, (b,)))
-                mask = masks[torch.arange(b, device=self.device), pick].unsqueeze(1)  # (B, 1, H, W)
-            else:
-                mask = masks[:, :1]  # (B, 1, H, W)
-            yield {"image": image, "mask": mask, "masks": masks, "index": idx}
+            # the CPU generator, as SegDataset draws it: the same annotators, the same later draws
+            pick = self._to_device(draw_rater(counts, self.num_annotators, self.dataset.random_annotator))
+            mask = masks[torch.arange(len(idx), device=self.device), pick].unsqueeze(1)  # (B, 1, H, W)
+            yield {"image": image, "mask": mask, "masks": masks, "rater_count": self._to_device(counts), "index": idx}
 
 
 def fits_on_device(dataset: SegDataset, device: torch.device, fraction: float = AUTO_FRACTION) -> bool:
