@@ -65,3 +65,24 @@ def test_readme_is_a_front_page_with_the_ci_test_command():
     assert "python -m pytest" in (ROOT / ".ci" / "run").read_text()
     for link in re.findall(r"\]\((docs/[^)#]+)", readme):
         assert (ROOT / link).exists(), link
+
+
+GENERATED = re.compile(r"<!-- generated: pyroseg compare --render (\S+)(?: --columns (\S+))? -->\n(.*?)<!-- end generated -->",
+                       flags=re.S)
+
+
+def test_generated_tables_are_what_their_results_files_render():
+    """Every table marked ``<!-- generated: pyroseg compare --render DIR [--columns a,b] -->`` in the
+    README and the docs is exactly what that command prints from ``DIR/comparison.json``: a
+    table can always be traced to a results file and regenerated."""
+    from pyroseg.compare import render_results
+
+    found = 0
+    for page in [ROOT / "README.md", *DOCS.rglob("*.md")]:
+        for m in GENERATED.finditer(page.read_text()):
+            found += 1
+            cols = m.group(2).split(",") if m.group(2) else None
+            assert m.group(3).strip() == render_results(ROOT / m.group(1), cols).strip(), (
+                f"{page.relative_to(ROOT)}: the table from {m.group(1)} is stale; regenerate it with "
+                f"pyroseg compare --render {m.group(1)}" + (f" --columns {m.group(2)}" if m.group(2) else ""))
+    assert found, "no generated table found: the README's results must come from a results file"
