@@ -199,6 +199,7 @@ def sample_images(
     for k, (img_path, mask_path) in enumerate(pairs):
         if is_nifti(img_path):
             rec = sample_nifti(run, img_path, out, num_samples=num_samples, grid_samples=grid_samples, device=dev)
+            rec["checkpoint"] = run.checkpoint_used
             records.append(rec)
             if progress:
                 progress(k + 1, len(pairs))
