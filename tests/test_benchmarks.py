@@ -156,3 +156,26 @@ def test_issue18_gpu_script_runs_its_code_path_on_cpu(tmp_path, monkeypatch):
     assert [r["variant"].split(" (")[0].split(",")[0] for r in rows] == ["trainer", "trainer", "DeviceBatches", "DataLoader + .to(device)"]
     assert all(r["syncs"] is None for r in rows)
     assert [r["check_every"] for r in rows[:2]] == [1, 1]  # the CPU default
+
+
+def test_recipe_benchmark_trains_scores_and_tabulates(tmp_path):
+    """benchmarks/recipe.py: trains each MODEL:EPOCHS with the recipe, scores best.pt on the test
+    patients, and tabulates; --table-only then trains nothing and gives the same figures."""
+    from benchmarks import recipe
+
+    args = ["--data", "synthetic", "--image-size", "32", "--models", "unet:2", "--runs", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "out"), "--seeds", "0,1"]
+    recipe.main(args)
+    doc = json.loads((tmp_path / "out" / "recipe.json").read_text())
+    assert [(r["model"], r["epochs"], r["seed"]) for r in doc["rows"]] == [("unet", 2, 0), ("unet", 2, 1)]
+    for r in doc["rows"]:
+        assert (r["augment"], r["lr_schedule"]) == ("standard", "cosine")
+        assert r["checkpoint"].startswith("best.pt") and 0 <= r["dice_tumour"] <= 1 and r["minutes"] > 0
+    table = (tmp_path / "out" / "recipe.md").read_text()
+    assert "| unet | 2 | 0, 1 |" in table
+    mtime = (tmp_path / "runs" / "unet_e2_s0" / "checkpoint.pt").stat().st_mtime_ns
+    recipe.main([*args, "--table-only"])
+    assert json.loads((tmp_path / "out" / "recipe.json").read_text())["rows"] == doc["rows"]
+    assert (tmp_path / "runs" / "unet_e2_s0" / "checkpoint.pt").stat().st_mtime_ns == mtime
+    with pytest.raises(SystemExit):
+        recipe.main([*args[:4], "--models", "unet", *args[6:]])
