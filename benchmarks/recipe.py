@@ -27,6 +27,7 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
+from pyroseg.compare import run_state
 from pyroseg.config import FitConfig, load_config_json, versions
 from pyroseg.evaluate import evaluate_run
 from pyroseg.runs import read_metrics_csv
@@ -39,16 +40,9 @@ def run_name(model: str, epochs: int, seed: int) -> str:
     return f"{model}_e{epochs}_s{seed}"
 
 
-def finished(run: Path, epochs: int) -> bool:
-    try:
-        return (run / "checkpoint.pt").is_file() and len(read_metrics_csv(run / "metrics.csv")) >= epochs
-    except (OSError, ValueError):
-        return False
-
-
 def train_and_score(base: FitConfig, model: str, epochs: int, seed: int, runs: Path, *, table_only: bool) -> dict | None:
     run = runs / run_name(model, epochs, seed)
-    if not finished(run, epochs):
+    if run_state(run, epochs) != "finished":
         if table_only:
             return None
         fit(replace(base, model=model, epochs=epochs, seed=seed, out=str(run)), overwrite=run.exists(), pictures=False)

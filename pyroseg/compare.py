@@ -70,6 +70,7 @@ __all__ = [
     "render_results",
     "summarise",
     "collapsed_sites",
+    "run_state",
     "COLUMNS",
     "METRICS",
     "EVALUATION",
@@ -241,7 +242,7 @@ def compare_models(
 def _train(cfg: FitConfig, callbacks: FitCallbacks | None, overwrite: bool, pictures: bool) -> None:
     """Train the run ``cfg.out`` unless it is finished; resume it when it has a checkpoint."""
     run = Path(cfg.out)
-    state = _state(run, cfg.epochs)
+    state = run_state(run, cfg.epochs)
     if state in ("finished", "partial") and not overwrite:
         saved = FitConfig.from_dict(load_config_json(run / "config.json")["fit"])
         diff = sorted(k for k, v in cfg.to_dict().items() if _protocol(k, cfg) and saved.to_dict().get(k) != v)
@@ -262,8 +263,10 @@ def _protocol(field: str, cfg: FitConfig) -> bool:
     return field not in _NOT_PROTOCOL and not (cfg.objective != "geco" and field.startswith("geco_"))
 
 
-def _state(run: Path, epochs: int) -> str:
-    """``finished``, ``partial`` (a checkpoint, fewer epochs), or ``absent`` (nothing to resume)."""
+def run_state(run: str | Path, epochs: int) -> str:
+    """Whether the run folder ``run`` has trained ``epochs`` epochs: ``finished``, ``partial``
+    (a checkpoint, fewer epochs), or ``absent`` (nothing to resume)."""
+    run = Path(run)
     if not (run / "checkpoint.pt").exists() or not (run / "config.json").exists():
         return "absent"
     try:
