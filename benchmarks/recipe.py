@@ -1,7 +1,8 @@
 """The training-recipe benchmark (issue 16): models trained with the recipe for a fixed budget, scored on test patients.
 
 Each ``MODEL:EPOCHS`` is trained with ``pyroseg fit``'s recipe options
-(``--augment``, ``--lr-schedule cosine --lr-warmup 2`` by default) into
+(``--augment standard --lr-schedule cosine --lr-warmup 2`` by default; validation each
+epoch with one sample per image and no collapse diagnostics, which ``evaluate`` gives) into
 ``RUNS/<model>_e<epochs>_s<seed>``, unless that run is already finished, then
 scored by :func:`pyroseg.evaluate.evaluate_run` (``best.pt``, chosen on the
 validation patients) on the test patients. The epochs are the budget: choose
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--augment", default="standard")
     p.add_argument("--lr-schedule", default="cosine")
     p.add_argument("--lr-warmup", type=float, default=2.0)
+    p.add_argument("--val-samples", type=int, default=1, help="samples per validation image each epoch (cheap: the budget is time)")
+    p.add_argument("--collapse-diagnostics", action="store_true", help="per-epoch collapse diagnostics (off: evaluate reports them)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--runs", required=True, help="folder of the run folders")
     p.add_argument("--out", required=True, help="where recipe.json and recipe.md go")
@@ -112,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         plan.append((model, int(epochs)))
     seeds = [int(s) for s in a.seeds.split(",")]
     base = FitConfig(data=a.data, image_size=a.image_size, augment=a.augment, lr_schedule=a.lr_schedule,
-                     lr_warmup=a.lr_warmup, device=a.device)
+                     lr_warmup=a.lr_warmup, device=a.device, val_samples=a.val_samples,
+                     collapse_diagnostics=a.collapse_diagnostics)
     rows = [r for s in seeds for m, e in plan
             if (r := train_and_score(base, m, e, s, Path(a.runs), table_only=a.table_only)) is not None]
     rows.sort(key=lambda r: ([m for m, _ in plan].index(r["model"]), r["seed"]))
