@@ -381,12 +381,14 @@ def test_nan_on_one_rank_is_skipped_by_every_rank(tmp_path, cache_dir):
 def test_a_failing_rank_stops_the_job_with_its_message(tmp_path, cache_dir):
     """Bad data on rank 1's shard: rank 1 says why and exits 1; rank 0 loses
     its peer at the next all-reduce and says so; torchrun ends the job, naming
-    rank 1 as the root cause. Nothing hangs."""
+    rank 1 among the failed processes. Nothing hangs. (torchrun calls the first exit
+    it observes the root cause: usually rank 1, but on a loaded machine rank 0's abort
+    can be reaped first, as a CI run showed; which it names is torchrun's race, not ours.)"""
     r, took = _torchrun(["fit", "--model", "unet", "--epochs", "2", "--batch-size", "8",
                          "--out", str(tmp_path / "run"), *TINY, "-q"], fault="raise:1:2")
     assert r.returncode != 0
     assert "Error: [rank 1/2] injected fault: slice" in r.stderr and "of this shard is unreadable" in r.stderr
-    assert re.search(r"Root Cause.*?rank\s*: 1 \(local_rank: 1\)", r.stderr, re.S), r.stderr[-3000:]
+    assert re.search(r"(Failures|Root Cause).*?rank\s*: 1 \(local_rank: 1\)", r.stderr, re.S), r.stderr[-3000:]
     assert took < LAUNCH_TIMEOUT_S / 2
     assert not (tmp_path / "run" / "metrics.csv").exists()  # the failure came before the first epoch's end
 
