@@ -34,7 +34,7 @@ def inspect_cmd(data, image_size, seed, preview, cache_dir, task, slice_axis):
     counts = sorted(per_patient.values())
     click.echo(f"{'slices per patient':>22}: min {counts[0]}, median {counts[len(counts) // 2]}, max {counts[-1]}")
     if d.num_annotators > 1:
-        from pyroseg.data.raters import rater_agreement
+        from pyroseg.data.raters import disagreement_scales, rater_agreement
 
         stats = rater_agreement(d)
         per_case = ", ".join(f"{n} raters: {k} case(s)" for n, k in stats["raters_per_case"].items())
@@ -42,6 +42,11 @@ def inspect_cmd(data, image_size, seed, preview, cache_dir, task, slice_axis):
         click.echo(f"{'mean pairwise IoU':>22}: {stats['pairwise_iou']:.3f} over all slices, "
                    f"{stats['pairwise_iou_marked']:.3f} over the {stats['marked_slices']} slices some rater marks")
         click.echo(f"{'lesion px per rater':>22}: " + ", ".join(f"{v:.4f}" for v in stats["lesion_fraction_per_rater"]))
+        where = disagreement_scales(d)
+        if where["slices"]:
+            click.echo(f"{'where they disagree':>22}: one level of the raters' mean explains {where['global_level']:.2f} of a "
+                       f"rater's departure from the majority (1: nested, global; 0: local); cells with disagreement, "
+                       f"median: {where['cells_8']:.0f} of 8x8, {where['cells_4']:.0f} of 4x4, {where['cells_2']:.0f} of 2x2")
     if preview:
         import numpy as np
 

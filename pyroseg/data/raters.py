@@ -29,7 +29,7 @@ import numpy as np
 from pyroseg.data.lgg import default_cache_dir, read_npz, write_cache
 from pyroseg.data.resize import resize_image, resize_mask
 
-__all__ = ["scale_intensity", "pad_square", "ItemStack", "cached", "file_stamp", "rater_agreement", "INTENSITY_RULES",
+__all__ = ["scale_intensity", "pad_square", "ItemStack", "cached", "file_stamp", "rater_agreement", "disagreement_scales", "INTENSITY_RULES",
            "PERCENTILES"]
 
 log = logging.getLogger(__name__)
@@ -272,3 +272,45 @@ def rater_agreement(data, batch_size: int = 256) -> dict:
         "marked_slices": int(marked.sum()),
         "lesion_fraction_per_rater": [float(v) for v in per_rater],
     }
+
+
+def disagreement_scales(data, grids: Iterable[int] = (8, 4, 2)) -> dict:
+    """Where the raters disagree: globally (one number per rater would say it) or locally.
+
+    For the slices where the raters (at least 3) disagree: ``global_level`` is the share of a
+    rater's departure from the majority vote that the best *single level* of the raters' mean
+    explains — pixels where the rater's mask differs from ``{mean >= t}`` for the best ``t``,
+    against those where it differs from ``{mean >= 0.5}`` — mean over raters and slices (1: the
+    masks are nested, each a level set of the mean, so one global number per rater says
+    everything; 0: their differences are local, e.g. each rater adds a region of their own). ``cells_<g>``: median number of
+    cells of a ``g x g`` grid (a latent scale of ``g x g`` positions) that hold disagreeing
+    pixels, out of ``g * g``. ``slices``: the slices measured. Measured for issue 13, where it
+    tells whether ``hprob_unet``'s global ``z_4`` has anything to explain.
+    """
+    grids = list(grids)
+    levels, cells, slices = [], {g: [] for g in grids}, 0
+    for i in range(len(data)):
+        n = int(data.rater_counts[i])
+        if n < 3:
+            continue
+        m = data.masks[i, :n].astype(bool)  # (n, S, S)
+        mean = m.mean(0)
+        amb = (mean > 0) & (mean < 1)
+        if not amb.any():
+            continue
+        slices += 1
+        size = amb.shape[-1]
+        for g in grids:
+            c = size // g
+            cells[g].append(int(amb[: g * c, : g * c].reshape(g, c, g, c).any((1, 3)).sum()))
+        cuts = [mean >= k / n for k in range(1, n + 1)]  # the level sets of the raters' mean
+        majority = mean >= 0.5
+        for r in range(n):
+            base = (m[r] ^ majority).sum()
+            if base:
+                best = min((m[r] ^ c).sum() for c in cuts)
+                levels.append(1.0 - best / base)
+    out: dict = {"slices": slices, "global_level": float(np.mean(levels)) if levels else float("nan")}
+    for g in grids:
+        out[f"cells_{g}"] = float(np.median(cells[g])) if cells[g] else float("nan")
+    return out
