@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,7 @@ def prepare_run_dir(out: str | Path, *, resume: bool = False, overwrite: bool = 
         raise UsageError(f"--out {out}: exists and is not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".pyroseg-write-test"
+        probe = out / f".pyroseg-write-test.{os.getpid()}"  # one per process: the ranks of a job probe at once
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
