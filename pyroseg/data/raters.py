@@ -280,11 +280,12 @@ def disagreement_scales(data, grids: Iterable[int] = (8, 4, 2)) -> dict:
     For the slices where the raters (at least 3) disagree: ``global_level`` is the share of a
     rater's departure from the majority vote that the best *single level* of the raters' mean
     explains — pixels where the rater's mask differs from ``{mean >= t}`` for the best ``t``,
-    against those where it differs from ``{mean >= 0.5}`` — mean over raters and slices (1: the
-    masks are nested, each a level set of the mean, so one global number per rater says
-    everything; 0: their differences are local, e.g. each rater adds a region of their own). ``cells_<g>``: median number of
-    cells of a ``g x g`` grid (a latent scale of ``g x g`` positions) that hold disagreeing
-    pixels, out of ``g * g``. ``slices``: the slices measured. Measured for issue 13, where it
+    against those where it differs from ``{mean >= 0.5}`` (the majority vote, as
+    :func:`pyroseg.metrics.majority_vote`) — mean over raters and slices (1: the masks are
+    nested, each a level set of the mean, so one global number per rater says everything; 0:
+    their differences are local, e.g. each rater adds a region of their own). ``cells_<g>``:
+    median number of cells of a ``g x g`` grid (a latent scale of ``g x g`` positions) that hold
+    disagreeing pixels, out of ``g * g``. ``slices``: the slices measured. Measured for issue 13, where it
     tells whether ``hprob_unet``'s global ``z_4`` has anything to explain.
     """
     grids = list(grids)
