@@ -35,6 +35,7 @@ to look at a model trained on the built-in synthetic data. Its files are named
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,7 +51,7 @@ from pyroseg.errors import DataError, UsageError
 from pyroseg.runs import load_run
 from pyroseg.tta import TestTimeAugmentation
 
-__all__ = ["find_inputs", "sample_images", "sample_split", "sample_nifti", "pick_slices", "IMAGE_SUFFIXES", "is_nifti"]
+__all__ = ["balanced_draws", "find_inputs", "sample_images", "sample_split", "sample_nifti", "pick_slices", "IMAGE_SUFFIXES", "is_nifti"]
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,22 @@ def _out_dir(out: str | Path) -> Path:
     except OSError as e:
         raise UsageError(f"--out {out}: cannot create ({e.strerror or e})") from None
     return out
+
+
+def balanced_draws(model, num_samples: int) -> int:
+    """The number of samples to draw so that the mean weighs a mixture's parts alike:
+    the least multiple of ``model.num_draws(num_samples)`` that is at least ``num_samples``.
+    ``num_samples`` for most models; 20 for 16 asked of an ensemble of 5 (4 per member) or of
+    test-time augmentation over one (every member under every flip)."""
+    n = model.num_draws(num_samples)
+    return n * math.ceil(num_samples / n)
+
+
+def _balanced(model, num_samples: int) -> int:
+    n = balanced_draws(model, num_samples)
+    if n != num_samples:
+        log.info("drawing %d samples instead of %d, so that %s's parts weigh alike", n, num_samples, model.name)
+    return n
 
 
 def _sample_one(run, image: torch.Tensor, truth: np.ndarray | None, stem: str, out: Path, *, num_samples: int,
@@ -192,6 +209,7 @@ def sample_images(
     log.info("sampling from %s", run.checkpoint_used)
     if tta:
         run.model = TestTimeAugmentation(run.model)
+    num_samples = _balanced(run.model, num_samples)
     size = run.config.image_size
     pairs = find_inputs(inputs)
     out = _out_dir(out)
@@ -257,6 +275,7 @@ def sample_split(
     log.info("sampling from %s", run.checkpoint_used)
     if tta:
         run.model = TestTimeAugmentation(run.model)
+    num_samples = _balanced(run.model, num_samples)
     cfg = run.config
     data = load_source(cfg.data, cfg.image_size, **{**cfg.source_options(), "cache_dir": cache_dir or cfg.cache_dir})
     data = select_split(data, run.split, split, source=cfg.data)

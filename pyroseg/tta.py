@@ -10,8 +10,10 @@ trained on; they are left out.) A deterministic U-Net gets 4 different predictio
 uncertainty map; a model with a latent gets its own samples spread over the 4 flips.
 
 Sample ``i`` comes from flip ``i % 4``. :meth:`num_draws` asks for 4 samples of a
-deterministic model (one per flip) and a multiple of 4 otherwise, so that the mean of the
-samples weighs the flips alike. The ELBO terms (``model``/``guide``) are those of the
+deterministic model (one per flip) and otherwise 4 times what the wrapped model asks for a
+quarter of the samples (``4 * base.num_draws(ceil(n / 4))``), so that the mean of the
+samples weighs the flips alike *and* each flip weighs the wrapped model's own draws alike:
+an ensemble of 5 U-Nets gives 20 samples, every member under every flip. The ELBO terms (``model``/``guide``) are those of the
 wrapped model on the unflipped image.
 
 References: Wang et al., "Aleatoric uncertainty estimation with test-time augmentation
@@ -55,7 +57,7 @@ class TestTimeAugmentation(SegModel):
 
     def num_draws(self, num_samples: int) -> int:
         k = len(FLIPS)
-        return k * math.ceil(self.base.num_draws(num_samples) / k) if self.base.has_latent else k
+        return k * self.base.num_draws(math.ceil(num_samples / k)) if self.base.has_latent else k
 
     def model(self, image, mask=None, **kw):
         return self.base.model(image, mask, **kw)
@@ -64,11 +66,16 @@ class TestTimeAugmentation(SegModel):
         return self.base.guide(image, mask, **kw)
 
     def sample(self, image: torch.Tensor, num_samples: int = 1) -> torch.Tensor:
-        """``(num_samples, B, 1, H, W)``; sample ``i`` from flip ``i % 4``."""
+        """``(num_samples, B, 1, H, W)``; sample ``i`` from flip ``i % 4``.
+
+        Each flip asks the wrapped model for ``base.num_draws(ceil(num_samples / 4))``
+        samples (one, for a deterministic model), all of which are kept and repeated in
+        turn when fewer than a quarter of ``num_samples``: with ``num_samples =
+        num_draws(n)`` every flip gets every draw the wrapped model asked for (an
+        ensemble's members all take part)."""
         k = len(FLIPS)
         per = math.ceil(num_samples / k)
-        draws = []
-        for dims in FLIPS:
-            s = self.base.sample(_flip(image, dims), per if self.base.has_latent else 1)  # (per or 1, B, 1, H, W)
-            draws.append(_flip(s, dims).expand(per, *s.shape[1:]))
+        m = self.base.num_draws(per) if self.base.has_latent else 1
+        keep = torch.arange(max(per, m), device=image.device) % m  # the m draws, in turn
+        draws = [_flip(self.base.sample(_flip(image, dims), m), dims)[keep] for dims in FLIPS]  # (max(per, m), B, 1, H, W)
         return torch.stack(draws, dim=1).flatten(0, 1)[:num_samples]  # flips interleaved

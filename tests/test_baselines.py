@@ -213,6 +213,52 @@ def test_ensemble_samples_are_the_members_and_its_likelihood_the_mixture():
         torch.testing.assert_close(nll, -(torch.logsumexp(lp, 0) - math.log(2)), rtol=1e-4, atol=1e-3)
 
 
+def _ensemble_of(names):
+    members = [_perturbed(n) for n in names]
+    ens = EnsembleModel(members=[{"name": m.name, "hparams": m.hparams()} for m in members], image_size=H)
+    for dst, src in zip(ens.members, members, strict=True):
+        dst.load_state_dict(src.state_dict())
+    return ens.eval()
+
+
+def _which_member(ens, samples, image, dims=()):
+    """For each sample ``(S, B, 1, H, W)`` (of ``image`` flipped by ``dims``), the deterministic member it is."""
+    preds = [m.sample(torch.flip(image, dims) if dims else image, 1)[0] for m in ens.members]
+    preds = [torch.flip(p, dims) if dims else p for p in preds]
+    return [next(k for k, p in enumerate(preds) if torch.allclose(s, p)) for s in samples]
+
+
+def test_tta_over_an_ensemble_uses_every_member_under_every_flip():
+    """16 samples asked of TTA over 5 deterministic members: 20 draws, each member once per flip
+    (before: 8 draws, members 0 and 1 only)."""
+    ens = _ensemble_of(["unet"] * 5)
+    tta = TestTimeAugmentation(ens)
+    image = _batch()[0]
+    n = tta.num_draws(16)
+    assert n == 20
+    with torch.no_grad():
+        s = tta.sample(image, n)
+        for f, dims in enumerate(FLIPS):
+            assert sorted(_which_member(ens, s[f::4], image, dims)) == [0, 1, 2, 3, 4]
+    # stochastic members: 4 per member for 16 asked, so 4 flips x 5 x ceil(4 / 5) = 20
+    assert TestTimeAugmentation(_ensemble_of(["prob_unet"] * 5)).num_draws(16) == 20
+
+
+def test_sampling_an_ensemble_weighs_its_members_alike():
+    """``pyroseg sample`` rounds the count up so that every member gives as many samples."""
+    from pyroseg.sampling import balanced_draws
+
+    ens = _ensemble_of(["unet"] * 5)
+    assert balanced_draws(ens, 16) == 20 and balanced_draws(ens, 5) == 5
+    assert balanced_draws(build_model("unet", image_size=H), 16) == 16
+    assert balanced_draws(build_model("prob_unet", image_size=H), 7) == 7
+    assert balanced_draws(TestTimeAugmentation(build_model("unet", image_size=H)), 6) == 8
+    image = _batch()[0]
+    with torch.no_grad():
+        used = _which_member(ens, ens.sample(image, 20), image)
+    assert [used.count(k) for k in range(5)] == [4] * 5
+
+
 def _tiny(out, init_seed, model="unet"):
     cfg = FitConfig(model=model, data="synthetic-ambiguous", out=str(out), image_size=H, epochs=1, batch_size=16,
                     synthetic_patients=6, synthetic_slices=4, widths=(8, 16, 32, 64), val_samples=1, device="cpu",
@@ -245,7 +291,7 @@ def test_ensemble_command_joins_runs_that_evaluate_opens(tmp_path):
     res = CliRunner().invoke(cli, ["sample", str(tmp_path / "ens"), "--split", "test", "--num-images", "1",
                                    "--num-samples", "4", "--tta", "--out", str(tmp_path / "s")])
     assert res.exit_code == 0, res.output
-    assert len(list((tmp_path / "s").glob("*_sample_*.png"))) == 4
+    assert len(list((tmp_path / "s").glob("*_sample_*.png"))) == 8  # 4 flips x 2 members, each member under each flip
     nll_b = evaluate_run(b, num_samples=1, device="cpu", collapse_samples=0)["nll"]
     # the mixture's NLL, -log (p_a + p_b) / 2 per image, is below the members' mean NLL (Jensen)
     assert report["nll"] < (tta["nll"] + nll_b) / 2
