@@ -53,13 +53,32 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pyroseg.checkpoint import atomic_write_text
 from pyroseg.config import FitConfig, load_config_json, versions
 from pyroseg.errors import UsageError
-from pyroseg.evaluate import MAJORITY, ORACLE, ORACLE_ONE_MASK, RATERS_LOO, evaluate_run, evaluate_run_references
+from pyroseg.evaluate import (
+    BINNED_METRICS,
+    MAJORITY,
+    ORACLE,
+    ORACLE_ONE_MASK,
+    RATERS_LOO,
+    evaluate_run,
+    evaluate_run_references,
+)
 from pyroseg.models import MODELS, resolve_model
 from pyroseg.runs import read_metrics_csv
-from pyroseg.stats import LEVEL, N_BOOT, paired_bootstrap, paired_t, t_interval, verdict
+from pyroseg.stats import (
+    LEVEL,
+    N_BOOT,
+    binned_ece,
+    paired_bootstrap,
+    paired_bootstrap_stat,
+    paired_t,
+    t_interval,
+    verdict,
+)
 from pyroseg.train import FitCallbacks, fit
 
 __all__ = [
@@ -126,6 +145,11 @@ METRICS: dict[str, bool | None] = {
     "sec_per_epoch": False,
 }
 _NO_DIFFERENCE = ("sec_per_epoch",)  # machine load, not the model: summarised, never ranked
+
+#: Added to a verdict that rests on the seed interval alone: the runs' reports have no
+#: per-patient scores for the metric (reports from before every metric had them), or
+#: fewer than 2 test patients.
+NOT_BY_PATIENT = " (not tested by patient)"
 
 #: Rows that are references, not models: summarised, never compared with the baseline.
 REFERENCES = (ORACLE, ORACLE_ONE_MASK, RATERS_LOO, MAJORITY)
@@ -332,6 +356,8 @@ def summarise(doc: dict[str, Any]) -> dict[str, Any]:
             call = verdict([(by_seed["lo"], by_seed["hi"]), (by_patient["lo"], by_patient["hi"])], higher)
             if call not in ("tie", "n/a") and by_seed["n"] < 2:  # one seed: training-run noise unknown
                 call += " (1 seed)"
+            elif call not in ("tie", "n/a") and math.isnan(by_patient["lo"]):  # no per-patient scores
+                call += NOT_BY_PATIENT
             differences.append({
                 "model": name, "metric": metric, "baseline": baseline,
                 "diff": by_seed["mean"], "seeds": by_seed, "patients": by_patient, "verdict": call,
@@ -349,19 +375,20 @@ def _patient_bootstrap(runs_a: list[dict], runs_b: list[dict], metric: str, leve
     slices pooled over the seeds (``per_patient`` of the runs' reports)."""
     nan = float("nan")
 
-    def pooled(runs):
-        acc: dict[str, list[float]] = {}
+    def pooled(runs) -> dict[str, np.ndarray]:
+        acc: dict[str, np.ndarray] = {}
         for r in runs:
-            for p, (s, c) in r.get("per_patient", {}).get(metric, {}).items():
-                a = acc.setdefault(p, [0.0, 0.0])
-                a[0] += s
-                a[1] += c
+            for p, v in r.get("per_patient", {}).get(metric, {}).items():
+                acc[p] = acc.get(p, 0.0) + np.asarray(v, dtype=float)  # [sum, count], or reliability bins
         return acc
 
     pa, pb = pooled(runs_a), pooled(runs_b)
     patients = sorted(set(pa) & set(pb))
     if not patients:
         return {"n": 0, "diff": nan, "lo": nan, "hi": nan}
+    if metric in BINNED_METRICS:
+        return paired_bootstrap_stat(np.stack([pa[p] for p in patients]), np.stack([pb[p] for p in patients]),
+                                     binned_ece, n_boot=n_boot, level=level, seed=0)
     return paired_bootstrap([pa[p][0] for p in patients], [pa[p][1] for p in patients],
                             [pb[p][0] for p in patients], [pb[p][1] for p in patients],
                             n_boot=n_boot, level=level, seed=0)
@@ -495,7 +522,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
         f"paired by test patient ({doc['n_boot']} bootstrap resamples of the patients, each patient's slices pooled "
         "over the seeds: test-set noise). 'tie': either interval contains 0; 'better'/'worse' only when "
         "both exclude it (diversity has no better direction: 'higher'/'lower'); '(1 seed)': only the patient "
-        "interval exists, training-run noise is not in it. "
+        "interval exists, training-run noise is not in it; '(not tested by patient)': only the seed interval "
+        "exists (reports without per-patient scores for that metric). "
         f"'collapsed sites': latent sites whose mean test KL is below {COLLAPSE_NATS} nats / image, or with 0 "
         f"active units whose replacement by the prior mean changes the prediction by less than {COLLAPSE_EFFECT} "
         "(1 - Dice). GED (d = 1 - IoU; all pairs; 'unbiased': distinct pairs only), HM-IoU and diversity score the "

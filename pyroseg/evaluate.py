@@ -73,6 +73,7 @@ __all__ = [
     "score_predictions",
     "patient_scores",
     "PATIENT_METRICS",
+    "BINNED_METRICS",
     "has_oracle",
     "reliability_png_for",
     "select_split",
@@ -176,9 +177,10 @@ def evaluate_run(
     sampler = TestTimeAugmentation(run.model) if tta else run.model
     pred = predict_dataset(sampler, subset, num_samples=num_samples, batch_size=batch_size, device=dev, distribution=True)
     report = score_predictions(pred, subset)
+    has_elbo = bool(run.model.latent_sites) and not run.model.guide_is_prior  # else the loss is an NLL
     if per_patient:
-        report["per_patient"] = patient_scores(pred, subset)
-    if run.model.latent_sites and not run.model.guide_is_prior:
+        report["per_patient"] = patient_scores(pred, subset, loss="elbo" if has_elbo else "nll")
+    if has_elbo:
         report["elbo"] = float(np.mean(pred.terms["loss"]))
         report["recon"] = float(np.mean(pred.terms["recon"]))
         for k, v in pred.terms.items():
@@ -316,13 +318,13 @@ def _against_raters(prob: torch.Tensor, masks: torch.Tensor, counts: torch.Tenso
     that have one), ``dice_majority`` (against the majority-vote mask)."""
     if not len(prob):
         return {"qubiq": float("nan"), "dice_raters": float("nan"), "dice_majority": float("nan"), "dice_per_rater": []}
-    pred = prob >= 0.5
-    per = dice_per_rater(pred, masks, counts).double()  # (N, A), NaN in padded slots
+    per_slice = _against_raters_per_slice(prob, masks, counts)
+    per = dice_per_rater(prob >= 0.5, masks, counts).double()  # (N, A), NaN in padded slots
     return {
-        "qubiq": float(qubiq_score(prob, masks, counts).mean()),
-        "dice_raters": float(per.nanmean(1).mean()),
+        "qubiq": float(per_slice["qubiq"].mean()),
+        "dice_raters": float(per_slice["dice_raters"].mean()),
         "dice_per_rater": [float(v) for v in per.nanmean(0)],
-        "dice_majority": float(dice(pred, majority_vote(masks, counts)).mean()),
+        "dice_majority": float(per_slice["dice_majority"].mean()),
     }
 
 
@@ -398,14 +400,22 @@ def _leave_one_out(data: SegData) -> tuple[SegData, np.ndarray]:
                    slice_numbers=data.slice_numbers[idx], source=data.source, meta=dict(data.meta),
                    rater_counts=data.rater_counts[idx] - 1)
     return rows, data.masks[idx, held][:, None]
-#: The metrics of :func:`patient_scores`: those of :func:`score_predictions` that are
-#: means over slices (or, ``dice_volume``, over patients), so split by patient.
+#: The metrics of :func:`patient_scores`: every metric of :func:`evaluate_run` that
+#: ``compare`` ranks. Means over slices (or, ``dice_volume``, over patients) are split
+#: into ``[sum, count]`` per patient; the ECEs into their reliability-bin counts
+#: (:data:`BINNED_METRICS`).
 PATIENT_METRICS = ("dice_all", "dice_tumour", "dice_volume", "iou_tumour", "bce", "false_positive_slices",
-                   "ged", "ged_unbiased", "hm_iou", "sample_diversity", "elbo")
+                   "ged", "ged_unbiased", "hm_iou", "sample_diversity", "qubiq", "dice_raters", "dice_majority",
+                   "ece", "ece_lesion", "elbo", "nll")
+#: Per-patient entries that are ``[count * K, sum_prob * K, sum_target * K]`` of ``K``
+#: reliability bins (:func:`pyroseg.stats.binned_ece`), not ``[sum, count]``.
+BINNED_METRICS = ("ece", "ece_lesion")
 
 
-def patient_scores(pred: Predictions, data: SegData, *, threshold: float = 0.5) -> dict[str, dict[str, list[float]]]:
-    """Each :data:`PATIENT_METRICS` entry split by patient: ``{metric: {patient: [sum, count]}}``.
+def patient_scores(pred: Predictions, data: SegData, *, threshold: float = 0.5, loss: str | None = None,
+                   n_bins: int = ECE_BINS) -> dict[str, dict[str, list[float]]]:
+    """Each :data:`PATIENT_METRICS` entry split by patient: ``{metric: {patient: [sum, count]}}``
+    (:data:`BINNED_METRICS`: ``{patient: reliability-bin counts}``).
 
     ``sum`` is the metric summed over the patient's slices that the metric
     averages over (every slice; for ``dice_tumour``/``iou_tumour`` those with a
@@ -414,25 +424,35 @@ def patient_scores(pred: Predictions, data: SegData, *, threshold: float = 0.5) 
     Dice and 1. So ``sum(sums) / sum(counts)`` over all patients is exactly the
     metric of :func:`score_predictions`, and over a resample of patients that
     metric on those patients (:func:`pyroseg.stats.paired_bootstrap`).
-    ``elbo`` (the negative ELBO per image) only when ``pred.terms`` has it,
-    distribution metrics only when ``pred.distribution`` has them.
+    The ECEs (``ece`` over every pixel, ``ece_lesion`` over the lesion region, as
+    :func:`score_predictions`) are not means over slices: each patient gets the counts of
+    its pixels' reliability bins, which add up over patients to the report's ECE
+    (:func:`pyroseg.stats.binned_ece`). ``loss``: the name the report gives ``pred.terms["loss"]``,
+    ``"elbo"`` (a model with an ELBO) or ``"nll"`` (the others); by default ``"elbo"`` when
+    the terms have a KL, else ``"nll"``; none when there are no terms. Distribution metrics
+    only when ``pred.distribution`` has them.
     """
     prob = torch.from_numpy(pred.mean)  # (N, H, W)
     target = torch.from_numpy(data.masks[:, 0]).bool()  # (N, H, W): first annotator
     binary = prob >= threshold
     tumour = target.flatten(1).any(1)  # (N,)
+    every = np.ones(len(prob), bool)
     per_slice: dict[str, tuple[np.ndarray, np.ndarray]] = {  # metric -> (value (N,), counted (N,) bool)
-        "dice_all": (dice(binary, target).numpy(), np.ones(len(prob), bool)),
+        "dice_all": (dice(binary, target).numpy(), every),
         "dice_tumour": (dice(binary, target).numpy(), tumour.numpy()),
         "iou_tumour": (iou(binary, target).numpy(), tumour.numpy()),
-        "bce": (binary_cross_entropy(prob, target).numpy(), np.ones(len(prob), bool)),
+        "bce": (binary_cross_entropy(prob, target).numpy(), every),
         "false_positive_slices": (binary.flatten(1).any(1).float().numpy(), (~tumour).numpy()),
     }
     for k in ("ged", "ged_unbiased", "hm_iou", "sample_diversity"):
         if len(pred.distribution.get(k, ())):
-            per_slice[k] = (np.asarray(pred.distribution[k], float), np.ones(len(prob), bool))
-    if any(k.startswith("kl_") for k in pred.terms):  # a latent model: "loss" is its negative ELBO
-        per_slice["elbo"] = (np.asarray(pred.terms["loss"], float), np.ones(len(prob), bool))
+            per_slice[k] = (np.asarray(pred.distribution[k], float), every)
+    if len(prob):
+        for k, v in _against_raters_per_slice(prob, torch.from_numpy(data.masks), torch.from_numpy(data.rater_counts)).items():
+            per_slice[k] = (v, every)
+    if "loss" in pred.terms:
+        name = loss or ("elbo" if any(k.startswith("kl_") for k in pred.terms) else "nll")
+        per_slice[name] = (np.asarray(pred.terms["loss"], float), every)
     patients = np.asarray(data.patients)
     out: dict[str, dict[str, list[float]]] = {}
     for k, (value, counted) in per_slice.items():
@@ -442,6 +462,35 @@ def patient_scores(pred: Predictions, data: SegData, *, threshold: float = 0.5) 
             out[k][str(p)] = [float(value[sel].astype(float).sum()), int(sel.sum())]
     vol = volume_dice(binary, target, data.patients)
     out["dice_volume"] = {str(p): [float(v), 1] for p, v in vol.items()}
+    out.update(_patient_reliability(prob, data, n_bins))
+    return out
+
+
+def _against_raters_per_slice(prob: torch.Tensor, masks: torch.Tensor, counts: torch.Tensor) -> dict[str, np.ndarray]:
+    """The per-slice values whose means are :func:`_against_raters`' ``qubiq``, ``dice_raters``
+    and ``dice_majority``, ``(N,)`` each."""
+    pred = prob >= 0.5
+    return {
+        "qubiq": qubiq_score(prob, masks, counts).double().numpy(),
+        "dice_raters": dice_per_rater(pred, masks, counts).double().nanmean(1).numpy(),
+        "dice_majority": dice(pred, majority_vote(masks, counts)).double().numpy(),
+    }
+
+
+def _patient_reliability(prob: torch.Tensor, data: SegData, n_bins: int) -> dict[str, dict[str, list[float]]]:
+    """``{ece: {patient: bins}, ece_lesion: {patient: bins}}``: each patient's reliability-bin
+    counts (count, sum of probabilities, sum of targets; ``3 * n_bins`` numbers)."""
+    masks, counts = torch.from_numpy(data.masks), torch.from_numpy(data.rater_counts)
+    patients = np.asarray(data.patients)
+    out: dict[str, dict[str, list[float]]] = {k: {} for k in BINNED_METRICS}
+    for p in dict.fromkeys(data.patients):
+        sel = torch.from_numpy(patients == p)
+        pr, target = prob[sel], rater_mean(masks[sel], counts[sel])
+        region = (target > 0) | (pr >= LESION_REGION_MIN_PROB)
+        for k, (a, b) in {"ece": (pr, target), "ece_lesion": (pr[region], target[region])}.items():
+            acc = ReliabilityAccumulator(n_bins)
+            acc.update(a, b)
+            out[k][str(p)] = [float(v) for v in torch.cat([acc.count, acc.sum_prob, acc.sum_target])]
     return out
 
 

@@ -11,7 +11,9 @@ them to its runs. Two sources of noise are handled separately:
 * **test patients**: a different draw of test patients would score differently.
   :func:`paired_bootstrap` resamples patients (all the slices of a patient
   together, the clusters of the data) and recomputes the difference of two
-  slice-weighted means on the same resampled patients (paired by patient).
+  slice-weighted means on the same resampled patients (paired by patient);
+  :func:`paired_bootstrap_stat` the same for any statistic of counts that add up
+  over patients (the ECE of reliability-bin counts).
 
 :func:`verdict` calls a difference ``"tie"`` when any of its intervals contains 0.
 """
@@ -24,7 +26,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats as _st
 
-__all__ = ["t_interval", "paired_t", "ratio_mean", "paired_bootstrap", "verdict", "LEVEL", "N_BOOT"]
+__all__ = ["t_interval", "paired_t", "ratio_mean", "ratio_of_sums", "binned_ece", "paired_bootstrap",
+           "paired_bootstrap_stat", "verdict", "LEVEL", "N_BOOT"]
 
 #: Confidence level of every interval.
 LEVEL = 0.95
@@ -76,6 +79,62 @@ def ratio_mean(sums: np.ndarray, counts: np.ndarray) -> float:
     return float(np.sum(sums)) / total if total > 0 else float("nan")
 
 
+def binned_ece(bins: np.ndarray) -> np.ndarray:
+    """Expected calibration error from reliability counts ``bins`` ``(..., 3 * K)``: per bin
+    the pixel count, the sum of predicted probabilities, the sum of targets (K bins each, in
+    that order). ``sum_k |sum_prob_k - sum_target_k| / sum_k count_k`` over the last axis,
+    NaN with no pixels; the ``ece`` of :class:`~pyroseg.metrics.ReliabilityAccumulator`."""
+    bins = np.asarray(bins, dtype=float)
+    k = bins.shape[-1] // 3
+    count, prob, target = bins[..., :k], bins[..., k : 2 * k], bins[..., 2 * k :]
+    total = count.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, np.abs(prob - target).sum(-1) / total, np.nan)
+
+
+def ratio_of_sums(stats: np.ndarray) -> np.ndarray:
+    """``sum / count`` from ``stats`` ``(..., 2)`` (NaN where the count is 0): the
+    statistic of :func:`paired_bootstrap`."""
+    stats = np.asarray(stats, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(stats[..., 1] > 0, stats[..., 0] / stats[..., 1], np.nan)
+
+
+def paired_bootstrap_stat(
+    stats_a: np.ndarray,
+    stats_b: np.ndarray,
+    statistic,
+    *,
+    n_boot: int = N_BOOT,
+    level: float = LEVEL,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Patient bootstrap of the difference of a statistic of additive per-patient counts.
+
+    ``stats_a``, ``stats_b``: ``(P, K)``, row ``p`` the same patient for both models:
+    numbers that add up over patients (``[sum, count]`` of a slice-weighted mean; the
+    reliability-bin counts of an ECE). ``statistic`` maps summed rows ``(..., K)`` to
+    the metric (``(...)``). Each resample draws ``P`` patients with replacement and
+    computes ``statistic(sum A) - statistic(sum B)`` on them; the interval is the
+    percentile interval of ``n_boot`` resamples. Returns ``{"n": P, "diff", "lo", "hi"}``
+    (``diff`` on all patients); fewer than 2 patients give NaN bounds.
+    """
+    a, b = np.asarray(stats_a, dtype=float), np.asarray(stats_b, dtype=float)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"per-patient statistics must be (P, K) alike; got {a.shape}, {b.shape}")
+    p = int(a.shape[0])
+    nan = float("nan")
+    if p == 0:
+        return {"n": 0, "diff": nan, "lo": nan, "hi": nan}
+    diff = float(statistic(a.sum(0)) - statistic(b.sum(0)))
+    if p < 2:
+        return {"n": p, "diff": diff, "lo": nan, "hi": nan}
+    idx = np.random.default_rng(seed).integers(0, p, size=(n_boot, p))  # (n_boot, P)
+    boot = statistic(a[idx].sum(1)) - statistic(b[idx].sum(1))  # (n_boot,)
+    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+    return {"n": p, "diff": diff, "lo": float(lo), "hi": float(hi)}
+
+
 def paired_bootstrap(
     sums_a: Sequence[float],
     counts_a: Sequence[float],
@@ -102,18 +161,8 @@ def paired_bootstrap(
     if not (sa.shape == ca.shape == sb.shape == cb.shape) or sa.ndim != 1:
         raise ValueError(f"per-patient arrays must be (P,) alike; got {sa.shape}, {ca.shape}, {sb.shape}, {cb.shape}")
     keep = (ca > 0) & (cb > 0) & ~np.isnan(sa) & ~np.isnan(sb)
-    sa, ca, sb, cb = sa[keep], ca[keep], sb[keep], cb[keep]
-    p = int(sa.size)
-    nan = float("nan")
-    if p == 0:
-        return {"n": 0, "diff": nan, "lo": nan, "hi": nan}
-    diff = ratio_mean(sa, ca) - ratio_mean(sb, cb)
-    if p < 2:
-        return {"n": p, "diff": diff, "lo": nan, "hi": nan}
-    idx = np.random.default_rng(seed).integers(0, p, size=(n_boot, p))  # (n_boot, P)
-    boot = sa[idx].sum(1) / ca[idx].sum(1) - sb[idx].sum(1) / cb[idx].sum(1)  # (n_boot,)
-    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
-    return {"n": p, "diff": diff, "lo": float(lo), "hi": float(hi)}
+    a, b = np.stack([sa[keep], ca[keep]], 1), np.stack([sb[keep], cb[keep]], 1)  # (P, 2)
+    return paired_bootstrap_stat(a, b, ratio_of_sums, n_boot=n_boot, level=level, seed=seed)
 
 
 def verdict(intervals: Sequence[tuple[float, float]], higher_is_better: bool | None) -> str:

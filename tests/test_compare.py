@@ -49,6 +49,10 @@ def test_compare_trains_each_model_with_one_protocol(tmp_path):
     assert st[("vae", "dice_all")]["n"] == 1 and st[("vae", "dice_all")]["lo"] != st[("vae", "dice_all")]["lo"]  # NaN
     d = {(x["model"], x["metric"]): x for x in saved["differences"]}[("vae", "dice_all")]
     assert d["diff"] == pytest.approx(rows[1]["dice_all"] - rows[0]["dice_all"]) and d["patients"]["n"] == rows[0]["n_patients"]
+    # every ranked metric has its patient interval (none rests on the seeds alone)
+    for x in saved["differences"]:
+        assert x["patients"]["n"] == rows[0]["n_patients"], x["metric"]
+    assert {"qubiq", "dice_raters", "dice_majority", "ece", "ece_lesion"} <= {x["metric"] for x in saved["differences"]}
     csv_text = (tmp_path / "comparison.csv").read_text()
     assert csv_text.startswith("model,metric,n_seeds,mean,sd,ci_lo,ci_hi") and "\nvae,dice_all,1," in csv_text
     assert (tmp_path / "comparison.png").stat().st_size > 5000
@@ -172,6 +176,28 @@ def test_summarise_by_hand():
     one = summarise({**doc, "runs": [r for r in runs if r["seed"] == 0], "seeds": [0]})
     d = {(x["model"], x["metric"]): x for x in one["differences"]}[("vae", "dice_all")]
     assert d["seeds"]["n"] == 1 and d["patients"]["lo"] > 0 and d["verdict"] == "better (1 seed)"
+
+
+def test_a_verdict_without_patient_scores_says_so():
+    """A metric whose reports have no per-patient scores gets its verdict from the seed interval
+    alone, and the verdict says it was not tested by patient; the ECE's bootstrap resamples
+    patients' reliability bins."""
+    pp = {"a": [1.0, 2], "b": [0.5, 1], "c": [0.4, 1]}
+    runs = [_fake_run("unet", s, v, pp) | {"qubiq": 0.5 + 0.01 * s} for s, v in enumerate((0.6, 0.65, 0.7))]
+    runs += [_fake_run("vae", s, v, pp) | {"qubiq": 0.7 + 0.01 * s} for s, v in enumerate((0.6, 0.65, 0.7))]
+    doc = summarise({"runs": runs, "seeds": [0, 1, 2], "baseline": "unet", "level": 0.95, "n_boot": 500})
+    d = {(x["model"], x["metric"]): x for x in doc["differences"]}
+    assert d[("vae", "qubiq")]["patients"]["n"] == 0 and d[("vae", "qubiq")]["verdict"] == "better (not tested by patient)"
+    # per-patient reliability bins (2 bins: counts, sums of probabilities, sums of targets): vae is calibrated
+    bins_u = {"a": [10, 0, 5, 0, 0, 0], "b": [0, 10, 0, 9, 0, 3], "c": [5, 5, 1, 4, 0, 2]}
+    bins_v = {"a": [10, 0, 0.5, 0, 0.5, 0], "b": [0, 10, 0, 9, 0, 9], "c": [5, 5, 1, 4, 1, 4]}
+    for r in runs:
+        calibrated = r["model"] == "vae"
+        r["ece"] = (0.02 if calibrated else 0.4) + 0.001 * r["seed"]
+        r["per_patient"]["ece"] = bins_v if calibrated else bins_u
+    d = {(x["model"], x["metric"]): x for x in summarise(doc)["differences"]}[("vae", "ece")]
+    assert d["patients"]["n"] == 3 and d["patients"]["hi"] < 0 and d["verdict"] == "better"
+    assert d["patients"]["diff"] == pytest.approx(0 - (abs(6 - 0) + abs(13 - 5)) / 30)  # pooled: counts 15, 15
 
 
 def _check_ambiguous_rows(rows, models, tmp_path):

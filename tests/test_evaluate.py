@@ -268,7 +268,8 @@ def test_one_rater_slices_have_no_leave_one_out_pair():
 def test_patient_scores_add_up_to_the_reports_means():
     """Per patient [sum, count]: pooled over all patients they give score_predictions' numbers
     exactly (what the paired bootstrap of pyroseg compare resamples)."""
-    from pyroseg.evaluate import PATIENT_METRICS, patient_scores, score_predictions
+    from pyroseg.evaluate import BINNED_METRICS, PATIENT_METRICS, patient_scores, score_predictions
+    from pyroseg.stats import binned_ece
 
     data = make_synthetic_ambiguous(image_size=32, n_patients=3, slices_per_patient=4, seed=0)
     model = build_model("vae", image_size=32, widths=(8, 16, 32, 64))
@@ -276,9 +277,13 @@ def test_patient_scores_add_up_to_the_reports_means():
     report = score_predictions(pred, data)
     report["elbo"] = float(np.mean(pred.terms["loss"]))
     per = patient_scores(pred, data)
-    assert set(per) == set(PATIENT_METRICS)
+    assert set(per) == set(PATIENT_METRICS) - {"nll"}  # a latent model's loss is its ELBO
     for k, by_patient in per.items():
         assert set(by_patient) == set(data.patient_ids)
+        if k in BINNED_METRICS:  # reliability-bin counts that add up to the report's ECE
+            bins = np.sum(list(by_patient.values()), axis=0)
+            assert float(binned_ece(bins)) == pytest.approx(report[k], rel=1e-6, abs=1e-9), k
+            continue
         total = sum(c for _, c in by_patient.values())
         if total:
             assert sum(s for s, _ in by_patient.values()) / total == pytest.approx(report[k], rel=1e-6, abs=1e-6), k
@@ -288,3 +293,4 @@ def test_patient_scores_add_up_to_the_reports_means():
     assert all(c == 1 for _, c in per["dice_volume"].values())
     unet = predict_dataset(build_model("unet", image_size=32, widths=(8, 16, 32, 64)), data, num_samples=1)
     assert "elbo" not in patient_scores(unet, data) and "ged" not in patient_scores(unet, data)
+    assert "nll" in patient_scores(unet, data)
