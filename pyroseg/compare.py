@@ -67,6 +67,7 @@ from pyroseg.evaluate import (
     evaluate_run,
     evaluate_run_references,
 )
+from pyroseg.geco import refuse_without_kl
 from pyroseg.models import MODELS, resolve_model
 from pyroseg.runs import read_metrics_csv
 from pyroseg.stats import (
@@ -187,6 +188,24 @@ def collapsed_sites(report: dict[str, Any]) -> str:
     return ",".join(s for s in sites if dead(s)) or "-"
 
 
+def model_list(models: Sequence[str] | None, base: FitConfig) -> list[str]:
+    """The models a comparison trains: ``models``, or every built-in model (less those
+    ``base.objective`` cannot train: with GECO, the models without a KL term). Unknown
+    names, and a named model the objective cannot train, are a one-line :class:`UsageError`."""
+    names = list(models or MODELS)
+    unknown = [m for m in names if not _known(m)]
+    if unknown:
+        raise UsageError(f"--models {','.join(unknown)}: unknown; expected some of {', '.join(MODELS)}, "
+                         "import paths package.module:Class or entry points")
+    if base.objective == "geco":
+        if models:
+            for m in names:
+                refuse_without_kl(resolve_model(m))
+        else:
+            names = [m for m in names if not resolve_model(m).guide_is_prior]
+    return names
+
+
 def compare_models(
     base: FitConfig,
     out: str | Path,
@@ -212,11 +231,7 @@ def compare_models(
     runs skip their PNGs (``fit(pictures=False)``). Returns the
     ``comparison.json`` document.
     """
-    models = list(models or MODELS)
-    unknown = [m for m in models if not _known(m)]
-    if unknown:
-        raise UsageError(f"--models {','.join(unknown)}: unknown; expected some of {', '.join(MODELS)}, "
-                         "import paths package.module:Class or entry points")
+    models = model_list(models, base)
     if len(set(models)) != len(models):
         raise UsageError(f"--models {','.join(models)}: a model is named twice")
     if baseline not in models:

@@ -26,12 +26,16 @@ Two constraints (``--geco-constraint``):
 
 How pyroseg does it, step by step:
 
-* **the top-k is a mask on the likelihood site** (:class:`TopKLikelihood`, a
-  Pyro messenger active around each training step): it replaces the ``"mask"``
+* **the top-k is a mask on the likelihood sites** (:class:`TopKLikelihood`, a
+  Pyro messenger active around each training step): it replaces each observed
   site's ``Bernoulli(logits).to_event(3)`` by
-  ``Bernoulli(logits).mask(selected).to_event(3)``, so the ELBO's likelihood term
-  *is* the top-k cross-entropy, with no change to the models. Validation and
-  evaluation see the whole image.
+  ``Bernoulli(logits).mask(selected).to_event(3)``, so the ELBO's likelihood terms
+  *are* the top-k cross-entropies, with no change to the models. Every site the
+  multiplier scales is restricted and measured: PHiSeg's per-level ``"mask_l"``
+  likelihoods too, each with its own top-k, weighted in ``C`` as in the loss
+  (``level_loss_weight``), so ``lambda`` and the constraint cover the same terms.
+  Validation and evaluation see the whole image. A model without a KL term (SSN,
+  whose guide is its prior) is refused: there is nothing for ``lambda`` to trade.
 * **the multiplier enters as ``recon_scale``**: every model wraps its
   likelihood site in ``poutine.scale(scale=recon_scale)``, so the SVI step with
   ``recon_scale = lambda`` minimises ``beta * KL + lambda * sum ce`` per image,
@@ -81,10 +85,12 @@ import numpy as np
 import torch
 from pyro.poutine.messenger import Messenger
 
+from pyroseg.errors import UsageError
+
 __all__ = [
     "GECO", "TopKLikelihood", "topk_pixels", "moving_average", "multiplier_step", "softplus_squared",
     "inverse_softplus_squared", "auto_kappa", "geco_from_config", "AUTO_KAPPA_FRACTION", "CONSTRAINTS", "UPDATES",
-    "TOPK_KAPPA",
+    "TOPK_KAPPA", "refuse_without_kl",
 ]
 
 #: ``--geco-constraint`` choices; the first is the default.
@@ -153,35 +159,69 @@ def topk_pixels(ce: torch.Tensor, fraction: float, *, deterministic: bool = Fals
 
 
 class TopKLikelihood(Messenger):
-    """A Pyro messenger that restricts the observed ``site`` (``"mask"``) to a
-    top-k of its pixels: ``Independent(Bernoulli)`` becomes
-    ``Bernoulli.mask(selected).to_event(...)``, whose log-probability sums only
-    the selected pixels (see :func:`topk_pixels`). ``fraction=None`` leaves the
-    site alone. After each pass ``pixels_per_image`` holds the mean number of
-    pixels counted per image (``H W`` when ``fraction`` is None).
+    """A Pyro messenger that restricts every observed site (the likelihoods GECO's
+    multiplier scales: ``"mask"``, and PHiSeg's per-level ``"mask_l"``) to a top-k of its
+    pixels: ``Independent(Bernoulli)`` becomes ``Bernoulli.mask(selected).to_event(...)``,
+    whose log-probability sums only the selected pixels (see :func:`topk_pixels`; each
+    site selects from its own cross-entropy). ``fraction=None`` leaves the sites alone.
+
+    It also measures what the constraint needs from the same pass, over the same terms
+    the multiplier scales: with ``w_s`` a site's weight relative to ``recon_scale`` (its
+    Pyro scale divided by ``recon_scale``: 1 for ``"mask"``, PHiSeg's
+    ``level_loss_weight`` for ``"mask_l"``), after each step
+
+    * ``recon`` (a detached 0-dim tensor): ``sum_s w_s * mean_b sum_{counted} ce_s``, the
+      batch mean of the weighted cross-entropy of the counted pixels, nats per image;
+    * ``pixels_per_image``: ``sum_s w_s * (pixels counted per image at s)``.
+
+    So ``lambda`` and ``C = recon - kappa * pixels`` cover the same terms. A site that is not
+    a per-pixel Bernoulli (a mixture) is scored whole with ``fraction=None`` and refused
+    (:class:`~pyroseg.errors.UsageError`) with a top-k.
     """
 
-    def __init__(self, fraction: float | None, *, deterministic: bool = False, site: str = "mask"):
+    def __init__(self, fraction: float | None, *, deterministic: bool = False, recon_scale: float = 1.0):
         super().__init__()
         self.fraction = fraction
         self.deterministic = deterministic
-        self.site = site
+        self.recon_scale = float(recon_scale)
         self.pixels_per_image: float | None = None
+        self.recon: torch.Tensor | None = None
+        self._sums: list = [0.0, 0.0, 0]  # weighted recon, weighted pixels, passes (of "mask")
 
     def _pyro_sample(self, msg):
-        if msg["name"] != self.site or not msg["is_observed"]:
+        if not msg["is_observed"]:
             return
-        fn = msg["fn"]
-        base, event_dims = fn.base_dist, fn.reinterpreted_batch_ndims  # Bernoulli (B, 1, H, W), 3
-        batch = msg["value"].shape[0]
-        if self.fraction is None:
-            self.pixels_per_image = float(msg["value"][0].numel())
-            return
-        with torch.no_grad():
-            ce = -base.log_prob(msg["value"])  # (B, 1, H, W), nats per pixel
-        keep = topk_pixels(ce, self.fraction, deterministic=self.deterministic)
-        msg["fn"] = base.mask(keep).to_event(event_dims)
-        self.pixels_per_image = float(keep.sum()) / batch
+        fn, value = msg["fn"], msg["value"]
+        weight = float(msg["scale"]) / self.recon_scale if self.recon_scale > 0 else 1.0
+        batch = value.shape[0]
+        if isinstance(fn, torch.distributions.Independent) and isinstance(fn.base_dist, torch.distributions.Bernoulli):
+            base, event_dims = fn.base_dist, fn.reinterpreted_batch_ndims  # Bernoulli (B, 1, H, W), 3
+            with torch.no_grad():
+                ce = -base.log_prob(value)  # (B, 1, H, W), nats per pixel
+            if self.fraction is None:
+                counted, pixels = ce.sum(), float(value[0].numel())
+            else:
+                keep = topk_pixels(ce, self.fraction, deterministic=self.deterministic)
+                msg["fn"] = base.mask(keep).to_event(event_dims)
+                counted, pixels = (ce * keep).sum(), float(keep.sum()) / batch
+        elif self.fraction is None:
+            with torch.no_grad():
+                counted, pixels = -fn.log_prob(value).sum(), float(value[0].numel())
+        else:
+            raise UsageError(f"--geco-constraint topk: the likelihood site {msg['name']!r} is a {type(fn).__name__}, "
+                             "not a per-pixel Bernoulli; use --geco-constraint mean")
+        self._sums[0] = self._sums[0] + weight * counted.detach() / batch
+        self._sums[1] += weight * pixels
+        if msg["name"] == "mask":
+            self._sums[2] += 1
+
+    def __exit__(self, *args):
+        passes = max(self._sums[2], 1)  # several particles: their mean, as the ELBO's terms
+        if self._sums[2]:
+            self.recon = self._sums[0] / passes
+            self.pixels_per_image = self._sums[1] / passes
+        self._sums = [0.0, 0.0, 0]
+        return super().__exit__(*args)
 
 
 def auto_kappa(masks: np.ndarray, fraction: float = AUTO_KAPPA_FRACTION) -> float:
@@ -265,9 +305,11 @@ class GECO:
         return float(self.lam)
 
     def likelihood(self) -> TopKLikelihood:
-        """The messenger for one training step: the top-k mask on ``"mask"``
-        (``constraint="topk"``), or a pass-through that counts the pixels."""
-        return TopKLikelihood(self.top_k if self.constraint == "topk" else None, deterministic=self.deterministic_top_k)
+        """The messenger for one training step: the top-k mask on every likelihood site
+        (``constraint="topk"``), or a pass-through; either way it measures the step's
+        ``recon`` and ``pixels_per_image`` over the terms ``lambda`` scales."""
+        return TopKLikelihood(self.top_k if self.constraint == "topk" else None, deterministic=self.deterministic_top_k,
+                              recon_scale=self.recon_scale)
 
     def constraint_value(self, recon: float, pixels: float = 1.0) -> float:
         """``C`` of one step before the moving average (see the class docs)."""
@@ -327,6 +369,16 @@ class GECO:
         self.w = float(state["w"]) if "w" in state else inverse_softplus_squared(self.lam)
         self.adam_m = float(state.get("adam_m", 0.0))
         self.adam_v = float(state.get("adam_v", 0.0))
+
+
+def refuse_without_kl(model) -> None:
+    """GECO minimises the KL subject to the reconstruction constraint; a model whose guide
+    is its prior (SSN: ``KL = 0`` by construction) has nothing for the multiplier to trade,
+    so ``--objective geco`` would only rescale its likelihood. ``model``: a model or its
+    class. Raises one :class:`~pyroseg.errors.UsageError` line naming the model."""
+    if getattr(model, "guide_is_prior", False):
+        raise UsageError(f"--objective geco: {model.name} has no KL term for GECO's multiplier to trade against "
+                         "(its guide is its prior: KL = 0 by construction); train it with --objective elbo")
 
 
 def geco_from_config(config, train_masks: np.ndarray, steps_per_epoch: int) -> GECO:

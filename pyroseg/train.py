@@ -57,7 +57,7 @@ from pyroseg.data import SegData, SegDataset, collate_batch, load_source, split_
 from pyroseg.data.device import on_device
 from pyroseg.devices import resolve_device
 from pyroseg.errors import CheckpointError, TrainingError, UsageError
-from pyroseg.geco import GECO, geco_from_config
+from pyroseg.geco import GECO, geco_from_config, refuse_without_kl
 from pyroseg.metrics import segmentation_report
 from pyroseg.models import SegModel, build_model, model_import_path
 from pyroseg.nets import compile_networks
@@ -572,6 +572,8 @@ class FitRun:
         pyro.set_rng_seed(cfg.train_seed)  # torch, numpy and random
         channels = {} if in_channels is None else {"in_channels": in_channels}
         model = build_model(cfg.model, image_size=cfg.image_size, widths=cfg.widths, **{**channels, **cfg.model_args}).to(self.device)
+        if cfg.objective == "geco":
+            refuse_without_kl(model)
         if cfg.channels_last:  # measured 1.2-1.27x faster training steps on CPU (benchmarks/, options item)
             model = model.to(memory_format=torch.channels_last)
         self.model = model
@@ -717,8 +719,8 @@ class FitRun:
             with likelihood:
                 outcome = trainer.step(image, mask, beta=beta, recon_scale=geco.recon_scale if geco else 1.0)
             if geco is not None and outcome.applied:  # C of the global batch: identical on every rank
-                recon = outcome.terms["recon"] if trainer.reduce is None else trainer.reduce(outcome.terms["recon"])
-                geco.update(float(recon), likelihood.pixels_per_image)  # nats per image over the pixels counted
+                recon = likelihood.recon if trainer.reduce is None else trainer.reduce(likelihood.recon)
+                geco.update(float(recon), likelihood.pixels_per_image)  # nats per image over the terms lambda scales
             meter.add(outcome, image.shape[0] * self.ctx.world_size)  # the loss is the global batch's: every rank's images
             p.batch_in_epoch += 1
             p.global_step += 1

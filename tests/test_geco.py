@@ -225,3 +225,70 @@ def test_geco_and_free_bits_state_survives_a_resume(tmp_path):
     assert doc["fit"]["free_bits"] == 0.5 and doc["geco"]["kappa"] == 0.01
     assert doc["model"]["latent_units"] == {"z_3": 16, "z_2": 32, "z_1": 64}
     assert doc["fit"]["geco_constraint"] == "topk" and doc["fit"]["geco_update"] == "softplus"
+
+
+def test_top_k_reaches_every_likelihood_site_and_the_constraint_covers_what_lambda_scales():
+    """PHiSeg's per-level "mask_l" sites are restricted to their own top-k too, and the
+    step's recon/pixels are the sums over the sites, weighted as lambda weighs them
+    (before: only "mask" was restricted and measured, while lambda also scaled the whole-image
+    "mask_l" sums)."""
+    from pyro import poutine
+
+    g = torch.Generator().manual_seed(0)
+    image, mask = torch.rand(2, 1, 32, 32, generator=g), (torch.rand(2, 1, 32, 32, generator=g) > 0.9).float()
+    model = build_model("phiseg", image_size=32, in_channels=1, level_loss_weight=0.5)
+    lam = 2.0
+    handler = TopKLikelihood(0.02, deterministic=True, recon_scale=lam)
+    with handler:
+        tr = poutine.trace(model.model).get_trace(image, mask, recon_scale=lam)
+    sites = [n for n, s in tr.nodes.items() if s["type"] == "sample" and s["is_observed"]]
+    assert sites[-1] == "mask" and len(sites) == 3  # mask_2, mask_3 and the full-resolution mask
+    with torch.no_grad():
+        full = poutine.trace(poutine.replay(model.model, trace=tr)).get_trace(image, mask, recon_scale=lam)
+    recon, pixels = 0.0, 0.0
+    for name in sites:
+        ce = -full.nodes[name]["fn"].base_dist.log_prob(mask)
+        keep = topk_pixels(ce, 0.02, deterministic=True)
+        torch.testing.assert_close(tr.nodes[name]["fn"].log_prob(mask).detach(), -(ce * keep).sum((1, 2, 3)))
+        w = 1.0 if name == "mask" else 0.5
+        recon += w * float((ce * keep).sum()) / 2
+        pixels += w * float(keep.sum()) / 2
+    assert float(handler.recon) == pytest.approx(recon, rel=1e-5)
+    assert handler.pixels_per_image == pytest.approx(pixels) and pixels == pytest.approx(2 * 20.0)
+
+
+def test_geco_refuses_a_model_without_a_kl_term(tmp_path):
+    """SSN's guide is its prior (KL = 0): GECO has nothing to trade, so fit and compare refuse it in
+    one line (before: an AttributeError from the top-k on its mixture likelihood), and a
+    default compare under GECO leaves it out."""
+    from pyroseg.compare import compare_models, model_list
+
+    with pytest.raises(UsageError, match=r"--objective geco: ssn has no KL term"):
+        fit(_cfg(tmp_path, "ssn", 1, model="ssn"), pictures=False)
+    assert not (tmp_path / "ssn" / "checkpoint.pt").exists()
+    geco = FitConfig(objective="geco")
+    assert "ssn" not in model_list(None, geco) and "prob_unet" in model_list(None, geco)
+    assert "ssn" in model_list(None, FitConfig())
+    with pytest.raises(UsageError, match="ssn has no KL term"):
+        compare_models(geco, tmp_path / "cmp", models=["unet", "ssn"])
+    assert not (tmp_path / "cmp" / "unet").exists()  # refused before anything was trained
+
+
+def test_the_mean_constraint_scores_a_mixture_likelihood_whole():
+    """A likelihood that is not a per-pixel Bernoulli (an ensemble's mixture) is counted whole
+    by the mean constraint and refused by the top-k with one line."""
+    from pyro import poutine
+
+    from pyroseg.models import EnsembleModel
+
+    unet = build_model("unet", image_size=32).hparams()
+    ens = EnsembleModel(members=[{"name": "unet", "hparams": unet}] * 2, image_size=32)
+    image, mask = torch.rand(2, 3, 32, 32), (torch.rand(2, 1, 32, 32) > 0.9).float()
+    counting = TopKLikelihood(None)
+    with counting:
+        tr = poutine.trace(ens.model).get_trace(image, mask)
+    assert float(counting.recon) == pytest.approx(float(-tr.nodes["mask"]["fn"].log_prob(mask).detach().mean()), rel=1e-5)
+    assert counting.pixels_per_image == 32 * 32
+    with pytest.raises(UsageError, match="not a per-pixel Bernoulli"), TopKLikelihood(0.02):
+        poutine.trace(ens.model).get_trace(image, mask)
+
