@@ -167,7 +167,7 @@ COLLAPSE_NATS = 0.1
 COLLAPSE_EFFECT = 0.01
 
 # config fields that do not change what a run computes (a reused run may differ in them)
-_NOT_PROTOCOL = ("out", "epochs", "device", "cache_dir", "num_workers")
+_NOT_PROTOCOL = ("out", "epochs", "device", "cache_dir")
 
 
 def collapsed_sites(report: dict[str, Any]) -> str:

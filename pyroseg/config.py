@@ -27,6 +27,10 @@ SELECT_BY = ("auto", "val_dice_tumour", "val_dice_all", "val_loss", "val_ged")
 
 #: What a config.json written before a field existed meant by its absence: that
 #: version's behaviour, which may differ from today's default.
+#: Fields older configs have that no longer exist, dropped on reading: ``num_workers``
+#: never reached the DataLoader (the data is in memory, and the random annotator of each
+#: slice is drawn from the main process's RNG, which crash-exact resume restores).
+_RETIRED = ("num_workers",)
 _LEGACY = {"augment": "none", "lr_schedule": "constant", "lr_warmup": 0.0, "select_by": "auto", "patience": None}
 
 #: Bumped when the meaning of a config field changes; a run written by a newer
@@ -75,7 +79,6 @@ class FitConfig:
     synthetic_patients: int = 20
     synthetic_slices: int = 16
     cache_dir: str | None = None
-    num_workers: int = 0
     # speed: channels-last weights and activations (measured 1.2-1.27x faster steps on CPU)
     channels_last: bool = True
     # training recipe (docs/guide/training-recipe.md)
@@ -153,7 +156,6 @@ class FitConfig:
             (self.geco_max_step > 0, f"--geco-max-step {self.geco_max_step}: expected a positive bound"),
             (self.free_bits >= 0, f"--free-bits {self.free_bits}: expected >= 0 nats"),
             (self.val_samples >= 1, f"--val-samples {self.val_samples}: expected at least 1"),
-            (self.num_workers >= 0, f"--num-workers {self.num_workers}: expected >= 0"),
             (self.augment in AUGMENTS, f"--augment {self.augment!r}: expected one of {', '.join(AUGMENTS)}"),
             (self.lr_schedule in LR_SCHEDULES, f"--lr-schedule {self.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}"),
             (self.lr_warmup >= 0, f"--lr-warmup {self.lr_warmup}: expected >= 0 epochs"),
@@ -190,6 +192,7 @@ class FitConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FitConfig:
         names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k not in _RETIRED}
         unknown = sorted(set(d) - names)
         if unknown:
             raise CheckpointError(f"config has unknown fields {unknown}: written by a newer pyroseg?")

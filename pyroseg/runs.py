@@ -65,7 +65,8 @@ EVAL_SPLITS = ("test", "val", "train", "all")
 RUN_FILES = (CONFIG, SPLIT, METRICS, CHECKPOINT, BEST, "curves.png", "val_samples.png", "latent_scales.png")
 
 #: Fields of a FitConfig that may differ between a run's config.json and its
-#: checkpoint (``--resume`` may raise ``epochs``; the rest do not change results).
+#: checkpoint (``--resume`` may raise ``epochs``; the rest do not change results;
+#: ``num_workers`` is a retired field that older checkpoints still hold).
 _FREE_FIELDS = {"out", "epochs", "device", "cache_dir", "num_workers", "source_config"}
 
 log = logging.getLogger(__name__)

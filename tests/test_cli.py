@@ -350,3 +350,20 @@ def test_load_progress_without_a_terminal_is_one_line(capsys):
     assert err.count("\n") == 1 and err.startswith("decoding data: 500 slices in ") and "\r" not in err
     LoadBar("decoding data", bar=False)(500, 500)  # a cache hit: nothing to say
     assert capsys.readouterr().err == ""
+
+
+def test_every_option_a_config_error_names_is_an_option_of_fit_or_compare():
+    """FitConfig's checks name the option to change; each must exist (before: '--num-workers',
+    which fit never had, for a field that never reached the DataLoader)."""
+    import inspect
+    import re
+
+    from cli.compare import compare_cmd
+    from cli.fit import fit_cmd
+    from pyroseg import config
+    from pyroseg.config import FitConfig
+
+    named = set(re.findall(r"--[a-z][a-z0-9-]+", inspect.getsource(config)))
+    options = {o for cmd in (fit_cmd, compare_cmd) for p in cmd.params for o in p.opts}
+    assert named - options == set()
+    assert FitConfig.from_dict({"num_workers": 0, "epochs": 3}).epochs == 3  # an older run's config still reads

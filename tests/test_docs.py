@@ -86,3 +86,14 @@ def test_generated_tables_are_what_their_results_files_render():
                 f"{page.relative_to(ROOT)}: the table from {m.group(1)} is stale; regenerate it with "
                 f"pyroseg compare --render {m.group(1)}" + (f" --columns {m.group(2)}" if m.group(2) else ""))
     assert found, "no generated table found: the README's results must come from a results file"
+
+
+def test_the_python_pip_accepts_is_the_one_the_code_needs():
+    """requires-python is the version ruff checks the code for (py311: datetime.UTC); before,
+    pip would install on 3.10 and fail at the first run."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    minimum = re.fullmatch(r">=\s*3\.(\d+)", project["project"]["requires-python"].strip())
+    assert minimum, project["project"]["requires-python"]
+    assert project["tool"]["ruff"]["target-version"] == f"py3{minimum.group(1)}"
