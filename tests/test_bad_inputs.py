@@ -26,6 +26,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 from rater_files import lidc_record, write_evil_lidc, write_lidc, write_nifti, write_qubiq
+from test_lidc import huge_bytes_pickle, many_raters_pickle, object_array_pickle, segfault_pickle, short_data_pickle
 
 import pyroseg.checkpoint as ck
 from cli.main import cli
@@ -278,7 +279,22 @@ DATA_CASES = [
         ("data_lidc.pickle", "record 'k2' lacks 'masks'", "expected keys image, masks, series_uid")),
     Bad("masks of different sizes in one record", lambda c: c.fit_data(write_lidc(c.tmp / "data_lidc.pickle", {"k1": _odd_mask(lidc_record("s1"))})), 1,
         ("data_lidc.pickle", "record 'k1'", "'masks'[1] is 8x8 but 'masks'[0] is 16x16")),
+    Bad("pickle that crashes numpy's own unpickling", lambda c: c.fit_data(_bytes(c.tmp / "data_lidc.pickle", segfault_pickle())), 1,
+        ("data_lidc.pickle", "refused the numpy dtype 'V8'", "only bool, integer, float and complex numbers")),
+    Bad("pickle calling numpy.ndarray", lambda c: c.fit_data(_bytes(c.tmp / "data_lidc.pickle", object_array_pickle())), 1,
+        ("data_lidc.pickle", "refused numpy.ndarray(...) called directly")),
+    Bad("pickle array with fewer bytes than its shape needs", lambda c: c.fit_data(_bytes(c.tmp / "data_lidc.pickle", short_data_pickle())), 1,
+        ("data_lidc.pickle", "needs 40,000,000,000 bytes where the pickle gives 16")),
+    Bad("pickle declaring more bytes than the file holds", lambda c: c.fit_data(_bytes(c.tmp / "data_lidc.pickle", huge_bytes_pickle())), 1,
+        ("data_lidc.pickle", "truncated or not a pickle", "the file has 19 left")),
+    Bad("pickle over the records and raters cap", lambda c: c.fit_data(_bytes(c.tmp / "data_lidc.pickle", many_raters_pickle(600, 10_000))), 1,
+        ("data_lidc.pickle", "600 records of up to 10,000 raters", "5,000,000 images and masks per file")),
 ]  # fmt: skip
+
+
+def _bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
 
 
 def _truncated_pickle(path: Path) -> Path:

@@ -277,41 +277,66 @@ def _write_cache(path: Path, arrays: dict) -> None:
 # --------------------------------------------------------------------------- decoding
 
 
-def _open_tif(path: Path) -> Image.Image:
+#: The most pixels a slice may have (8192 x 8192): checked from the TIFF header, before any pixel is decoded.
+MAX_SLICE_PIXELS = 2**26
+
+
+def _open_tif(path: Path, check: Callable[[Image.Image], None] | None = None) -> Image.Image:
     """Open and fully decode one TIFF; any decoding failure becomes a :class:`DataError`.
 
-    Pillow's warnings about the file (corrupt EXIF and the like) go to the log at
-    debug level, naming the file, instead of to stderr.
+    ``check(img)`` runs on the opened but not yet decoded image (its mode and
+    size come from the header), so a file that is refused is never decoded; a
+    TIFF over :data:`MAX_SLICE_PIXELS` is refused the same way. Pillow's
+    warnings about the file (corrupt EXIF and the like) go to the log at debug
+    level, naming the file, instead of to stderr.
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         img = None
         try:
             img = Image.open(path)
+            w, h = img.size
+            if w * h > MAX_SLICE_PIXELS:
+                raise DataError(f"{path} is {w}x{h}: more than the {MAX_SLICE_PIXELS:,} pixels a slice may have "
+                                "(a damaged header?)")
+            if check is not None:
+                check(img)
             img.load()
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        except DataError:
             if img is not None:
                 img.close()
-            raise DataError(f"cannot read {path}: unreadable or truncated TIFF ({e})") from None
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged TIFF fails in many ways (OSError, struct.error, KeyError, ...)
+            if img is not None:
+                img.close()
+            why = " ".join(str(e).split())[:200] or type(e).__name__
+            raise DataError(f"cannot read {path}: unreadable or truncated TIFF ({why})") from None
     for w in caught:
         logger.debug("%s: %s", path, w.message)
     return img
 
 
+def _check_image(path: Path, img: Image.Image) -> None:
+    if img.mode != "RGB":
+        raise DataError(f"image {path} has mode {img.mode}: expected 3-channel RGB")
+    w, h = img.size
+    if w != h:
+        raise DataError(f"image {path} is {w}x{h}: expected a square image")
+
+
 def read_image(path: Path) -> np.ndarray:
     """Decode an RGB square image to ``(H, W, 3)`` uint8."""
-    with _open_tif(path) as img:
-        if img.mode != "RGB":
-            raise DataError(f"image {path} has mode {img.mode}: expected 3-channel RGB")
-        w, h = img.size
-        if w != h:
-            raise DataError(f"image {path} is {w}x{h}: expected a square image")
-        return np.asarray(img)
+    with _open_tif(path, lambda img: _check_image(path, img)) as img:
+        arr = np.asarray(img)
+    if arr.shape != (img.size[1], img.size[0], 3) or arr.dtype != np.uint8:
+        raise DataError(f"image {path} decodes to a {arr.dtype} array of {arr.shape}: expected {img.size[1]}x{img.size[0]}x3 uint8")
+    return arr
 
 
 def read_mask(path: Path, image_shape: tuple[int, int]) -> np.ndarray:
     """Decode a 0/255 mask to ``(H, W)`` uint8 0/1, checking its size against its image's."""
-    with _open_tif(path) as img:
+
+    def check(img: Image.Image) -> None:
         if img.mode not in _MASK_MODES:
             raise DataError(f"mask {path} has mode {img.mode}: expected a single-channel mask (mode L or 1)")
         w, h = img.size
@@ -319,7 +344,11 @@ def read_mask(path: Path, image_shape: tuple[int, int]) -> np.ndarray:
             raise DataError(
                 f"mask {path} is {w}x{h} but its image is {image_shape[1]}x{image_shape[0]}: expected the same size"
             )
+
+    with _open_tif(path, check) as img:
         raw = np.asarray(img)
+    if raw.shape != tuple(image_shape):
+        raise DataError(f"mask {path} decodes to an array of {raw.shape}: expected {image_shape[0]}x{image_shape[1]}")
     if raw.dtype == bool:
         return raw.astype(np.uint8)
     bad = (raw != 0) & (raw != 255)

@@ -44,10 +44,11 @@ import numpy as np
 
 from pyroseg.data.core import SegData
 from pyroseg.data.lgg import check_image_size
-from pyroseg.data.raters import INTENSITY_RULES, ItemStack, cached, file_stamp, scale_intensity
+from pyroseg.data.raters import INTENSITY_RULES, ItemStack, cached, check_item_size, file_stamp, scale_intensity
 from pyroseg.errors import DataError, UsageError
 
-__all__ = ["QubiqCase", "is_qubiq", "scan_qubiq", "load_qubiq", "read_nifti", "nifti_items", "SPLIT_FOLDERS", "IMAGE_NAME"]
+__all__ = ["QubiqCase", "is_qubiq", "scan_qubiq", "load_qubiq", "read_nifti", "nifti_items", "SPLIT_FOLDERS", "IMAGE_NAME",
+           "MAX_NIFTI_VOXELS", "AFFINE_ATOL"]
 
 log = logging.getLogger(__name__)
 
@@ -159,27 +160,104 @@ def scan_qubiq(root: str | os.PathLike, task: str | None = None) -> tuple[list[Q
 # --------------------------------------------------------------------------- decoding
 
 
+#: The most voxels one NIfTI file may declare (512^3); a header that declares more is refused before any read.
+MAX_NIFTI_VOXELS = 2**27
+#: Deflate compresses at most about 1032:1, so a ``.nii.gz`` of ``n`` bytes holds at most this many times ``n``.
+_GZIP_MAX_RATIO = 1100
+#: How far (in each of the 4x4 affine's entries: mm, or mm per voxel) a rater's affine may be from its image's.
+AFFINE_ATOL = 1e-3
+
+
+def _one_line(e: BaseException) -> str:
+    """``Type: message`` of an exception, on one line and not too long."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
+def _check_header(path: Path, img) -> None:
+    """Refuse, before reading any voxel, a header whose data cannot be in the file or is not numbers.
+
+    The declared voxel count and type must fit :data:`MAX_NIFTI_VOXELS`, and
+    what they take must fit the file (for a ``.gz``, its size times the most
+    deflate can compress), so a damaged or hostile header never makes the
+    reader allocate more than the file could hold.
+    """
+    header = img.header
+    shape = tuple(int(n) for n in header.get_data_shape())
+    dtype = header.get_data_dtype()
+    dims = "x".join(map(str, shape))
+    if dtype.fields is not None or dtype.kind not in "biuf":
+        raise DataError(f"{path} holds {dtype} voxels: expected integers or floats (a scalar image)")
+    if not shape or min(shape) < 1:
+        raise DataError(f"{path} declares a {dims or '0-D'} array: expected every axis at least 1 long (a damaged header?)")
+    voxels = 1
+    for n in shape:
+        voxels *= n  # Python ints: a product of 7 axes of 32767 does not overflow
+    if voxels > MAX_NIFTI_VOXELS:
+        raise DataError(f"{path} declares {dims} voxels ({voxels:,}): more than the {MAX_NIFTI_VOXELS:,} a NIfTI may hold "
+                        "here (a damaged header?)")
+    need = int(header.get_data_offset()) + voxels * dtype.itemsize
+    size = path.stat().st_size
+    gz = path.name.lower().endswith(".gz")
+    room = size * _GZIP_MAX_RATIO if gz else size
+    if need > room:
+        raise DataError(f"{path} declares {dims} {dtype} voxels ({need:,} bytes with its header) but the file "
+                        f"({size:,} bytes{', gzipped' if gz else ''}) cannot hold them: truncated, or a damaged header")
+
+
 def read_nifti(path: Path):
-    """``(array, nibabel image)`` of a NIfTI file; size-1 axes after the first two dropped."""
+    """``(array, nibabel image)`` of a NIfTI file; size-1 axes after the first two dropped.
+
+    The header is checked before any voxel is read (:func:`_check_header`);
+    a file that fails, or fails to decode, is a one-line :class:`DataError`.
+    """
     import nibabel as nib
 
     try:
         img = nib.load(str(path))
+    except Exception as e:  # noqa: BLE001 - nibabel raises many types for a bad header
+        raise DataError(f"cannot read {path}: not a readable NIfTI file ({_one_line(e)})") from None
+    try:
+        _check_header(path, img)
+    except (ValueError, TypeError, OverflowError, OSError) as e:  # a header nibabel parses but cannot describe
+        raise DataError(f"cannot read {path}: not a readable NIfTI header ({_one_line(e)})") from None
+    try:
         arr = np.asanyarray(img.dataobj)
     except Exception as e:  # noqa: BLE001 - nibabel raises many types for a bad file
-        raise DataError(f"cannot read {path}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
+        raise DataError(f"cannot read {path}: not a readable NIfTI file ({_one_line(e)})") from None
     keep = [i for i, n in enumerate(arr.shape) if i < 2 or n != 1]
     return arr.reshape([arr.shape[i] for i in keep]), img
 
 
-def _read_mask(path: Path) -> np.ndarray:
-    arr, _ = read_nifti(path)
+def _affine(path: Path, img) -> np.ndarray:
+    try:
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except Exception as e:  # noqa: BLE001 - a damaged qform/sform fails in nibabel's maths
+        raise DataError(f"cannot read {path}: its header's affine cannot be computed ({_one_line(e)})") from None
+    if affine.shape != (4, 4):
+        raise DataError(f"cannot read {path}: its header gives no 4x4 affine")
+    return affine
+
+
+def _check_affines(image: Path, image_nii, raters: list[tuple[Path, object]]) -> None:
+    """Every rater file must lie where its image lies: the same 4x4 affine, within :data:`AFFINE_ATOL`."""
+    ref = _affine(image, image_nii)
+    for path, nii in raters:
+        aff = _affine(path, nii)
+        if not np.allclose(aff, ref, rtol=0, atol=AFFINE_ATOL, equal_nan=True):
+            worst = float(np.nanmax(np.abs(aff - ref))) if np.isfinite(aff - ref).any() else float("nan")
+            raise DataError(f"rater file {path} has another affine than its image {image} (they differ by up to {worst:g}; "
+                            f"expected the same within {AFFINE_ATOL:g}): the mask would not lie on the image")
+
+
+def _read_mask(path: Path) -> tuple[np.ndarray, object]:
+    arr, nii = read_nifti(path)
     bad = (arr != 0) & (arr != 1)
     if bad.any():
         values = np.unique(arr[bad])
         shown = ", ".join(f"{v:g}" for v in values[:5].astype(float))
         raise DataError(f"rater file {path} has values {shown}: expected only 0 and 1 (QUBIQ masks are 0/1)")
-    return arr.astype(np.uint8)
+    return arr.astype(np.uint8), nii
 
 
 def nifti_items(image: np.ndarray, mask_shape: tuple[int, ...], slice_axis: int, *, source: Path):
@@ -212,12 +290,13 @@ def nifti_items(image: np.ndarray, mask_shape: tuple[int, ...], slice_axis: int,
 def _decode(cases: list[QubiqCase], size: int, slice_axis: int, progress) -> dict[str, np.ndarray]:
     stack, rules = ItemStack(size), set()
     for i, case in enumerate(cases):
-        masks = [_read_mask(p) for p in case.raters]
+        read = [_read_mask(p) for p in case.raters]
+        masks = [m for m, _ in read]
         for p, m in zip(case.raters[1:], masks[1:]):
             if m.shape != masks[0].shape:
                 raise DataError(f"rater file {p} is {'x'.join(map(str, m.shape))} but {case.raters[0].name} is "
                                 f"{'x'.join(map(str, masks[0].shape))}: every rater of a case must have one shape")
-        image, _ = read_nifti(case.image)
+        image, image_nii = read_nifti(case.image)
         if image.ndim not in (2, 3, 4):
             raise DataError(f"{case.image} is {image.ndim}-D: expected a 2-D image or a 3-D volume")
         if masks[0].ndim not in (2, 3):
@@ -229,6 +308,9 @@ def _decode(cases: list[QubiqCase], size: int, slice_axis: int, progress) -> dic
             raise DataError(f"{case.image}: {e}") from None
         rules.add(rule)
         items, cut = nifti_items(image, masks[0].shape, slice_axis, source=case.image)
+        _check_affines(case.image, image_nii, [(p, nii) for p, (_, nii) in zip(case.raters, read)])
+        if items:
+            check_item_size(*items[0][1].shape, source=case.image)
         per_rater = [cut(m) for m in masks]  # (A, D) of (H, W)
         for k, (number, img) in enumerate(items):
             stack.add(img, np.stack([r[k] for r in per_rater]), case.name, number)
@@ -259,8 +341,10 @@ def load_qubiq(
         cases, slice numbers = index along ``slice_axis`` (0 for 2-D cases);
         ``meta`` holds ``task``, ``slice_axis`` and ``intensity``.
     :raises DataError: as :func:`scan_qubiq`, and for a rater whose shape
-        differs from its image's, a mask not 0/1, or a NIfTI that is not 2-D or
-        3-D; the message names the file.
+        differs from its image's, a rater whose affine differs from its
+        image's (beyond :data:`AFFINE_ATOL`; the message names both files), a
+        mask not 0/1, a NIfTI that is not 2-D or 3-D, or a header refused
+        before reading (:func:`read_nifti`); the message names the file.
     :raises UsageError: as :func:`scan_qubiq` (e.g. a ``--task`` not present).
     """
     size = check_image_size(image_size)

@@ -28,8 +28,9 @@ import numpy as np
 
 from pyroseg.data.lgg import default_cache_dir, read_npz, write_cache
 from pyroseg.data.resize import resize_image, resize_mask
+from pyroseg.errors import DataError
 
-__all__ = ["scale_intensity", "pad_square", "ItemStack", "cached", "file_stamp", "rater_agreement", "disagreement_scales", "INTENSITY_RULES",
+__all__ = ["scale_intensity", "pad_square", "check_item_size", "MAX_ITEM_VALUES", "ItemStack", "cached", "file_stamp", "rater_agreement", "disagreement_scales", "INTENSITY_RULES",
            "PERCENTILES"]
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,20 @@ def scale_intensity(image: np.ndarray, *, channels_last: bool = True) -> tuple[n
     return np.floor(scaled * 255 + 0.5).astype(np.uint8).reshape(x.shape), "percentile"
 
 
+#: The most values (side x side x channels) an item may have once centred on its square: 8192^2 grey pixels.
+#: A long thin crop (1 x 100,000, a few bytes in a file) would otherwise become a 10 GB square.
+MAX_ITEM_VALUES = 2**26
+
+
+def check_item_size(h: int, w: int, c: int = 1, *, source: object = None) -> None:
+    """Raise :class:`~pyroseg.errors.DataError` when an ``(h, w, c)`` item, padded to a square, exceeds :data:`MAX_ITEM_VALUES`."""
+    m = max(int(h), int(w))
+    if m * m * max(int(c), 1) > MAX_ITEM_VALUES:
+        where = f"{source}: " if source is not None else ""
+        raise DataError(f"{where}an item of {h}x{w} pixels ({c} channel{'s' if c != 1 else ''}) is too large: centred on a "
+                        f"{m}x{m} square it would exceed {MAX_ITEM_VALUES:,} values (expected at most 8192x8192 grey)")
+
+
 def pad_square(x: np.ndarray) -> np.ndarray:
     """``x`` ``(H, W, ...)`` centred on a zero square ``(M, M, ...)``, ``M = max(H, W)``; unchanged when square."""
     h, w = x.shape[:2]
@@ -88,7 +103,8 @@ class ItemStack:
     """Items of any size and rater count, resized and stacked as :class:`SegData` arrays.
 
     ``add(image, masks, patient, slice_number)`` with ``image`` ``(H, W, C)``
-    uint8 and ``masks`` ``(A_i, H, W)`` 0/1; ``arrays()`` returns ``images``
+    uint8 and ``masks`` ``(A_i, H, W)`` 0/1 (an item over :data:`MAX_ITEM_VALUES`
+    is a :class:`~pyroseg.errors.DataError`, before anything is allocated); ``arrays()`` returns ``images``
     ``(N, C, S, S)`` uint8, ``masks`` ``(N, A, S, S)`` uint8 with ``A = max A_i``
     (slots past an item's own raters are empty), ``rater_counts`` ``(N,)``,
     ``patients``, ``slice_numbers``, ``original_sizes`` (distinct original
@@ -115,6 +131,7 @@ class ItemStack:
             self.fixed = (np.empty((capacity, channels, s, s), np.uint8), np.zeros((capacity, raters, s, s), np.uint8))
 
     def add(self, image: np.ndarray, masks: np.ndarray, patient: str, slice_number: int) -> None:
+        check_item_size(*image.shape[:2], image.shape[2] if image.ndim > 2 else 1)
         self.sizes.add(tuple(int(v) for v in image.shape[:2]))
         img = resize_image(pad_square(image), self.size)  # (C, S, S)
         msk = np.stack([resize_mask(pad_square(m), self.size) for m in masks])  # (A_i, S, S)
@@ -285,8 +302,8 @@ def disagreement_scales(data, grids: Iterable[int] = (8, 4, 2)) -> dict:
     nested, each a level set of the mean, so one global number per rater says everything; 0:
     their differences are local, e.g. each rater adds a region of their own). ``cells_<g>``:
     median number of cells of a ``g x g`` grid (a latent scale of ``g x g`` positions) that hold
-    disagreeing pixels, out of ``g * g``. ``slices``: the slices measured. Measured for issue 13, where it
-    tells whether ``hprob_unet``'s global ``z_4`` has anything to explain.
+    disagreeing pixels, out of ``g * g``. ``slices``: the slices measured.
+    ``global_level`` tells whether ``hprob_unet``'s global ``z_4`` has anything to explain.
     """
     grids = list(grids)
     levels, cells, slices = [], {g: [] for g in grids}, 0
