@@ -363,6 +363,7 @@ OPTION_CASES = [
     Bad("--model-arg rank not an integer", _fit("--model", "ssn", "--model-arg", "rank=abc"), 2, ("--model-arg rank='abc'", "expected a positive integer")),
     Bad("--model-arg latent_dims of the wrong length", _fit("--model", "hvae", "--model-arg", "latent_dims=[4,4]"), 2, ("--model-arg latent_dims=[4, 4]", "expected a list of 3 positive integers")),
     Bad("--model-arg dropout outside [0, 1)", _fit("--model", "mc_dropout", "--model-arg", "dropout=1.5"), 2, ("--model-arg dropout=1.5", "expected a rate in [0, 1)")),
+    Bad("--objective geco with a model without a KL", _fit("--model", "ssn", "--objective", "geco"), 2, ("--objective geco", "ssn has no KL term", "--objective elbo")),
     Bad("--init-seed negative", _fit("--init-seed", "-1"), 2, ("--init-seed -1", "expected an integer >= 0")),
     Bad("ensemble of one run", lambda c: ["ensemble", str(c.run), "--out", str(c.tmp / "e")], 2, ("RUNS", "expected at least 2 run folders")),
     Bad("ensemble of runs of another image size", lambda c: ["ensemble", str(c.run), str(c.trained["unet64"]), "--out", str(c.tmp / "e")], 2, ("unet64", "image_size 64", "must share data, image size and split")),
