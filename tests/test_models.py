@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
@@ -222,8 +223,8 @@ def test_models_share_the_backbone_size():
 
 def test_hprob_unet_layouts():
     """The default follows DeepMind's hierarchy scaled to the image (85 latent units
-    at any size, the coarsest a global 1x1 latent); ``layout=v1`` is the layout before
-    issue 13 (2 channels at 1/8, 1/4, 1/2 of the image); each field can be overridden."""
+    at any size, the coarsest a global 1x1 latent); ``layout=v1`` is pyroseg's earlier
+    layout (2 channels at 1/8, 1/4, 1/2 of the image); each field can be overridden."""
     from pyroseg.collapse import latent_units
 
     ref = build_model("hprob_unet", image_size=64)
@@ -261,8 +262,8 @@ STEP0_KL_RATIO = 0.5
 @pytest.mark.parametrize("name", [n for n in MODELS if n != "unet"])
 def test_first_step_kl_is_not_a_multiple_of_the_reconstruction(name):
     """An initialisation whose KL dwarfs the reconstruction erases the latents before
-    the decoder learns to use them (hprob_unet before issue 13: KL 5,000 vs 870 nats).
-    Measured at 64x64 (issue 13): vae 0.05, skip_vae 0.05, hvae 0.23, prob_unet 0.01,
+    the decoder learns to use them (hprob_unet's earlier v1 layout: KL 5,000 vs 870 nats).
+    Measured at 64x64: vae 0.05, skip_vae 0.05, hvae 0.23, prob_unet 0.01,
     hprob_unet 0.001 (v1 layout with its old posterior scale 0.1: 5.7)."""
     from pyroseg.objective import SiteELBO
 
@@ -308,18 +309,49 @@ def test_hprob_unet_fast_sample_equals_the_reference(widths):
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)  # ... exactly as the reference's do
 
 
-@pytest.mark.parametrize("chunk", [1, 2**10, 2**16, 2**30])
-def test_prob_unet_fcomb_pixels_last_equals_forward(chunk):
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("chunk", [None, 1, 2**10, 2**16, 2**30])
+def test_prob_unet_fcomb_pixels_last_equals_forward(chunk, grad):
     """``sample``'s f_comb (matrix products over pixels, samples in chunks) computes
-    the training path's f_comb, whatever the chunk size (S not a multiple of it)."""
+    the training path's f_comb, whatever the chunk size (S not a multiple of it), on
+    the CPU path (features as rows, reused buffers) and the autograd path (pixels as
+    rows, the GPU's layout), whose gradients are the training path's."""
     from pyroseg.models.prob_unet import FComb
 
     fcomb = FComb(feat_ch=8, latent_dim=3, hidden=5)
     with torch.no_grad():
         for p in fcomb.parameters():
             p.add_(0.3 * torch.randn_like(p))
-        u, z = torch.randn(2, 8, 6, 7), torch.randn(5, 2, 3)
+    u, z = torch.randn(2, 8, 6, 7), torch.randn(5, 2, 3)
+    with torch.set_grad_enabled(grad):
         ref = fcomb(u, z)
         got = fcomb.forward_pixels_last(u, z, chunk_elems=chunk)
     assert got.shape == ref.shape == (5, 2, 1, 6, 7) and got.is_contiguous()
+    assert got.requires_grad == grad
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    if grad:
+        w = torch.randn_like(ref)
+        g_ref = torch.autograd.grad((ref * w).sum(), list(fcomb.parameters()))
+        g_got = torch.autograd.grad((got * w).sum(), list(fcomb.parameters()))
+        for a, b in zip(g_got, g_ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_prob_unet_sample_same_draws_as_reference():
+    """``sample`` = sigmoid of the training path's f_comb on the same prior draws, under
+    inference_mode (the CPU fast path) as under autograd."""
+    model = build_model("prob_unet", image_size=H).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    image = torch.rand(3, 3, H, H)
+    for ctx in (torch.inference_mode, torch.enable_grad):
+        with ctx():
+            pyro.set_rng_seed(3)
+            got = model.sample(image, 37)
+            pyro.set_rng_seed(3)
+            loc, scale = model.prior_net(image)
+            z = dist.Normal(loc, scale).rsample((37,))
+            ref = torch.sigmoid(model.fcomb(model.unet.features(image), z))
+        assert (got - got[:1]).abs().max() > 1e-4
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
