@@ -1,4 +1,4 @@
-"""Item 6: each speed option of the library, on against off, interleaved in one process.
+"""The ``options`` item: each speed option of the library, on against off, interleaved in one process.
 
 ``off_over_on > 1`` means the option pays (the step or call is that many times
 slower without it). Options, with what turns each off:

@@ -1,4 +1,4 @@
-"""The training-recipe benchmark (issue 16): models trained with the recipe for a fixed budget, scored on test patients.
+"""The training-recipe benchmark: models trained with the recipe for a fixed budget, scored on test patients.
 
 Each ``MODEL:EPOCHS`` is trained with ``pyroseg fit``'s recipe options
 (``--augment standard --lr-schedule cosine --lr-warmup 2`` by default; validation each

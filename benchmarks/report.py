@@ -44,7 +44,7 @@ def _overhead(it: dict) -> list[str]:
         cols += [("plain_nosync_ms", "the same, no .item() (ms)")]
     cols += [("trainer_ms", "pyroseg Trainer (ms)"), ("trainer_ratio", "Trainer / plain")]
     for v, label in (("trainer_fused", "Trainer, fused Adam + device guard"), ("trainer_loop", "Trainer, loop Adam + host guard"),
-                     ("trainer_before18", "Trainer before issue 18")):
+                     ("trainer_host_sync", "Trainer, earlier step (host reads)")):
         if any(f"{v}_ms" in r for r in rows.values()):
             cols += [(f"{v}_ms", f"{label} (ms)"), (f"{v}_ratio", f"{label} / plain")]
     cols += [("svi_ms", "pyro SVI.step (ms)"), ("svi_ratio", "SVI / plain"),

@@ -1,4 +1,4 @@
-"""Item 5: scaling. Epoch time against the number of training slices (a
+"""The ``scaling`` item. Epoch time against the number of training slices (a
 fraction of the training split) and against the image size (a fixed number of
 slices per epoch, so that 256x256 stays affordable), each run in a fresh process.
 

@@ -1,4 +1,4 @@
-"""Item 2: training throughput, images per second for every model at every size,
+"""The ``throughput`` item: training throughput, images per second for every model at every size,
 batch 32, with peak memory, each configuration in a fresh process.
 
 The yardstick is the hand-written PyTorch U-Net step (``plain_unet``). These
@@ -14,6 +14,7 @@ import logging
 import torch
 
 from benchmarks.common import Settings, run_worker
+from benchmarks.worker import HOST_SYNC
 
 __all__ = ["run"]
 
@@ -24,7 +25,7 @@ def run(s: Settings) -> dict:
     rows = []
     for size in s.sizes:
         plain = None
-        before = tuple(f"{m}@before18" for m in s.models if m in s.overhead_models)  # the step before issue 18
+        before = tuple(f"{m}{HOST_SYNC}" for m in s.models if m in s.overhead_models)  # the earlier, host-sync step
         for name in ("plain_unet", *s.models, *before):
             spec = {"kind": "train", "model": name, "size": size, "batch": s.batch, "warmup": s.throughput_warmup,
                     "repeats": s.throughput_repeats, "device": s.device, "threads": torch.get_num_threads(), "block": s.block}

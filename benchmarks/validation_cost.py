@@ -1,4 +1,4 @@
-"""What one epoch's validation costs against the training epoch, in CPU seconds (issue 14).
+"""What one epoch's validation costs against the training epoch, in CPU seconds.
 
     OMP_NUM_THREADS=1 python benchmarks/validation_cost.py RUN_DIR [--slices 128] [--steps 8]
 

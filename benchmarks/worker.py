@@ -4,8 +4,8 @@
 
 * ``train``: ``warmup + repeats`` timed calls of ``block`` training steps each
   (default 1; the suite uses 20 on a GPU) of ``model`` on one fixed batch
-  (``model = "plain_unet"``: the hand-written PyTorch U-Net step; ``"unet@before18"``:
-  the step as it was before issue 18); reports the
+  (``model = "plain_unet"``: the hand-written PyTorch U-Net step; ``"unet@host_sync"``:
+  pyroseg's earlier step, which reads the loss on the host); reports the
   median step time, images per second and peak memory;
 * ``epoch``: training epochs over real slices (the LGG copy, or synthetic data),
   through the same data set-up as :func:`pyroseg.train.fit` (the DataLoader, or
@@ -26,8 +26,9 @@ import time
 
 import torch
 
-#: a model name ending in this trains with the step as it was before issue 18
-BEFORE18 = "@before18"
+#: a model name ending in this trains with pyroseg's earlier step, which waits for the host
+#: (:mod:`benchmarks.host_sync_step`)
+HOST_SYNC = "@host_sync"
 
 
 def _setup(spec: dict):
@@ -59,11 +60,11 @@ def _stepper(name: str, size: int, device, options: dict):
     if name == "plain_unet":
         plain = PlainStep(_as_fit_does(build_model("unet", image_size=size).to(device), options))
         return lambda image, mask: plain.step(image, mask, 1.0)
-    if name.endswith(BEFORE18):  # the step as it was before issue 18 (benchmarks/before18.py)
-        from benchmarks.before18 import TrainerBefore18
+    if name.endswith(HOST_SYNC):  # the earlier, host-sync step (benchmarks/host_sync_step.py)
+        from benchmarks.host_sync_step import HostSyncTrainer
 
-        model = build_model(name[: -len(BEFORE18)], image_size=size).to(device)
-        trainer = TrainerBefore18(_as_fit_does(model, options), **options)
+        model = build_model(name[: -len(HOST_SYNC)], image_size=size).to(device)
+        trainer = HostSyncTrainer(_as_fit_does(model, options), **options)
         return lambda image, mask: trainer.step(image, mask, beta=1.0)
     trainer = Trainer(_as_fit_does(build_model(name, image_size=size).to(device), options), **options)
     return lambda image, mask: trainer.step(image, mask, beta=1.0)

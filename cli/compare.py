@@ -6,35 +6,29 @@ import shlex
 import sys
 
 import click
+from pyroseg.cli.common import CONTEXT, handle_errors
+from pyroseg.cli.fit import BarCallbacks
+from pyroseg.cli.options import config_options, read_options
 
-from cli.common import CONTEXT, handle_errors
-from cli.fit import BarCallbacks
 from pyroseg.config import FitConfig
 from pyroseg.errors import UsageError
 
-_D = FitConfig()
+#: The options of ``fit`` that ``compare`` shares (the protocol every model is trained under).
+SHARED = ("data", "image_size", "epochs", "batch_size", "lr", "seed", "device", "beta_warmup", "cache_dir")
 
 
 @click.command("compare", context_settings=CONTEXT)
-@click.option("--data", default=_D.data, show_default=True, help="'synthetic', 'synthetic-ambiguous', an LGG or QUBIQ folder, or a LIDC pickle.")
-@click.option("--image-size", type=int, default=_D.image_size, show_default=True)
-@click.option("--epochs", type=int, default=_D.epochs, show_default=True)
-@click.option("--batch-size", type=int, default=_D.batch_size, show_default=True)
-@click.option("--lr", type=float, default=_D.lr, show_default=True)
-@click.option("--seed", type=int, default=_D.seed, show_default=True, help="First seed; the data and split seed.")
+@config_options(*SHARED, help={"seed": "First seed; the data and split seed."})
 @click.option("--seeds", type=int, default=1, show_default=True,
               help="Train each model this many times (seeds --seed, --seed+1, ...); 3 or more for a claim.")
 @click.option("--vary-split", is_flag=True, help="Redraw the patient split (and synthetic data) with each seed.")
 @click.option("--baseline", default="unet", show_default=True, help="The model every other is compared with.")
-@click.option("--device", default=_D.device, show_default=True)
-@click.option("--beta-warmup", type=float, default=None, help="KL warm-up epochs [default: a quarter of --epochs].")
 @click.option("--models", default=None,
               help="Comma-separated models to compare: built-in names (`pyroseg models` lists them), import paths "
                    "package.module:Class or entry points [default: every built-in model].")
 @click.option("--num-samples", type=int, default=16, show_default=True, help="Samples per image at evaluation.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Folder for the runs and the tables.")
 @click.option("--overwrite", is_flag=True, help="Retrain models whose runs already exist in --out.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
 @click.option("--render", "render_dir", type=click.Path(file_okay=False), default=None,
               help="Only print the Markdown tables of RESULTS_DIR/comparison.json (no training).")
 @click.option("--columns", default=None,
@@ -42,8 +36,7 @@ _D = FitConfig()
                    "dice_tumour,ged,hm_iou) and each model's verdicts against --baseline.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
-def compare_cmd(data, image_size, epochs, batch_size, lr, seed, seeds, vary_split, baseline, device, beta_warmup,
-                models, num_samples, out, overwrite, cache_dir, render_dir, columns, quiet):
+def compare_cmd(seeds, vary_split, baseline, models, num_samples, out, overwrite, render_dir, columns, quiet, **options):
     """Train the models with identical data, split and epochs, --seeds times each; write comparison.md/.csv/.json/.png.
 
     Run it again with the same options to pick up an interrupted comparison.
@@ -56,8 +49,7 @@ def compare_cmd(data, image_size, epochs, batch_size, lr, seed, seeds, vary_spli
         return
     if out is None:
         raise UsageError("--out: required (a folder for the runs and the tables), or --render RESULTS_DIR")
-    base = FitConfig(data=data, image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                     device=device, beta_warmup=beta_warmup, cache_dir=cache_dir)
+    base = FitConfig(**read_options(options))
 
     def announce(label, i, n):
         click.echo(f"[{i + 1}/{n}] {label}", err=True)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import click
-
-from cli.common import CONTEXT, LoadBar, handle_errors
+from pyroseg.cli.common import CONTEXT, LoadBar, handle_errors
 
 
 @click.command("inspect", context_settings=CONTEXT)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from pyroseg.cli.common import CHECKPOINTS, CONTEXT, EVAL_SPLITS, LoadBar, format_table, handle_errors
 
-from cli.common import CHECKPOINTS, CONTEXT, EVAL_SPLITS, LoadBar, format_table, handle_errors
 from pyroseg.errors import UsageError
 
 _SHOWN = ["dice_all", "dice_tumour", "dice_volume", "iou_tumour", "bce", "false_positive_slices", "empty_slices", "elbo", "nll"]

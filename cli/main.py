@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 
 import click
-
-from cli.common import CONTEXT
+from pyroseg.cli.common import CONTEXT
 
 # No torch, Pyro or matplotlib here nor at the top of any cli module: help,
 # --version and option errors answer at once; each command imports what it needs.
@@ -32,14 +31,14 @@ def cli(debug: bool, verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-from cli.compare import compare_cmd  # noqa: E402
-from cli.data import inspect_cmd  # noqa: E402
-from cli.ensemble import ensemble_cmd  # noqa: E402
-from cli.evaluate import evaluate_cmd  # noqa: E402
-from cli.fit import fit_cmd  # noqa: E402
-from cli.models import models_cmd  # noqa: E402
-from cli.plot import plot_cmd  # noqa: E402
-from cli.sample import sample_cmd  # noqa: E402
+from pyroseg.cli.compare import compare_cmd  # noqa: E402
+from pyroseg.cli.data import inspect_cmd  # noqa: E402
+from pyroseg.cli.ensemble import ensemble_cmd  # noqa: E402
+from pyroseg.cli.evaluate import evaluate_cmd  # noqa: E402
+from pyroseg.cli.fit import fit_cmd  # noqa: E402
+from pyroseg.cli.models import models_cmd  # noqa: E402
+from pyroseg.cli.plot import plot_cmd  # noqa: E402
+from pyroseg.cli.sample import sample_cmd  # noqa: E402
 
 for _cmd in (fit_cmd, evaluate_cmd, sample_cmd, compare_cmd, inspect_cmd, plot_cmd, ensemble_cmd, models_cmd):
     cli.add_command(_cmd)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import click
-
-from cli.common import CONTEXT, format_table, handle_errors
+from pyroseg.cli.common import CONTEXT, format_table, handle_errors
 
 
 @click.command("models", context_settings=CONTEXT)

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-
-from cli.common import CONTEXT, handle_errors
+from pyroseg.cli.common import CONTEXT, handle_errors
 
 
 @click.command("plot", context_settings=CONTEXT)

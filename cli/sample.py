@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import click
+from pyroseg.cli.common import CHECKPOINTS, CONTEXT, EVAL_SPLITS, LoadBar, handle_errors
 
-from cli.common import CHECKPOINTS, CONTEXT, EVAL_SPLITS, LoadBar, handle_errors
 from pyroseg.errors import UsageError
 
 

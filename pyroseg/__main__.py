@@ -1,6 +1,6 @@
 """``python -m pyroseg`` (also what ``torchrun -m pyroseg`` runs)."""
 
-from cli.main import main
+from pyroseg.cli.main import main
 
 if __name__ == "__main__":
     main()

@@ -35,7 +35,7 @@ image in ``prob_unet``/``hprob_unet`` even when the posterior adds nothing).
 
 Test-time ``z``: from the guide ``q(z | x)`` for ``vae``, ``skip_vae``,
 ``hvae``; from the prior net ``p(z | x)`` for ``prob_unet``, ``hprob_unet``
-(``SegModel.sample_from``). Everything here runs the models' own Pyro
+(``SegModel.test_time_z``). Everything here runs the models' own Pyro
 ``model``/``guide`` under effect handlers (``poutine.trace``, ``replay`` and
 :class:`FixSites`), so it works for any pyroseg model.
 
@@ -45,17 +45,21 @@ Autoencoders", ICLR 2016 (active units).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from pyro import poutine
-from pyro.poutine.messenger import Messenger
 from torch.utils.data import DataLoader
 
 from pyroseg.data.core import SegData, SegDataset, collate_batch
+from pyroseg.devices import resolve_device
+from pyroseg.errors import UsageError
+from pyroseg.latents import FixSites, guide_mask, predict_probs, rng_state, set_rng_state
 from pyroseg.metrics import dice
 from pyroseg.models.base import SegModel
+from pyroseg.runs import load_run
 
 __all__ = [
     "ACTIVE_THRESHOLD",
@@ -67,52 +71,28 @@ __all__ = [
     "collapse_report",
     "diagnostic_indices",
     "plot_latent_scales",
+    "collapsed_sites",
+    "COLLAPSE_NATS",
+    "COLLAPSE_EFFECT",
 ]
 
 #: Burda et al.'s threshold on ``Cov_x(E_q[z_u])``.
 ACTIVE_THRESHOLD = 0.01
 
-
-class FixSites(Messenger):
-    """Set the latent sites named in ``sites`` to the mean of their distribution
-    at that point of the program (given the values drawn above them), and those
-    in ``values`` to the given tensors, instead of sampling them. Unlike
-    ``poutine.condition`` the sites stay latent (a trace of them can be
-    replayed). Observed sites and other latents are left alone.
-
-    ``draw=True``: draw the site anyway and discard the draw, so that the sites
-    after it get the same random numbers as in a run that samples it (common
-    random numbers: two runs from the same RNG state differ only by the fixed
-    sites)."""
-
-    def __init__(self, sites: Iterable[str] = (), values: dict[str, torch.Tensor] | None = None, *, draw: bool = False):
-        super().__init__()
-        self.sites = set(sites)
-        self.values = dict(values or {})
-        self.draw = draw
-
-    def _pyro_sample(self, msg):
-        if msg["is_observed"] or msg["value"] is not None:
-            return
-        if self.draw and (msg["name"] in self.values or msg["name"] in self.sites):
-            msg["fn"](*msg["args"], **msg["kwargs"])  # the draw the unfixed run makes, thrown away
-        if msg["name"] in self.values:
-            msg["value"] = self.values[msg["name"]]
-        elif msg["name"] in self.sites:
-            msg["value"] = msg["fn"].mean
-
-
-def _guide_kwargs(model: SegModel, mask: torch.Tensor | None) -> tuple:
-    """The guide's arguments: the VAE family's guide sees the image only."""
-    return (mask,) if model.sample_from == "p(z|x)" else (None,)
+#: A latent site whose mean KL on the test patients is below this many nats per
+#: image carries (almost) no information: posterior collapse.
+COLLAPSE_NATS = 0.1
+#: ... and one whose posterior means do not move with the input (0 active units)
+#: and whose replacement by its prior mean changes the prediction by less than this
+#: (1 - Dice between the two predictions) is switched off, whatever its KL.
+COLLAPSE_EFFECT = 0.01
 
 
 @torch.no_grad()
 def posterior_means(model: SegModel, image: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """``E_q[z_site | x(, y)]`` per latent site, flattened to ``(B, units)``, with
     the sites above each at their posterior means (see module docs)."""
-    (guide_mask,) = _guide_kwargs(model, mask)
-    trace = poutine.trace(FixSites(model.latent_sites)(model.guide)).get_trace(image, guide_mask)
+    trace = poutine.trace(FixSites(model.latent_sites)(model.guide)).get_trace(image, guide_mask(model, mask))
     return {s: trace.nodes[s]["value"].reshape(image.shape[0], -1) for s in model.latent_sites}
 
 
@@ -139,58 +119,6 @@ def active_units(means: torch.Tensor, threshold: float = ACTIVE_THRESHOLD) -> tu
         return 0, torch.zeros(means.shape[1])
     var = means.double().var(dim=0, unbiased=True)
     return int((var > threshold).sum()), var.float()
-
-
-@torch.no_grad()
-def predict_probs(model: SegModel, image: torch.Tensor, *, num_samples: int = 8, fix: Iterable[str] = (),
-                  prior_mean: str | None = None) -> torch.Tensor:
-    """Mask probabilities ``(S, B, 1, H, W)`` from the model's test-time source,
-    through its Pyro ``model``/``guide``.
-
-    ``fix``: sites set to the mean of their test-time distribution given the
-    sites above (the prior net's for the Probabilistic U-Nets, ``q(z | x)``'s for
-    the VAE family): drawing only the others shows what they control.
-    ``prior_mean``: one site set to its *prior* mean given the sites drawn
-    above it, the sites below drawn given it (see module docs).
-
-    Common random numbers: from the same RNG state, two calls that differ only
-    in ``fix``/``prior_mean`` draw every other site from the same random numbers
-    (fixed sites are still drawn, and the draw thrown away).
-    """
-    b = image.shape[0]
-    rep = image.repeat(num_samples, 1, 1, 1)  # (S*B, C, H, W), sample-major
-    fix = set(fix)
-    if model.sample_from == "p(z|x)":  # test-time z from the prior: run the model alone
-        fix = fix | ({prior_mean} if prior_mean else set())
-        trace = poutine.trace(FixSites(fix, draw=True)(model.model)).get_trace(rep, None)
-    else:  # test-time z from q(z | x): guide, then the model replayed on its z
-        guide = FixSites(fix, draw=True)(model.guide)
-        state = _rng_state(image.device)
-        g = poutine.trace(guide).get_trace(rep, None)
-        if prior_mean:
-            # the prior of `prior_mean` given the guide's draws above it ...
-            m = poutine.trace(poutine.replay(model.model, trace=g)).get_trace(rep, None)
-            sites = list(model.latent_sites)
-            above = sites[: sites.index(prior_mean)]
-            keep = {s: g.nodes[s]["value"] for s in above}
-            keep[prior_mean] = m.nodes[prior_mean]["fn"].mean
-            # ... then the sites below drawn from q given it, from the random numbers the first pass used
-            _set_rng_state(image.device, state)
-            g = poutine.trace(FixSites(fix, values=keep, draw=True)(model.guide)).get_trace(rep, None)
-        trace = poutine.trace(poutine.replay(model.model, trace=g)).get_trace(rep, None)
-    probs = trace.nodes["mask"]["fn"].base_dist.probs  # (S*B, 1, H, W)
-    return probs.view(num_samples, b, *probs.shape[1:])
-
-
-def _rng_state(device: torch.device) -> tuple:
-    """The CPU RNG state, and the device's where ``device`` is a GPU."""
-    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-
-def _set_rng_state(device: torch.device, state: tuple) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
 
 
 def diagnostic_indices(n: int, max_slices: int | None) -> np.ndarray:
@@ -243,12 +171,12 @@ def collapse_report(
             for s, m in posterior_means(model, image, mask).items():
                 means[s].append(m.cpu())
             # common random numbers: every prediction of this batch starts from the same RNG state
-            state = _rng_state(image.device)
+            state = rng_state(image.device)
             full = predict_probs(model, image, num_samples=num_samples).mean(0)[:, 0] >= 0.5  # (B, H, W)
             truth = mask[:, 0] > 0.5
             full_dice.append(dice(full, truth).cpu())
             for s in sites:
-                _set_rng_state(image.device, state)
+                set_rng_state(image.device, state)
                 pred = predict_probs(model, image, num_samples=num_samples, prior_mean=s).mean(0)[:, 0] >= 0.5
                 changed_dice[s].append(dice(pred, truth).cpu())
                 agreement[s].append(dice(pred, full).cpu())
@@ -265,33 +193,43 @@ def collapse_report(
     return report
 
 
+def collapsed_sites(report: dict[str, Any]) -> str:
+    """The latent sites of ``report`` (an :func:`~pyroseg.evaluate.evaluate_run` report)
+    that carry nothing: KL below :data:`COLLAPSE_NATS`, or 0 active units and an effect
+    below :data:`COLLAPSE_EFFECT` (a site can keep a few nats of KL in an offset that no
+    input moves; see README, "Seeing collapse"). ``"-"``: none; ``"n/a"``: no latent."""
+    sites = [k[3:] for k in report if k.startswith("kl_")]
+    if not sites:
+        return "n/a"
+
+    def dead(s: str) -> bool:
+        if report[f"kl_{s}"] < COLLAPSE_NATS:
+            return True
+        au, effect = report.get(f"au_{s}"), report.get(f"effect_{s}")
+        return au is not None and effect is not None and au == 0 and effect < COLLAPSE_EFFECT
+
+    return ",".join(s for s in sites if dead(s)) or "-"
+
+
 def plot_latent_scales(
-    run_dir,
-    png=None,
+    run_dir: str | Path,
+    png: str | Path | None = None,
     *,
     split: str = "val",
     n_images: int = 3,
     num_samples: int = 6,
     device: str = "auto",
     cache_dir: str | None = None,
-):
+) -> Path:
     """Draw :func:`pyroseg.plots.latent_scales_grid` for a run folder, on slices
     of its ``split`` patients; ``png`` defaults to ``RUN_DIR/latent_scales.png``.
     Returns the path written."""
-    from pathlib import Path
-
-    from pyroseg import plots
-    from pyroseg.data import load_source
-    from pyroseg.devices import resolve_device
-    from pyroseg.errors import UsageError
-    from pyroseg.runs import load_run, select_split
+    from pyroseg import plots  # matplotlib only when a picture is drawn
 
     dev = resolve_device(device)
     run = load_run(run_dir, device=dev)
     if not run.model.latent_sites or run.model.guide_is_prior:
         raise UsageError(f"--latents: model {run.model.name!r} of {run_dir} has no latent sites to show")
-    cfg = run.config
-    data = load_source(cfg.data, cfg.image_size, **{**cfg.source_options(), "cache_dir": cache_dir or cfg.cache_dir})
-    subset = select_split(data, run.split, split, source=cfg.data)
+    subset = run.load_data(split, cache_dir=cache_dir)
     png = Path(png) if png else Path(run_dir) / "latent_scales.png"
     return plots.latent_scales_grid(run.model, subset, png, device=dev, n_images=n_images, num_samples=num_samples)

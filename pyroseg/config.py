@@ -3,6 +3,12 @@
 A :class:`FitConfig` is all ``pyroseg fit`` needs; its JSON form
 (``config.json`` in the run folder) rebuilds the model and the data exactly.
 Configs are only ever read as JSON: opening a run never executes code.
+
+Each field that is a ``fit`` option is defined once, here, with :func:`option`:
+its default, help, choices and check. The command line is generated from these
+fields (``cli/options.py``: one click option per field, in field order), and
+:meth:`FitConfig.validate` runs the same checks on a config from any source.
+Adding a ``fit`` option is one field definition here plus its use.
 """
 
 from __future__ import annotations
@@ -11,19 +17,31 @@ import dataclasses
 import json
 import platform
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pyroseg.errors import CheckpointError, UsageError
 
-__all__ = ["FitConfig", "CONFIG_VERSION", "AUGMENTS", "LR_SCHEDULES", "SELECT_BY", "versions", "load_config_json"]
+__all__ = ["FitConfig", "CONFIG_VERSION", "Option", "Text", "BadText", "option", "config_options", "flag_of", "read_option",
+           "ELBOS", "OBJECTIVES", "GECO_CONSTRAINTS", "GECO_UPDATES", "AUGMENTS", "LR_SCHEDULES", "SELECT_MODES", "SELECT_BY",
+           "DEVICES", "DATA_ON_DEVICE", "versions", "load_config_json"]
 
-#: The values of ``--augment``, ``--lr-schedule`` and ``--select-by`` (checked here,
-#: implemented in :mod:`pyroseg.augment`, :mod:`pyroseg.schedules` and :mod:`pyroseg.train`).
+#: The values of the choice options, defined once: checked here, implemented in
+#: :func:`pyroseg.train.make_elbo` (``ELBOS``), :mod:`pyroseg.geco`, :mod:`pyroseg.augment`,
+#: :mod:`pyroseg.schedules`, :mod:`pyroseg.train` (``SELECT_MODES``) and :mod:`pyroseg.data.device`.
+ELBOS = ("meanfield", "trace")
+OBJECTIVES = ("elbo", "geco")
+GECO_CONSTRAINTS = ("topk", "mean")
+GECO_UPDATES = ("softplus", "multiplicative")
 AUGMENTS = ("none", "flip", "standard")
 LR_SCHEDULES = ("constant", "cosine", "step")
-SELECT_BY = ("auto", "val_dice_tumour", "val_dice_all", "val_loss", "val_ged")
+#: The validation columns that can pick best.pt, and whether more or less is better.
+SELECT_MODES = {"val_dice_tumour": "max", "val_dice_all": "max", "val_loss": "min", "val_ged": "min"}
+SELECT_BY = ("auto", *SELECT_MODES)
+DEVICES = ("auto", "cpu", "cuda")  # or cuda:N
+DATA_ON_DEVICE = ("auto", "on", "off")
 
 #: What a config.json written before a field existed meant by its absence: that
 #: version's behaviour, which may differ from today's default.
@@ -38,83 +56,220 @@ _LEGACY = {"augment": "none", "lr_schedule": "constant", "lr_warmup": 0.0, "sele
 CONFIG_VERSION = 1
 
 
+class BadText(ValueError):
+    """Command-line text that an option cannot read: ``text``, the offending part, and what was expected."""
+
+    def __init__(self, text: Any, expected: str):
+        super().__init__(expected)
+        self.text = text
+
+
+@dataclass(frozen=True)
+class Text:
+    """How an option whose value is not a plain number or string is written on the command line:
+    ``parse`` reads the text (raising :class:`BadText`), ``format`` writes a value (the default shown)."""
+
+    parse: Callable[[Any], Any]
+    format: Callable[[Any], Any]
+    multiple: bool = False  # repeatable: the text is a tuple of the given values
+    metavar: str | None = None
+
+
+@dataclass(frozen=True)
+class Option:
+    """A :class:`FitConfig` field as a ``fit`` option (the field's ``metadata["option"]``).
+
+    ``help``: the option's help. ``choices``: the values allowed. ``check``: a test the value
+    must pass (a field whose default is ``None`` always accepts ``None``: unset), refused with
+    ``message`` (after the option and the value: ``--epochs 0: expected at least 1``).
+    ``default_text``: the default the help shows when it is derived from other fields rather
+    than the field's value. ``flag``: the option's name when not the field's name with dashes
+    (``--model-arg``). ``text``: how a value not a number or a string is written. ``folder``:
+    the value is a folder. ``cli``: ``False`` for a checked field that no option sets.
+    """
+
+    help: str
+    choices: tuple[str, ...] = ()
+    check: Callable[[Any], bool] | None = None
+    message: str = ""
+    default_text: str | None = None
+    flag: str | None = None
+    text: Text | None = None
+    folder: bool = False
+    cli: bool = True
+
+    def accepts(self, value: Any, default: Any) -> bool:
+        if value is None and default is None:
+            return True
+        if self.choices and value not in self.choices:
+            return False
+        return self.check is None or bool(self.check(value))
+
+    @property
+    def refusal(self) -> str:
+        """What the error says after the option and the value."""
+        return self.message or f"expected one of {', '.join(self.choices)}"
+
+
+def option(default: Any = MISSING, *, help: str, factory: Callable[[], Any] | Any = MISSING, **spec: Any) -> Any:
+    """A :class:`FitConfig` field that is a ``fit`` option: its default (or ``factory``), and the
+    :class:`Option` ``help`` and ``spec`` (choices, check, message, ...)."""
+    return field(default=default, default_factory=factory, metadata={"option": Option(help=help, **spec)})
+
+
+def _either(values: tuple[str, ...]) -> str:
+    """``a, b or c``."""
+    return f"{', '.join(values[:-1])} or {values[-1]}"
+
+
+def _parse_widths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise BadText(text, "expected comma-separated integers, e.g. 16,32,64,128") from None
+
+
+def _parse_kappa(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise BadText(text, "expected nats per pixel (e.g. 0.02) or auto") from None
+
+
+def _parse_model_args(items: tuple[str, ...]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BadText(item, "expected KEY=VALUE, e.g. latent_dim=16")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+_WIDTHS = Text(_parse_widths, lambda v: ",".join(map(str, v)))
+_KAPPA = Text(_parse_kappa, lambda v: "auto" if v is None else str(v))
+_MODEL_ARGS = Text(_parse_model_args, lambda d: tuple(f"{k}={json.dumps(v)}" for k, v in d.items()), multiple=True,
+                   metavar="KEY=VALUE")
+_AT_LEAST_1 = {"check": lambda v: v >= 1, "message": "expected at least 1"}
+_EPOCHS = {"check": lambda v: v >= 0, "message": "expected >= 0 epochs"}
+
+
 @dataclass
 class FitConfig:
-    """Everything one training run depends on (``pyroseg fit`` options)."""
+    """Everything one training run depends on: the options of ``pyroseg fit``, one field each."""
 
-    model: str = "unet"
-    data: str = "synthetic"  # "synthetic", "synthetic-ambiguous", an LGG or QUBIQ folder, or a LIDC pickle
-    out: str = "runs/unet"
-    image_size: int = 64
-    epochs: int = 20
-    batch_size: int = 32
-    lr: float = 1e-3
-    device: str = "auto"
-    seed: int = 0
-    # split by patient
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    # objective
-    elbo: str = "meanfield"  # "meanfield" (analytic KL) or "trace" (Monte Carlo KL)
-    beta: float = 1.0
-    beta_warmup: float | None = None  # None: a quarter of the epochs (resolved by validate())
-    beta_cycle: float = 0.0
-    clip_norm: float | None = None
-    max_nonfinite: int = 20
-    # "elbo" (beta-weighted ELBO) or "geco" (constrained reconstruction, pyroseg.geco)
-    objective: str = "elbo"
-    geco_kappa: float | None = None  # topk: nats per selected pixel, None: 0.05; mean: nats per pixel, None: auto (pyroseg.geco)
-    geco_alpha: float = 0.99
-    geco_rate: float | None = None  # None: 1e-2 (softplus, DeepMind) or 1.0 (multiplicative), resolved by validate()
-    geco_warmup: float | None = None  # epochs of fixed lambda; None: 0 (softplus) or a tenth of the epochs (multiplicative)
-    geco_max_step: float = 0.01  # bound on |Delta log lambda| per step
-    free_bits: float = 0.0  # nats per latent site (batch mean), 0: off
-    # evaluation during training
-    val_samples: int = 4
-    collapse_diagnostics: bool = True  # active units and effect of each latent site, every epoch
-    # model hyper-parameters beyond the shared backbone (latent sizes, ...)
-    model_args: dict = field(default_factory=dict)
-    widths: tuple[int, ...] = (16, 32, 64, 128)
-    # data source options
-    synthetic_patients: int = 20
-    synthetic_slices: int = 16
-    cache_dir: str | None = None
-    # speed: channels-last weights and activations (measured 1.2-1.27x faster steps on CPU)
-    channels_last: bool = True
-    # training recipe (docs/guide/training-recipe.md)
-    augment: str = "none"  # training batches only: "none", "flip" or "standard" (pyroseg.augment)
-    lr_schedule: str = "constant"  # "constant", "cosine" or "step" (pyroseg.schedules.lr_at)
-    lr_warmup: float = 0.0  # epochs of linear learning-rate warm-up from 0 to --lr
-    select_by: str = "auto"  # validation column that picks best.pt; auto: val_dice_tumour (one annotator) or val_ged (several)
-    patience: int | None = None  # stop after this many epochs without a better select_by; None: never
-    # multi-rater sources (issue 12): the QUBIQ task (None: the only one there) and the axis
-    # a 3-D NIfTI volume is sliced along (-1: the last); the intensity scaling used is
-    # recorded in config.json's "data" section
-    task: str | None = None
-    slice_axis: int = -1
-    # deep ensembles (issue 15): seed of the weights, the shuffle and the sampling noise; None: --seed.
-    # The data and the split always come from --seed, so members that differ only here share them.
-    init_seed: int | None = None
-
-    # provenance: the config.json this run was trained again from (``fit --config``); None: from options
-    source_config: str | None = None
+    model: str = option("unet", help="A built-in model (unet, prob_unet, ...: `pyroseg models` lists them), an import path "
+                        "package.module:Class of your own SegModel, or an entry point of the group pyroseg.models.")
+    # the data: its source, and how it is read
+    data: str = option("synthetic", help="'synthetic', 'synthetic-ambiguous', a folder in the LGG kaggle_3m layout, a QUBIQ "
+                       "task folder (NIfTI, several raters), or a LIDC data_lidc.pickle (or a folder of them).")
+    task: str | None = option(None, help="QUBIQ: the task (task01, ...) when the cases hold several.",
+                              check=lambda v: isinstance(v, str) and v.strip() != "", message="expected a task name such as task01")
+    slice_axis: int = option(-1, help="QUBIQ: the axis a 3-D NIfTI volume is sliced along into 2-D items (-1: the last).",
+                             check=lambda v: isinstance(v, int) and -3 <= v <= 2, message="a 3-D volume has axes 0, 1, 2 (or -1, -2, -3)")
+    image_size: int = option(64, help="Training size (power of two).")
+    synthetic_patients: int = option(20, help="Synthetic data: the number of patients generated.")
+    synthetic_slices: int = option(16, help="Synthetic data: the slices of each patient.")
+    cache_dir: str | None = option(None, help="Where decoded LGG data is cached.", folder=True,
+                                   default_text="$PYROSEG_CACHE_DIR or ~/.cache/pyroseg")
+    # the run
+    epochs: int = option(20, help="Epochs to train.", **_AT_LEAST_1)
+    batch_size: int = option(32, help="Slices per training step (under torchrun: the global batch, split over the processes).",
+                             **_AT_LEAST_1)
+    lr: float = option(1e-3, help="Adam learning rate.", check=lambda v: v > 0, message="expected a positive learning rate")
+    device: str = option("auto", help=f"{_either(DEVICES)}.", check=lambda v: v in DEVICES or v.startswith("cuda:"),
+                         message=f"expected {_either(DEVICES)}")
+    seed: int = option(0, help="Seeds weights, split, shuffling and sampling.")
+    # seed of the weights, the shuffle and the sampling noise (deep ensembles); the data and
+    # the split always come from --seed, so members that differ only here share them
+    init_seed: int | None = option(None, help="Seeds weights, shuffling and sampling only; data and split stay --seed's "
+                                   "(deep-ensemble members).", check=lambda v: isinstance(v, int) and v >= 0,
+                                   message="expected an integer >= 0")
     # seed of the data (the synthetic generator) and of the patient split; None: `seed`.
     # `pyroseg compare --seeds` holds it fixed so that the seeds vary only weights, z noise and order.
-    data_seed: int | None = None
-    # the per-epoch collapse diagnostics look at this many evenly spaced validation slices (0: all);
-    # on all of them they took longer than hprob_unet's training epoch (docs/guide/comparing.md)
-    collapse_slices: int = 32
-    # speed on a GPU: training arrays resident on the device, batches gathered there
-    # (pyroseg.data.device); auto: on a CUDA device when they take < 1/4 of its free memory
-    data_on_device: str = "auto"
-
-    # GECO as in DeepMind's HPU-Net code (issue 13): the constraint on a stochastic top-k of the
-    # pixels ("topk") or on the mean over the image ("mean", before issue 13); the multiplier as
-    # softplus(w)^2 by gradient ascent ("softplus") or by lambda *= exp(rate * C) ("multiplicative")
-    geco_constraint: str = "topk"
-    geco_top_k: float = 0.02  # share of the batch's pixels in the top-k constraint
-    geco_deterministic_top_k: bool = False  # the k largest cross-entropies instead of a draw
-    geco_update: str = "softplus"
+    data_seed: int | None = option(None, help="Seeds the data and the split only.", cli=False,
+                                   check=lambda v: isinstance(v, int), message="expected an integer")
+    out: str = option("runs/unet", help="Run folder.", folder=True, default_text="runs/<model>")
+    # split by patient (checked together by validate())
+    val_fraction: float = option(0.15, help="Share of patients for validation.")
+    test_fraction: float = option(0.15, help="Share of patients held out for test.")
+    # objective
+    elbo: str = option("meanfield", choices=ELBOS, message=f"expected {_either(ELBOS)}",
+                       help="meanfield: analytic KL per site (TraceMeanField_ELBO); trace: Monte Carlo KL (Trace_ELBO).")
+    beta: float = option(1.0, help="Final KL weight.", check=lambda v: v >= 0, message="expected >= 0")
+    beta_warmup: float | None = option(None, help="Epochs of linear KL warm-up from 0 to the final KL weight (0: constant).",
+                                       default_text="a quarter of --epochs", **_EPOCHS)  # resolved by validate()
+    beta_cycle: float = option(0.0, help="Cyclical KL annealing period in epochs (0: off).", **_EPOCHS)
+    objective: str = option("elbo", choices=OBJECTIVES, message=f"expected {_either(OBJECTIVES)}",
+                            help="elbo: beta-weighted ELBO; geco: minimise KL subject to a reconstruction target "
+                                 "(Rezende & Viola 2018).")
+    # GECO (pyroseg.geco) as in DeepMind's HPU-Net code: the constraint on a stochastic top-k of the
+    # pixels ("topk") or on the mean over the image ("mean", pyroseg's earlier variant); the multiplier
+    # as softplus(w)^2 by gradient ascent ("softplus") or by lambda *= exp(rate * C) ("multiplicative")
+    geco_constraint: str = option("topk", choices=GECO_CONSTRAINTS, message=f"expected {_either(GECO_CONSTRAINTS)}",
+                                  help="topk: cross-entropy of a stochastic top-k of the pixels, kappa per selected pixel "
+                                       "(DeepMind's HPU-Net); mean: mean cross-entropy over the image, kappa per pixel "
+                                       "(pyroseg's earlier variant).")
+    geco_top_k: float = option(0.02, help="Share of the batch's pixels in the topk constraint.",
+                               check=lambda v: 0 < v <= 1, message="expected a share of the pixels in (0, 1]")
+    geco_deterministic_top_k: bool = option(False, help="topk: the largest cross-entropies instead of a draw.")
+    geco_update: str = option("softplus", choices=GECO_UPDATES, message=f"expected {_either(GECO_UPDATES)}",
+                              help="softplus: lambda = softplus(w)^2, w by gradient ascent (DeepMind); multiplicative: "
+                                   "lambda *= exp(rate * C_ma) (Rezende & Viola's Algorithm 1; pyroseg's earlier variant).")
+    geco_kappa: float | None = option(None, text=_KAPPA, check=lambda v: v > 0,
+                                      message="expected a positive number of nats per pixel (or auto)",
+                                      help="GECO target reconstruction error: nats per selected pixel (topk; auto: 0.05), or "
+                                           "nats per pixel (mean; auto: a quarter of the error of predicting the training "
+                                           "set's lesion share everywhere).")
+    geco_alpha: float = option(0.99, help="GECO moving-average decay of the constraint.",
+                               check=lambda v: 0 <= v < 1, message="expected a decay in [0, 1)")
+    geco_rate: float | None = option(None, help="GECO multiplier rate: the gradient scale on w (softplus) or log lambda's "
+                                     "step per unit of C_ma (multiplicative).", default_text="1e-2 softplus, 1 multiplicative",
+                                     check=lambda v: v > 0, message="expected a positive rate")  # resolved by validate()
+    geco_warmup: float | None = option(None, help="Epochs with lambda fixed at 1 before GECO moves it.",
+                                       default_text="0 softplus, a tenth of --epochs multiplicative", **_EPOCHS)
+    geco_max_step: float = option(0.01, help="Bound on |change of log lambda| per step.",
+                                  check=lambda v: v > 0, message="expected a positive bound")
+    free_bits: float = option(0.0, help="Floor in nats on each latent site's batch-mean KL (Kingma et al. 2016); 0: off.",
+                              check=lambda v: v >= 0, message="expected >= 0 nats")
+    clip_norm: float | None = option(None, help="Clip the global gradient norm to this value.",
+                                     check=lambda v: v > 0, message="expected a positive norm")
+    max_nonfinite: int = option(20, help="Stop after this many non-finite steps in a row.", **_AT_LEAST_1)
+    # evaluation during training
+    val_samples: int = option(4, help="Samples per image for the validation Dice each epoch.", **_AT_LEAST_1)
+    collapse_diagnostics: bool = option(True, help="Each epoch, active units and the effect of each latent site on the "
+                                        "validation prediction.")
+    # on every validation slice the diagnostics took longer than hprob_unet's training epoch (docs/guide/comparing.md)
+    collapse_slices: int = option(32, help="Validation slices (a fixed, evenly spaced subset) the per-epoch collapse "
+                                  "diagnostics look at; 0: all.", check=lambda v: v >= 0, message="expected >= 0 (0: every slice)")
+    # the model: hyper-parameters beyond the shared backbone (latent sizes, ...), and the backbone
+    model_args: dict = option(factory=dict, flag="--model-arg", text=_MODEL_ARGS,
+                              help="Model hyper-parameter, e.g. latent_dim=16 (repeatable).")
+    widths: tuple[int, ...] = option((16, 32, 64, 128), text=_WIDTHS, help="Encoder widths, comma-separated.")
+    # speed: channels-last weights and activations (measured 1.2-1.27x faster steps on CPU); on a GPU,
+    # training arrays resident on the device, batches gathered there (pyroseg.data.device)
+    channels_last: bool = option(True, help="Channels-last memory format for training (about 1.2x faster steps on CPU).")
+    data_on_device: str = option("auto", choices=DATA_ON_DEVICE, message=f"expected {_either(DATA_ON_DEVICE)}",
+                                 help="Keep the training data on the device and gather batches there (auto: on a GPU when "
+                                      "it takes under a quarter of its free memory).")
+    # training recipe (docs/guide/training-recipe.md)
+    augment: str = option("none", choices=AUGMENTS, help="Random transforms of the training batches only: flip (left-right), "
+                          "standard (flip, rotation +-15 deg, scale 0.9-1.1, gamma, contrast, noise). "
+                          "See docs/guide/training-recipe.md.")
+    lr_schedule: str = option("constant", choices=LR_SCHEDULES, help="Learning rate after the warm-up: constant, cosine "
+                              "(to 0 at the last epoch) or step (/10 at 50 % and 75 %).")
+    lr_warmup: float = option(0.0, help="Epochs of linear learning-rate warm-up from 0 to --lr.", **_EPOCHS)
+    select_by: str = option("auto", choices=SELECT_BY, help="Validation score that picks best.pt (evaluate and sample use "
+                            "it by default); auto: val_dice_tumour on one-annotator data, val_ged on data with several annotators.")
+    patience: int | None = option(None, help="Stop after this many epochs without a better --select-by score.",
+                                  default_text="never", check=lambda v: v >= 1, message="expected at least 1 epoch")
+    # provenance: the config.json this run was trained again from (``fit --config``); None: from options
+    source_config: str | None = None
 
     @property
     def train_seed(self) -> int:
@@ -122,8 +277,8 @@ class FitConfig:
         return self.seed if self.init_seed is None else self.init_seed
 
     def validate(self) -> FitConfig:
-        """Refuse values that cannot work, naming the option (UsageError, exit 2),
-        and resolve defaults that depend on other fields (``beta_warmup``)."""
+        """Refuse values that cannot work, naming the option (UsageError, exit 2): each field's
+        check (:func:`option`), and resolve defaults that depend on other fields (``beta_warmup``, ...)."""
         if self.beta_warmup is None:
             # GECO balances the terms through lambda: no KL annealing on top by default
             anneal = self.beta_cycle == 0 and self.objective != "geco"
@@ -132,46 +287,15 @@ class FitConfig:
             self.geco_rate = 1e-2 if self.geco_update == "softplus" else 1.0
         if self.geco_warmup is None:
             self.geco_warmup = 0.0 if self.geco_update == "softplus" else round(0.1 * self.epochs, 4)
-        checks = [
-            (self.epochs >= 1, f"--epochs {self.epochs}: expected at least 1"),
-            (self.batch_size >= 1, f"--batch-size {self.batch_size}: expected at least 1"),
-            (self.lr > 0, f"--lr {self.lr}: expected a positive learning rate"),
-            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"--device {self.device!r}: expected auto, cpu or cuda"),
-            (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1,
-             f"--val-fraction {self.val_fraction} / --test-fraction {self.test_fraction}: expected fractions in [0, 1) summing below 1"),
-            (self.elbo in ("meanfield", "trace"), f"--elbo {self.elbo!r}: expected meanfield or trace"),
-            (self.beta >= 0, f"--beta {self.beta}: expected >= 0"),
-            (self.beta_warmup >= 0, f"--beta-warmup {self.beta_warmup}: expected >= 0 epochs"),
-            (self.beta_cycle >= 0, f"--beta-cycle {self.beta_cycle}: expected >= 0 epochs"),
-            (self.clip_norm is None or self.clip_norm > 0, f"--clip-norm {self.clip_norm}: expected a positive norm"),
-            (self.max_nonfinite >= 1, f"--max-nonfinite {self.max_nonfinite}: expected at least 1"),
-            (self.objective in ("elbo", "geco"), f"--objective {self.objective!r}: expected elbo or geco"),
-            (self.geco_kappa is None or self.geco_kappa > 0, f"--geco-kappa {self.geco_kappa}: expected a positive number of nats per pixel (or auto)"),
-            (self.geco_constraint in ("topk", "mean"), f"--geco-constraint {self.geco_constraint!r}: expected topk or mean"),
-            (0 < self.geco_top_k <= 1, f"--geco-top-k {self.geco_top_k}: expected a share of the pixels in (0, 1]"),
-            (self.geco_update in ("softplus", "multiplicative"), f"--geco-update {self.geco_update!r}: expected softplus or multiplicative"),
-            (0 <= self.geco_alpha < 1, f"--geco-alpha {self.geco_alpha}: expected a decay in [0, 1)"),
-            (self.geco_rate > 0, f"--geco-rate {self.geco_rate}: expected a positive rate"),
-            (self.geco_warmup >= 0, f"--geco-warmup {self.geco_warmup}: expected >= 0 epochs"),
-            (self.geco_max_step > 0, f"--geco-max-step {self.geco_max_step}: expected a positive bound"),
-            (self.free_bits >= 0, f"--free-bits {self.free_bits}: expected >= 0 nats"),
-            (self.val_samples >= 1, f"--val-samples {self.val_samples}: expected at least 1"),
-            (self.augment in AUGMENTS, f"--augment {self.augment!r}: expected one of {', '.join(AUGMENTS)}"),
-            (self.lr_schedule in LR_SCHEDULES, f"--lr-schedule {self.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}"),
-            (self.lr_warmup >= 0, f"--lr-warmup {self.lr_warmup}: expected >= 0 epochs"),
-            (self.select_by in SELECT_BY, f"--select-by {self.select_by!r}: expected one of {', '.join(SELECT_BY)}"),
-            (self.patience is None or self.patience >= 1, f"--patience {self.patience}: expected at least 1 epoch"),
-            (self.task is None or (isinstance(self.task, str) and self.task.strip() != ""), f"--task {self.task!r}: expected a task name such as task01"),
-            (isinstance(self.slice_axis, int) and -3 <= self.slice_axis <= 2, f"--slice-axis {self.slice_axis}: a 3-D volume has axes 0, 1, 2 (or -1, -2, -3)"),
-            (self.init_seed is None or (isinstance(self.init_seed, int) and self.init_seed >= 0),
-             f"--init-seed {self.init_seed}: expected an integer >= 0"),
-            (self.data_seed is None or isinstance(self.data_seed, int), f"data_seed {self.data_seed!r}: expected an integer"),
-            (self.collapse_slices >= 0, f"--collapse-slices {self.collapse_slices}: expected >= 0 (0: every slice)"),
-            (self.data_on_device in ("auto", "on", "off"), f"--data-on-device {self.data_on_device!r}: expected auto, on or off"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise UsageError(msg)
+        vf, tf = self.val_fraction, self.test_fraction
+        if not (0 <= vf < 1 and 0 <= tf < 1 and vf + tf < 1):
+            raise UsageError(f"{flag_of('val_fraction')} {vf} / {flag_of('test_fraction')} {tf}: "
+                             "expected fractions in [0, 1) summing below 1")
+        for f in dataclasses.fields(self):
+            opt, value = f.metadata.get("option"), getattr(self, f.name)
+            if opt is not None and not opt.accepts(value, f.default):
+                shown = repr(value) if isinstance(value, str) else value
+                raise UsageError(f"{flag_of(f.name)} {shown}: {opt.refusal}")
         return self
 
     def source_options(self) -> dict[str, Any]:
@@ -197,12 +321,38 @@ class FitConfig:
         if unknown:
             raise CheckpointError(f"config has unknown fields {unknown}: written by a newer pyroseg?")
         d = {**_LEGACY, **d}
-        if d.get("objective") == "geco":  # a GECO run written before issue 13: its rule, not today's default
+        if d.get("objective") == "geco":  # a GECO run written before topk / softplus existed: its rule, not today's default
             d.setdefault("geco_constraint", "mean")
             d.setdefault("geco_update", "multiplicative")
         if "widths" in d:
             d["widths"] = tuple(d["widths"])
         return cls(**d)
+
+
+def config_options(*, cli: bool = True) -> dict[str, Option]:
+    """The fields of :class:`FitConfig` that are options, in field order (``cli=False``: checked fields too)."""
+    return {f.name: f.metadata["option"] for f in dataclasses.fields(FitConfig)
+            if "option" in f.metadata and (f.metadata["option"].cli or not cli)}
+
+
+def flag_of(name: str) -> str:
+    """The option that sets field ``name`` (``--batch-size``, ``--model-arg``); a field that no
+    option sets is named as it is (``data_seed``)."""
+    opt = config_options(cli=False)[name]
+    return (opt.flag or "--" + name.replace("_", "-")) if opt.cli else name
+
+
+def read_option(name: str, given: Any) -> Any:
+    """The value of field ``name`` from what the command line gave: the text read, for an
+    option written as text (``--widths 8,16``, ``--geco-kappa auto``); a bad one refused
+    naming the option (UsageError)."""
+    opt = config_options()[name]
+    if opt.text is None:
+        return given
+    try:
+        return opt.text.parse(given)
+    except BadText as e:
+        raise UsageError(f"{flag_of(name)} {e.text!r}: {e}") from None
 
 
 def versions() -> dict[str, str]:

@@ -18,7 +18,7 @@ Two constraints (``--geco-constraint``):
     pixel. A deterministic model cannot meet it where raters disagree (their
     pixels have a cross-entropy of ``log 2`` or so and are the ones selected),
     so the multiplier keeps the latents in use there.
-``mean`` (pyroseg's variant before issue 13): the mean per-pixel
+``mean`` (pyroseg's earlier variant): the mean per-pixel
     cross-entropy of the whole image, ``C = ma(mean_b sum_pixels ce / (H W)) - kappa``,
     nats per pixel, ``kappa`` given or :func:`auto_kappa`. On LGG a U-Net without
     latents already meets ``auto_kappa``'s target, so lambda falls and the
@@ -59,7 +59,7 @@ How pyroseg does it, step by step:
       Adam over all parameters would do to it. Adam's step does not depend on
       the gradient's scale, so ``rate`` then matters only against Adam's eps:
       ``w`` moves by about ``lr`` per step while ``C_ma`` keeps its sign.
-  ``multiplicative`` (pyroseg's variant before issue 13, Rezende & Viola's
+  ``multiplicative`` (pyroseg's earlier variant, Rezende & Viola's
       Algorithm 1): ``lambda <- lambda * exp(clip(rate * C_ma, +-max_step))``
       (``--geco-rate 1``, ``--geco-max-step 0.01``), clipped to
       ``[lambda_min, lambda_max]``.
@@ -254,7 +254,7 @@ class GECO:
     ``recon - kappa * pixels`` (``"topk"``, nats per image).
     ``likelihood()`` is the messenger to wrap around each training step.
 
-    The dataclass defaults are the rule before issue 13 (``mean``,
+    The dataclass defaults are pyroseg's earlier rule (``mean``,
     ``multiplicative``, ``rate=1``), so that ``update(recon_per_pixel)`` keeps its
     meaning; :func:`geco_from_config` builds the published one by default.
     """

@@ -32,7 +32,7 @@ from pyro.infer.trace_elbo import Trace_ELBO
 from pyro.infer.util import check_fully_reparametrized, is_validation_enabled
 from torch.distributions import kl_divergence
 
-__all__ = ["SiteELBO", "free_bits"]
+__all__ = ["SiteELBO", "free_bits", "site_kl"]
 
 
 def free_bits(kl: torch.Tensor, floor: float) -> torch.Tensor:
@@ -51,6 +51,27 @@ def free_bits(kl: torch.Tensor, floor: float) -> torch.Tensor:
         return kl
     below = kl.detach().mean() <= floor
     return torch.where(below, torch.full_like(kl, floor).detach(), kl)
+
+
+def site_kl(model_site: dict, guide_site: dict, *, analytic: bool = True) -> torch.Tensor:
+    """KL of one latent site per image, ``(B,)``, unscaled, from the site's node in the
+    model trace and in the guide trace.
+
+    ``analytic``: ``KL(q || p)`` in closed form where torch has it, else (and with
+    ``analytic=False``) the one-sample estimate ``log q(z) - log p(z)`` at the guide's draw.
+    A guide site marked ``infer={"guide_is_prior": True}`` draws from the model's
+    own distribution (same network, same input; ``ssn``): its KL is 0 by
+    construction, returned exactly (no rounding noise, no gradient).
+    """
+    if guide_site["infer"].get("guide_is_prior"):
+        return guide_site["value"].new_zeros(model_site["fn"].batch_shape)
+    if analytic:
+        try:
+            return kl_divergence(guide_site["fn"], model_site["fn"])
+        except NotImplementedError:
+            pass
+    value = guide_site["value"]
+    return guide_site["fn"].log_prob(value) - model_site["fn"].log_prob(value)
 
 
 class SiteELBO(TraceMeanField_ELBO):
@@ -81,21 +102,8 @@ class SiteELBO(TraceMeanField_ELBO):
 
     # -- the terms of one particle -------------------------------------------------------
     def _site_kl(self, model_site: dict, guide_site: dict) -> torch.Tensor:
-        """KL of one latent site per image, ``(B,)``, unscaled.
-
-        A guide site marked ``infer={"guide_is_prior": True}`` draws from the model's
-        own distribution (same network, same input; ``ssn``): its KL is 0 by
-        construction, returned exactly (no rounding noise, no gradient).
-        """
-        if guide_site["infer"].get("guide_is_prior"):
-            return guide_site["value"].new_zeros(model_site["fn"].batch_shape)
-        if self.analytic_kl:
-            try:
-                return kl_divergence(guide_site["fn"], model_site["fn"])
-            except NotImplementedError:
-                pass
-        value = guide_site["value"]
-        return guide_site["fn"].log_prob(value) - model_site["fn"].log_prob(value)
+        """KL of one latent site per image, ``(B,)``, unscaled: :func:`site_kl`."""
+        return site_kl(model_site, guide_site, analytic=self.analytic_kl)
 
     def _particle(self, model_trace, guide_trace) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(loss, terms)`` of one (model, guide) trace pair; see the module docs."""

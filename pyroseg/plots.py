@@ -1,4 +1,4 @@
-"""Pictures: training curves, sample grids with uncertainty, reliability diagrams.
+"""Pictures: training curves, sample grids with uncertainty, reliability diagrams, a comparison's figure.
 
 matplotlib with the Agg backend (no screen needed); every function writes one
 PNG and returns its path.
@@ -19,9 +19,18 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pyroseg.checkpoint import atomic_write  # noqa: E402
+from pyroseg.latents import predict_probs  # noqa: E402
 from pyroseg.runs import read_metrics_csv  # noqa: E402
 
-__all__ = ["plot_curves", "sample_grid", "validation_grid", "latent_scales_grid", "uncertainty", "reliability_diagram"]
+__all__ = [
+    "plot_curves",
+    "sample_grid",
+    "validation_grid",
+    "latent_scales_grid",
+    "uncertainty",
+    "reliability_diagram",
+    "comparison_figure",
+]
 
 
 def uncertainty(samples: np.ndarray) -> np.ndarray:
@@ -231,8 +240,6 @@ def latent_scales_grid(model, data, png: str | Path, *, device="cpu", n_images: 
     U-Nets, as in the HPU-Net paper's figures; ``q(z|x)``'s for the VAE family).
     A row whose samples all look alike belongs to a site that controls nothing.
     """
-    from pyroseg.collapse import predict_probs  # avoids an import cycle at module load
-
     png = Path(png)
     has = data.masks[:, 0].reshape(len(data), -1).any(1)
     rng = np.random.default_rng(seed)
@@ -278,5 +285,34 @@ def latent_scales_grid(model, data, png: str | Path, *, device="cpu", n_images: 
     fig.suptitle(f"{model.name}: what each latent site controls (others at the mean of {model.sample_from})", fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def comparison_figure(doc: dict, png: str | Path, *, metrics: Sequence[str]) -> Path:
+    """A comparison's figure (``comparison.png``): per metric of ``metrics`` that ``doc``
+    (a ``comparison.json`` document) summarises, each model's seeds (dots), mean and interval."""
+    png = Path(png)
+    metrics = [m for m in metrics if any(s["metric"] == m for s in doc["summary"])]
+    cols = 4
+    rows = max(1, math.ceil(len(metrics) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics, strict=False):
+        sts = [s for s in doc["summary"] if s["metric"] == metric]
+        for i, st in enumerate(sts):
+            ax.plot([i] * len(st["values"]), st["values"], ".", color="0.6", ms=4)
+            if st["n"] >= 2:
+                ax.errorbar([i], [st["mean"]], yerr=[[st["mean"] - st["lo"]], [st["hi"] - st["mean"]]],
+                            fmt="o", color="C0", capsize=3)
+            else:
+                ax.plot([i], [st["mean"]], "o", color="C0")
+        ax.set_xticks(range(len(sts)), [s["model"] for s in sts], rotation=45, ha="right", fontsize=7)
+        ax.set_title(metric, fontsize=9)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    fig.suptitle(f"{len(doc['seeds'])} seed(s): dots per seed, mean and {round(doc['level'] * 100)} % t-interval",
+                 fontsize=10)
+    fig.subplots_adjust(left=0.05, right=0.98, top=0.9, bottom=0.1, hspace=0.9, wspace=0.3)  # tight_layout: 1/3 of a tiny compare
+    atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=90))
     plt.close(fig)
     return png

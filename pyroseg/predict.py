@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from pyro import poutine
-from torch.distributions import kl_divergence
 from torch.utils.data import DataLoader
 
 from pyroseg.data.core import SegData, SegDataset, collate_batch
 from pyroseg.metrics import DistributionAccumulator
 from pyroseg.models.base import SegModel
+from pyroseg.objective import site_kl
 
 __all__ = ["elbo_terms", "Predictions", "predict_dataset"]
 
@@ -27,7 +27,8 @@ def elbo_terms(model: SegModel, image: torch.Tensor, mask: torch.Tensor) -> dict
     Traces the guide, replays the model on its latents, and returns ``(B,)``
     tensors: ``"recon"`` = ``-log p(y | x, z)`` (nats per image, summed over
     pixels), ``"kl_<site>"`` = ``KL(q || p)`` of each latent site (analytic,
-    given the sites sampled before it), and ``"loss"`` = ``recon + sum KL``, the
+    given the sites sampled before it; :func:`~pyroseg.objective.site_kl`, as the training
+    objective computes it), and ``"loss"`` = ``recon + sum KL``, the
     negative ELBO. This is what :class:`~pyro.infer.TraceMeanField_ELBO`
     estimates, split by site so that a collapsed site (KL ~ 0) is visible.
     """
@@ -37,11 +38,7 @@ def elbo_terms(model: SegModel, image: torch.Tensor, mask: torch.Tensor) -> dict
     terms = {"recon": -site["fn"].log_prob(site["value"])}  # (B,)
     total = terms["recon"]
     for name in model.latent_sites:
-        q, p = guide_trace.nodes[name]["fn"], model_trace.nodes[name]["fn"]
-        if guide_trace.nodes[name]["infer"].get("guide_is_prior"):  # ssn: KL 0 by construction
-            kl = torch.zeros(p.batch_shape, device=image.device)
-        else:
-            kl = kl_divergence(q, p)  # (B,)
+        kl = site_kl(model_trace.nodes[name], guide_trace.nodes[name])  # (B,); ssn: 0 by construction
         terms[f"kl_{name}"] = kl
         total = total + kl
     terms["loss"] = total

@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import torch
 
 from pyroseg.checkpoint import atomic_write_text, load_checkpoint
 from pyroseg.config import CONFIG_VERSION, FitConfig, load_config_json
+from pyroseg.data import load_source
 from pyroseg.data.core import SegData
 from pyroseg.errors import CheckpointError, UsageError
 from pyroseg.models import MODELS, SegModel, build_model
@@ -50,7 +52,11 @@ __all__ = [
     "write_metrics_csv",
     "read_metrics_csv",
     "load_run",
+    "read_run",
+    "RunFiles",
     "LoadedRun",
+    "check_split",
+    "at_least_one",
     "select_split",
     "EVAL_SPLITS",
 ]
@@ -196,16 +202,56 @@ def _describe(path: Path, kind: str, ckpt: dict) -> str:
     return f"{path.name} ({kind}, epoch {epoch})"
 
 
-class LoadedRun:
+def check_split(which: str) -> str:
+    """``which`` if it names a patient group (:data:`EVAL_SPLITS`), else a one-line :class:`UsageError`."""
+    if which not in EVAL_SPLITS:
+        raise UsageError(f"--split {which!r}: expected one of {', '.join(EVAL_SPLITS)}")
+    return which
+
+
+def at_least_one(option: str, value: int) -> int:
+    """``value`` if it is at least 1 (``--num-samples``, ``--seeds``, ...), else a one-line
+    :class:`UsageError` naming ``option``."""
+    if value < 1:
+        raise UsageError(f"{option} {value}: expected at least 1")
+    return value
+
+
+class RunFiles:
+    """A run folder's config and patient split, without its weights: enough to load its data."""
+
+    def __init__(self, run_dir: Path, doc: dict, split: dict):
+        self.run_dir = run_dir
+        self.doc = doc
+        self.config = FitConfig.from_dict(doc["fit"])
+        self.split = split
+
+    def load_data(self, split: str = "all", *, data: str | None = None, cache_dir: str | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> SegData:
+        """The slices of the run's data whose patients are in its ``split`` (``test``, ``val``,
+        ``train``; ``all``: every slice), at the run's image size and with its source options.
+
+        ``data``: another source in the same layout instead of the run's own; ``cache_dir``:
+        instead of the run's; ``progress(done, total)``: as :func:`pyroseg.data.load_source`."""
+        check_split(split)
+        cfg = self.config
+        spec = data or cfg.data
+        dataset = load_source(spec, cfg.image_size, **{**cfg.source_options(), "cache_dir": cache_dir or cfg.cache_dir},
+                              progress=progress)
+        return self.select(dataset, split, source=spec)
+
+    def select(self, dataset: SegData, split: str, *, source: str | None = None) -> SegData:
+        """The slices of ``dataset`` whose patients are in the run's ``split`` (:func:`select_split`)."""
+        return select_split(dataset, self.split, split, source=source or self.config.data)
+
+
+class LoadedRun(RunFiles):
     """A run folder opened for evaluation or sampling: config, split, model with weights.
     ``checkpoint_file``: the weights' file; ``checkpoint_used``: a line naming it (for the user)."""
 
     def __init__(self, run_dir: Path, doc: dict, split: dict, model: SegModel, checkpoint: dict,
                  checkpoint_file: Path | None = None, checkpoint_used: str = CHECKPOINT):
-        self.run_dir = run_dir
-        self.doc = doc
-        self.config = FitConfig.from_dict(doc["fit"])
-        self.split = split
+        super().__init__(run_dir, doc, split)
         self.model = model
         self.checkpoint = checkpoint
         self.checkpoint_file = checkpoint_file or run_dir / CHECKPOINT
@@ -232,6 +278,12 @@ def read_run_files(run_dir: str | Path) -> tuple[dict, dict]:
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{split_path}: unreadable ({e})") from None
     return doc, split
+
+
+def read_run(run_dir: str | Path) -> RunFiles:
+    """Open a run folder without its weights: its config and split (:meth:`RunFiles.load_data`)."""
+    run_dir = Path(run_dir)
+    return RunFiles(run_dir, *read_run_files(run_dir))
 
 
 def load_run(run_dir: str | Path, *, device: torch.device | str = "cpu", checkpoint: str | None = None) -> LoadedRun:

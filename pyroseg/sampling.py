@@ -48,7 +48,7 @@ from pyroseg.data.lgg import read_image, read_mask
 from pyroseg.data.resize import resize_image, resize_mask
 from pyroseg.devices import resolve_device
 from pyroseg.errors import DataError, UsageError
-from pyroseg.runs import load_run
+from pyroseg.runs import at_least_one, check_split, load_run
 from pyroseg.tta import TestTimeAugmentation
 
 __all__ = ["balanced_draws", "find_inputs", "sample_images", "sample_split", "sample_nifti", "pick_slices", "IMAGE_SUFFIXES", "is_nifti"]
@@ -202,8 +202,7 @@ def sample_images(
     """Sample ``num_samples`` masks for every input image; returns one record per
     image (input, files written, the weights used (``checkpoint``: best.pt by default,
     see :func:`pyroseg.runs.pick_checkpoint`) and the mean Dice against the truth when known)."""
-    if num_samples < 1:
-        raise UsageError(f"--num-samples {num_samples}: expected at least 1")
+    at_least_one("--num-samples", num_samples)
     dev = resolve_device(device)
     run = load_run(run_dir, device=dev, checkpoint=checkpoint)
     log.info("sampling from %s", run.checkpoint_used)
@@ -261,15 +260,10 @@ def sample_split(
     each. Returns one record per slice (as :func:`sample_images`, plus the
     slice's GED and matched IoU against its annotators)."""
     from pyroseg import plots
-    from pyroseg.data import load_source
-    from pyroseg.runs import EVAL_SPLITS, select_split
 
-    if num_samples < 1:
-        raise UsageError(f"--num-samples {num_samples}: expected at least 1")
-    if num_images < 1:
-        raise UsageError(f"--num-images {num_images}: expected at least 1")
-    if split not in EVAL_SPLITS:
-        raise UsageError(f"--split {split!r}: expected one of {', '.join(EVAL_SPLITS)}")
+    at_least_one("--num-samples", num_samples)
+    at_least_one("--num-images", num_images)
+    check_split(split)
     dev = resolve_device(device)
     run = load_run(run_dir, device=dev, checkpoint=checkpoint)
     log.info("sampling from %s", run.checkpoint_used)
@@ -277,8 +271,7 @@ def sample_split(
         run.model = TestTimeAugmentation(run.model)
     num_samples = _balanced(run.model, num_samples)
     cfg = run.config
-    data = load_source(cfg.data, cfg.image_size, **{**cfg.source_options(), "cache_dir": cache_dir or cfg.cache_dir})
-    data = select_split(data, run.split, split, source=cfg.data)
+    data = run.load_data(split, cache_dir=cache_dir)
     out = _out_dir(out)
     records = []
     for i in pick_slices(data.masks, num_images):

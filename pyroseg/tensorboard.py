@@ -4,7 +4,9 @@ An optional extra (``pip install 'pyroseg[tensorboard]'``): nothing else in
 pyroseg imports this module, and :func:`require_tensorboard` turns a missing
 ``tensorboard`` package into a one-line usage error saying how to install it.
 
-:class:`TensorBoardCallbacks` is a :class:`pyroseg.train.FitCallbacks`: after
+:class:`TensorBoardCallbacks` is a :class:`pyroseg.train.FitCallbacks` (what
+``fit(callbacks=...)`` takes; the run's ``CallbackHandler`` calls it at each
+hook, after best.pt, checkpoint.pt and metrics.csv are written): after
 every epoch it writes each number of that epoch's row as a scalar, at the
 epoch as the step, under a tag grouped by the column's prefix::
 

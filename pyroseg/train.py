@@ -1,67 +1,89 @@
-"""Training: stochastic variational inference with Pyro's ELBO, one loop for every model.
+"""Training: :func:`fit` runs one :class:`FitRun` through named phases; what
+happens at fixed points of the epoch loop is done by *handlers*, one per concern.
 
-The objective of every model is the negative ELBO of its ``model``/``guide``
-pair, per image::
+The pieces it puts together live in :mod:`pyroseg.training` and are imported
+from here: one SVI step with Pyro's ELBO, the non-finite guard, gradient
+clipping and data-parallel averaging (:class:`Trainer`, :class:`ELBOLoss`,
+:class:`StepOutcome`: :mod:`pyroseg.training.step`); what is optimised, the
+plain ELBO or GECO, as one object the loop calls (:mod:`pyroseg.training.objectives`,
+the only place of the loop that knows GECO); where training stands
+(:class:`Progress`, :class:`EpochSampler`: :mod:`pyroseg.training.state`).
 
-    loss = E_q[-recon_scale * log p(y | x, z)] + beta * KL(q(z | ...) || p(z | ...))
+**Phases**, the methods of :class:`FitRun` that :meth:`FitRun.run` calls in
+this order. ``FitRun.__init__`` sets every attribute of the run (``None``
+until the phase named beside it fills it in); a phase fills in its own and
+only reads the others'::
 
-computed by :class:`pyroseg.objective.SiteELBO`, Pyro's
-:class:`~pyro.infer.TraceMeanField_ELBO` (analytic KL per latent site, given the
-sites sampled before it; valid here because every guide samples its latents in
-the model's order) or :class:`~pyro.infer.Trace_ELBO` (Monte Carlo KL) written
-out site by site, so that a free-bits floor can act on each site's KL and the
-terms of the same forward pass come back with the loss. ``beta`` enters
-through ``poutine.scale`` on the latent sites inside the models, ``recon_scale``
-through ``poutine.scale`` on the likelihood: with ``--objective geco`` it is the
-Lagrange multiplier of :mod:`pyroseg.geco`, so one loop serves the ELBO, the
-annealed ELBO and GECO.
+    __init__       the config (the saved one on resume), the process group (torchrun), the run folder
+    check_model    the model built on the meta device (no weights, no random draws): a bad
+                   --model-arg, or GECO for a model without a KL, fails before the data is read
+    load_data      source, patient split; every rank must hold the same data
+    build_model    the model, once, with the data's channels: seeded weights, channels-last
+    build_trainer  Trainer (optimizer, guards, DDP wrapper), sampler + loader, the objective,
+                   the augmentation, the handlers
+    restore/start  the checkpoint's state, or a fresh config.json and split.json
+    train          epochs until --epochs or a handler stops it: train_epoch (batches, augmentation,
+                   learning rate, beta, one Trainer.step each), end_epoch (the epoch's row:
+                   train loss, objective, validation, times)
+    finish         the handlers' on_finish, leave the process group
 
-One SVI step is what :meth:`pyro.infer.SVI.step` does (loss, backward,
-optimizer step), written out so that three things can sit between backward and
-step: a check that loss and gradients are finite (a non-finite step is skipped
-and counted), gradient-norm clipping over *all* parameters (``pyro.optim``
-clips per tensor), and data-parallel gradient averaging (the loss is an
-``nn.Module`` that :class:`~torch.nn.parallel.DistributedDataParallel` can
-wrap). The optimizer is a plain :class:`torch.optim.Adam` over the model's
-parameters, so the tensors being optimised are always the ones the networks
-use (a stale Pyro param store cannot silently swallow updates) and its state
-is an ordinary ``state_dict`` for checkpoints. ``tests/test_train.py`` checks
-that a step equals ``pyro.infer.SVI`` + ``pyro.optim.Adam`` numerically.
+**Handlers**, called in this order at every hook (:meth:`FitRun.build_handlers`)::
+
+    BestCheckpoint      best.pt when --select-by improves; --patience: stop when it has not
+    PeriodicCheckpoint  checkpoint.pt at every epoch end and every ``checkpoint_every`` steps
+    MetricsCSV          metrics.csv at every epoch end and at the finish (rank 0 only)
+    Pictures            curves.png, val_samples.png, latent_scales.png at the finish (rank 0, pictures=True)
+    CallbackHandler     the caller's FitCallbacks (the CLI's progress bars and TensorBoard)
+
+A handler is a :class:`Handler` subclass overriding any of its hooks, each given
+the :class:`FitRun` (read its attributes: ``run.progress``, ``run.model``,
+``run.config``, ``run.out``, ``run.ctx``, ...)::
+
+    on_epoch_start(run)            before the epoch's first (remaining) step
+    on_step_end(run, outcome)      after each step (outcome: a StepOutcome, still on the device)
+    on_epoch_end(run, row)         after the epoch's row is in run.progress.history
+    should_stop(run) -> bool       asked before each epoch; True ends training early
+    on_early_stop(run)             once, when a handler stopped training
+    on_finish(run)                 after the last epoch (also when none was left to train)
+
+*To add a handler*: write the subclass (in this module, or your own), then
+append it in :meth:`FitRun.build_handlers` where its order matters; register
+it only ``if ctx.is_main`` when it only writes files, and on every rank when
+it takes part in a collective (``run.ctx.gather``) or changes state every rank
+must share. A handler must not draw random numbers nor change the model,
+the optimizer or ``run.progress`` outside what it owns, or a resumed run no
+longer repeats an unbroken one. Save anything it needs after a resume in the
+checkpoint payload (:func:`checkpoint_payload`, the one place it is built).
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import logging
 import math
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyro
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from pyroseg import distributed
 from pyroseg.augment import SPECS, augment_batch, step_generator
 from pyroseg.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from pyroseg.collapse import collapse_report, latent_units
-from pyroseg.config import CONFIG_VERSION, FitConfig, load_config_json, versions
+from pyroseg.config import CONFIG_VERSION, SELECT_MODES, FitConfig, load_config_json, versions
 from pyroseg.data import SegData, SegDataset, collate_batch, load_source, split_patients
 from pyroseg.data.device import on_device
 from pyroseg.devices import resolve_device
-from pyroseg.errors import CheckpointError, TrainingError, UsageError
-from pyroseg.geco import GECO, geco_from_config, refuse_without_kl
+from pyroseg.errors import CheckpointError, UsageError
 from pyroseg.metrics import segmentation_report
 from pyroseg.models import SegModel, build_model, model_import_path
-from pyroseg.nets import compile_networks
-from pyroseg.objective import SiteELBO
 from pyroseg.predict import predict_dataset
 from pyroseg.runs import (
     BEST,
@@ -77,307 +99,475 @@ from pyroseg.runs import (
     write_metrics_csv,
 )
 from pyroseg.schedules import beta_at, lr_at
+from pyroseg.training.objectives import Objective, check_model, make_objective
+from pyroseg.training.state import EpochSampler, LossMeter, Progress, fresh_partial
+from pyroseg.training.step import ELBOLoss, StepOutcome, Trainer, make_elbo
 
 __all__ = [
-    "ELBOLoss", "Trainer", "StepOutcome", "EpochSampler", "FitCallbacks", "FitRun", "Progress", "fit", "make_loader",
-    "resolve_device", "make_elbo", "select_metric",
+    "ELBOLoss", "Trainer", "StepOutcome", "EpochSampler", "FitCallbacks", "FitRun", "Handler", "Progress", "fit",
+    "make_loader", "resolve_device", "make_elbo", "select_metric", "SELECT_MODES", "checkpoint_payload",
 ]
 
 log = logging.getLogger(__name__)
 
 
-def make_elbo(kind: str, *, free_bits: float = 0.0) -> SiteELBO:
-    """The objective of :mod:`pyroseg.objective`: ``"meanfield"``: analytic KL per site
-    (as :class:`~pyro.infer.TraceMeanField_ELBO`); ``"trace"``: Monte Carlo KL (as
-    :class:`~pyro.infer.Trace_ELBO`); ``free_bits``: a floor in nats on each latent
-    site's batch-mean KL (0: off)."""
-    if kind not in ("meanfield", "trace"):
-        raise UsageError(f"--elbo {kind!r}: expected meanfield or trace")
-    return SiteELBO(analytic_kl=kind == "meanfield", free_bits=free_bits)
+def fit(
+    config: FitConfig,
+    *,
+    callbacks: FitCallbacks | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    checkpoint_every: int | None = None,
+    pictures: bool = True,
+) -> Path:
+    """Train ``config.model`` on ``config.data`` and write the run folder ``config.out``.
 
-
-class ELBOLoss(nn.Module):
-    """The training objective as a module: ``forward(image, mask, beta, recon_scale)``
-    returns the mean negative ELBO per image (a scalar tensor).
-
-    A module so that DistributedDataParallel can wrap it; per image (not per
-    batch) so that averaging gradients over ranks gives the gradient of the
-    global batch. After each call ``last_terms`` holds the batch means of the
-    unscaled terms of that same pass (``recon``, ``kl_<site>``: detached 0-dim
-    tensors; see :class:`~pyroseg.objective.SiteELBO`).
+    With ``resume=True`` the run in ``config.out`` continues from its checkpoint
+    (its saved config is used; only ``epochs`` may be raised). ``checkpoint_every``
+    also checkpoints every that many steps; ``pictures=False`` skips the PNGs.
+    Returns the run folder. The phases and handlers: see the module docs.
     """
-
-    def __init__(self, model: SegModel, elbo: SiteELBO):
-        super().__init__()
-        self.seg = model
-        self.elbo = elbo
-        self.last_terms: dict[str, torch.Tensor] = {}
-
-    def forward(self, image: torch.Tensor, mask: torch.Tensor, beta: float = 1.0, recon_scale: float = 1.0) -> torch.Tensor:
-        loss, terms = self.elbo.differentiable_loss_and_terms(
-            self.seg.model, self.seg.guide, image, mask, beta=beta, recon_scale=recon_scale
-        )
-        self.last_terms = {k: v.mean() for k, v in terms.items()}
-        return loss / image.shape[0]
+    return FitRun(config, callbacks, resume=resume, overwrite=overwrite, checkpoint_every=checkpoint_every,
+                  pictures=pictures).run()
 
 
-class StepOutcome:
-    """What one step did, kept on the device until someone asks.
+class FitRun:
+    """One call of :func:`fit`: its state (set in ``__init__``) and its phases (see the module docs)."""
 
-    ``loss`` (the mean negative ELBO per image, of the global batch under DDP),
-    ``grad_norm`` (before clipping) and ``applied`` (loss and gradients were
-    finite, so the update was taken) are read back from the device when they are
-    read, which waits for the step to finish: the training loop reads none of
-    them per step (it uses ``loss_tensor`` and ``applied_tensor``, 0-dim tensors
-    on the model's device). ``terms``: batch means of the step's unscaled
-    ``recon`` and ``kl_<site>`` (0-dim tensors; empty for a step that failed
-    before a loss existed)."""
+    def __init__(self, config: FitConfig, callbacks: FitCallbacks | None = None, *, resume: bool = False,
+                 overwrite: bool = False, checkpoint_every: int | None = None, pictures: bool = True):
+        """Resolve the config (on resume: the saved one, ``epochs`` may rise), join
+        the process group (one process unless torchrun started us) and make sure
+        the run folder can be written (rank 0 alone writes it)."""
+        self.resume, self.overwrite, self.checkpoint_every, self.pictures = resume, overwrite, checkpoint_every, pictures
+        #: config.json's document: the saved one on resume, written by restore / start
+        self.doc: dict[str, Any] | None = None
+        if resume:  # reads only, so every process of a data-parallel run does it
+            out = prepare_run_dir(config.out, resume=resume, overwrite=overwrite)
+            self.doc = load_config_json(out / CONFIG)
+            saved = FitConfig.from_dict(self.doc["fit"])
+            config = replace(saved, epochs=max(config.epochs, saved.epochs) if config.epochs else saved.epochs, out=str(out))
+        self.config = config.validate()
+        self.ctx = ctx = distributed.setup(resolve_device(config.device))
+        self.device, self.local_batch = ctx.device, _local_batch(config.batch_size, ctx.world_size)
+        if not resume:
+            out = ctx.on_main(lambda: prepare_run_dir(config.out, resume=resume, overwrite=overwrite))
+        self.out: Path = out
+        self.callbacks: FitCallbacks = (callbacks or FitCallbacks()) if ctx.is_main else FitCallbacks()
+        self.progress = Progress()
+        self.default_channels: int | None = None  # check_model: the model's input channels when not given
+        self.data: SegData | None = None  # load_data: all of it, its split by patient (ids), train and val
+        self.split: dict[str, list] | None = None
+        self.train_data = self.val_data = None
+        self.model: SegModel | None = None  # build_model
+        self.trainer: Trainer | None = None  # build_trainer: the step, the batches, the objective, ...
+        self.sampler, self.loader, self.steps_per_epoch = None, None, 0
+        self.objective: Objective | None = None
+        self.augment, self.select_by, self.select_mode = None, "", ""
+        self.handlers: list[Handler] = []
+        self.meter: LossMeter | None = None  # train_epoch: the epoch's loss so far, and when its clock last read
+        self.clock = 0.0
 
-    __slots__ = ("loss_tensor", "grad_norm_tensor", "applied_tensor", "terms")
+    def run(self) -> Path:
+        """Every phase, in order; returns the run folder."""
+        self.check_model()
+        self.load_data()
+        self.build_model()
+        self.build_trainer()
+        if self.resume:
+            self.restore()
+        else:
+            self.start()
+        self.train()
+        self.finish()
+        return self.out
 
-    def __init__(self, loss: torch.Tensor, grad_norm: torch.Tensor, applied: torch.Tensor, terms: dict | None = None):
-        self.loss_tensor = loss
-        self.grad_norm_tensor = grad_norm
-        self.applied_tensor = applied
-        self.terms = terms if terms is not None else {}
+    # -- the model: checked before the data, built once after it ------------------------------------
+    def _new_model(self, **channels: int) -> SegModel:
+        cfg = self.config
+        model = build_model(cfg.model, image_size=cfg.image_size, widths=cfg.widths, **{**channels, **cfg.model_args})
+        check_model(cfg, model)
+        return model
 
-    @property
-    def loss(self) -> float:
-        return float(self.loss_tensor)
-
-    @property
-    def grad_norm(self) -> float:
-        return float(self.grad_norm_tensor)
-
-    @property
-    def applied(self) -> bool:
-        return bool(self.applied_tensor)
-
-    def __repr__(self) -> str:
-        return f"StepOutcome(loss={self.loss}, grad_norm={self.grad_norm}, applied={self.applied})"
-
-
-class Trainer:
-    """One SVI step at a time, with the guards described in the module docs.
-
-    **The non-finite guard takes no host decision per step.** Whether a step's
-    loss and gradient norm are finite is a boolean tensor on the model's device;
-    the update is masked by it on the device, and the counters of non-finite
-    steps (total, current run, longest run since the last check) are device
-    tensors too. With fused Adam (the default on a GPU) the mask is Adam's own
-    ``found_inf`` input, the one :class:`torch.amp.GradScaler` uses: the fused
-    kernel leaves weights, moments and step count untouched when it is set. With
-    the loop Adam (the default on CPU, where it matches ``pyro.optim.Adam`` to
-    1e-6) the update is taken or not on the host, which on a CPU costs nothing.
-    :meth:`check` reads the counters back (one wait for the device), logs the
-    skipped steps and raises :class:`TrainingError` if ``max_nonfinite`` were in
-    a row; it runs every ``check_every`` steps (default: every step on CPU, every
-    50 on a GPU) and whenever the counters are read (``fit`` reads them before
-    every checkpoint and at every epoch end). So on a GPU training stops at most
-    ``check_every - 1`` steps after the run of non-finite steps reached the
-    limit, and never writes a checkpoint after it.
-    """
-
-    def __init__(
-        self,
-        model: SegModel,
-        *,
-        lr: float = 1e-3,
-        elbo: str = "meanfield",
-        clip_norm: float | None = None,
-        max_nonfinite: int = 20,
-        validate: bool = False,
-        free_bits: float = 0.0,
-        fused_adam: bool | None = None,
-        compile: bool = False,
-        check_every: int | None = None,
-    ):
-        """``validate``: Pyro/torch argument checks during training steps (off by
-        default: they cost time every step and the guard catches what they would).
-        ``free_bits``: the floor of :func:`pyroseg.objective.free_bits` (0: off).
-        ``fused_adam``: one fused Adam kernel for all parameters instead of a loop
-        over them; ``None`` (default): fused on a GPU, the loop on CPU. On CPU the
-        fused optimizer step is 3-10x faster, but that is about 1 % of a training
-        step, and its updates differ from ``pyro.optim.Adam``'s by up to ~3e-6
-        where gradients are near Adam's eps (measured; see the benchmark's options
-        item); on a GPU it is what lets the non-finite guard skip an update
-        without a host sync. ``compile``: ``torch.compile``
-        the model's networks in place (:func:`pyroseg.nets.compile_networks`).
-        Experimental and off: on CPU it compiled for 2 minutes and then stepped
-        0.84x as fast as eager (benchmarks/, options item). ``check_every``: read
-        the non-finite counters back every that many steps (``None``: 1 on CPU,
-        50 on a GPU; see the class docs)."""
-        self.model = model
-        self.validate = validate
-        self.elbo_loss = ELBOLoss(model, make_elbo(elbo, free_bits=free_bits))
-        #: what a step calls: ``elbo_loss`` itself, or a wrapper of it (DDP, autocast)
-        self.loss_fn: nn.Module = self.elbo_loss
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        on_gpu = device.type != "cpu"
-        if fused_adam is None:
-            fused_adam = on_gpu
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True if fused_adam else None)
-        self.fused = bool(fused_adam)
-        if compile:
-            compile_networks(model)
-        self.clip_norm = clip_norm
-        self.max_nonfinite = max_nonfinite
-        if check_every is not None and check_every < 1:
-            raise ValueError(f"check_every must be >= 1, got {check_every}")
-        self.check_every = check_every if check_every is not None else (50 if on_gpu else 1)
-        self.device = device
-        # device-side counters (int64, 0-dim): see check()
-        self._streak = torch.zeros((), dtype=torch.long, device=device)
-        self._total = torch.zeros((), dtype=torch.long, device=device)
-        self._worst = torch.zeros((), dtype=torch.long, device=device)  # longest run since the last check
-        self._checked_total = 0  # host copy of _total at the last check
-        self._since_check = 0
-        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # the last step's loss and grad norm (for the log)
-        #: Data-parallel hook: the mean over ranks of a tensor (``None``: one
-        #: process). Set by ``fit`` with ``loss_fn`` wrapped in DDP; the loss
-        #: reported and the non-finite decision then use the global batch's
-        #: loss, so every rank skips the same steps. Any other training state
-        #: (GECO) must update from values passed through it.
-        self.reduce = None
-
-    def step(self, image: torch.Tensor, mask: torch.Tensor, *, beta: float = 1.0, recon_scale: float = 1.0) -> StepOutcome:
-        """Loss, backward, (guard, clip), optimizer step, with no host sync of its
-        own unless a check is due (see the class docs). A non-finite loss or
-        gradient skips the update; ``max_nonfinite`` of them in a row raise
-        :class:`TrainingError` (at the next check)."""
-        self.optimizer.zero_grad(set_to_none=True)
+    def check_model(self) -> None:
+        """Build the model on the meta device (no weights, no random draws), so that a bad
+        ``--model-arg`` fails at once, before the data is read, and learn its default channels."""
         try:
-            with pyro.validation_enabled(self.validate):
-                loss = self.loss_fn(image, mask, beta, recon_scale)
-        except ValueError as e:
-            # with validation on, a NaN/inf parameter fails a distribution's
-            # constraint check before any loss exists: the same event as a NaN loss
-            if "invalid values" not in str(e):
-                raise
-            device = image.device
-            nan = torch.full((), float("nan"), device=device)
-            return self._finish(nan, nan, torch.zeros((), dtype=torch.bool, device=device), {})
-        loss.backward()
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grads = [p.grad for p in params]
-        if not grads:
-            grad_norm = torch.zeros((), device=loss.device)
-        elif self.clip_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
-        else:  # the norm only: clip_grad_norm_ with max_norm = inf multiplies every gradient by 1
-            grad_norm = torch.nn.utils.get_total_norm(grads)
-        value = loss.detach() if self.reduce is None else self.reduce(loss.detach())
-        finite = torch.isfinite(value) & torch.isfinite(grad_norm)
-        if self.fused:  # the fused kernel skips weights, moments and step count where found_inf is 1
-            self.optimizer.found_inf = (~finite).to(torch.float32)
-            self.optimizer.step()
-            del self.optimizer.found_inf  # a later step() of this optimizer must not see a stale one
-        elif bool(finite):  # the loop Adam has no found_inf: a host decision (free on CPU, a sync on a GPU)
-            self.optimizer.step()
-        return self._finish(value, grad_norm, finite, self.elbo_loss.last_terms)
+            with torch.device("meta"):
+                probe = self._new_model()
+        except UsageError:
+            raise
+        except Exception:  # a model that cannot be built without weights: built for real, its errors raised
+            probe = self._new_model()
+        self.default_channels = probe.in_channels
 
-    def _finish(self, value: torch.Tensor, grad_norm: torch.Tensor, finite: torch.Tensor, terms: dict) -> StepOutcome:
-        """Count the step on the device; check the counters when due."""
-        if finite.device != self._streak.device:  # the model was moved after the trainer was made
-            self.device = finite.device
-            self._streak, self._total, self._worst = (t.to(finite.device) for t in (self._streak, self._total, self._worst))
-        bad = (~finite).to(torch.long)
-        self._streak.add_(1).mul_(bad)  # +1 on a non-finite step, 0 on a good one
-        self._total.add_(bad)
-        torch.maximum(self._worst, self._streak, out=self._worst)
-        self._last = (value, grad_norm)
-        self._since_check += 1
-        if self._since_check >= self.check_every:
-            self.check()
-        return StepOutcome(value, grad_norm, finite, terms)
+    def build_model(self) -> None:
+        """The model, its weights drawn from ``config.seed``, its ``in_channels`` the data's
+        unless ``--model-arg in_channels`` says otherwise (QUBIQ, LIDC: 1)."""
+        cfg = self.config
+        channels = int(self.data.images.shape[1])
+        follow = channels != self.default_channels and "in_channels" not in cfg.model_args
+        pyro.clear_param_store()  # a stale store would shadow freshly built networks
+        pyro.set_rng_seed(cfg.train_seed)  # torch, numpy and random
+        model = self._new_model(**({"in_channels": channels} if follow else {})).to(self.device)
+        if cfg.channels_last:  # measured 1.2-1.27x faster training steps on CPU (benchmarks/, options item)
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
 
-    def check(self) -> None:
-        """Read the non-finite counters back (one wait for the device), log the
-        steps skipped since the last check and raise :class:`TrainingError` if
-        ``max_nonfinite`` or more were in a row."""
-        self._since_check = 0
-        streak, total, worst = (int(v) for v in torch.stack([self._streak, self._total, self._worst]).tolist())
-        new = total - self._checked_total
-        self._checked_total = total
-        self._worst.copy_(self._streak)
-        if new:
-            if self.check_every == 1 and self._last is not None:
-                value, grad_norm = (float(v) for v in self._last)
-                log.warning("non-finite loss or gradient (loss=%s, grad norm=%s): step skipped (%d in a row)",
-                            value, grad_norm, streak)
-            else:
-                log.warning("non-finite loss or gradient in %d of the steps since the last check: skipped "
-                            "(%d in a row now, at most %d in a row)", new, streak, worst)
-        if worst >= self.max_nonfinite:
-            value = float(self._last[0]) if self._last is not None else float("nan")
-            raise TrainingError(
-                f"{worst} non-finite steps in a row (loss={value}, --max-nonfinite {self.max_nonfinite}): "
-                "training stopped; the last good checkpoint is intact. Try a lower --lr or --clip-norm."
-            )
+    # -- load_data ----------------------------------------------------------------------------------
+    def load_data(self) -> None:
+        """The data source, split by patient into train / val / test; every rank must hold the same."""
+        cfg, ctx = self.config, self.ctx
+        self.data = ctx.main_first(lambda: load_source(  # rank 0 first: it fills the cache the others read
+            cfg.data, cfg.image_size, seed=cfg.seed_of_data(), synthetic_patients=cfg.synthetic_patients,
+            synthetic_slices=cfg.synthetic_slices, cache_dir=cfg.cache_dir, progress=self.callbacks.on_load_progress,
+            task=cfg.task, slice_axis=cfg.slice_axis,
+        ))
+        split = split_patients(self.data.patient_ids, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed_of_data())
+        self.split = split
+        self.train_data, self.val_data = self.data.subset(split["train"]), self.data.subset(split["val"])
+        self.callbacks.on_data({**self.data.summary(), "train_slices": len(self.train_data), "val_slices": len(self.val_data),
+                                "train_patients": len(split["train"]), "val_patients": len(split["val"]),
+                                "test_patients": len(split["test"])})
+        ctx.check_consistent(lambda: _data_fingerprint(self.train_data, self.val_data),
+                             what="after loading --data", hint="every process must read the same data (shared storage, same files)")
 
-    def _align_optimizer(self) -> None:
-        """After loading a state saved by a trainer with the other Adam (a CPU
-        checkpoint resumed on a GPU, or back): this trainer's kind, and Adam's step
-        counters where that kind keeps them (fused: on the parameters' device;
-        loop: on the CPU)."""
-        for group in self.optimizer.param_groups:
-            group["fused"] = True if self.fused else None
-            if self.fused:
-                group["foreach"] = None
-            for p in group["params"]:
-                st = self.optimizer.state.get(p)
-                if st and "step" in st:
-                    st["step"] = st["step"].to(dtype=torch.float32, device=p.device if self.fused else "cpu")
+    # -- build_trainer ------------------------------------------------------------------------------
+    def build_trainer(self) -> None:
+        """The optimizer and its guards (wrapped for data parallelism), the batches, the objective,
+        the augmentation, the score that picks best.pt and the handlers."""
+        cfg, ctx = self.config, self.ctx
+        self.trainer = trainer = Trainer(self.model, lr=cfg.lr, elbo=cfg.elbo, clip_norm=cfg.clip_norm,
+                                         max_nonfinite=cfg.max_nonfinite, free_bits=cfg.free_bits)
+        if ctx.enabled:  # DDP averages gradients in backward; beta = 0 leaves a prior net unused
+            trainer.loss_fn = ctx.wrap(trainer.loss_fn, find_unused_parameters=self.model.has_latent)
+            trainer.reduce = ctx.mean
+        self.sampler, self.loader = make_loader(self.train_data, cfg, self.local_batch, ctx)
+        self.steps_per_epoch = math.ceil(self.sampler.num_samples / self.local_batch)
+        real_masks = self.train_data.masks if self.train_data.uniform_raters else self.train_data.masks[self.train_data.rater_valid()]
+        self.objective = make_objective(cfg, real_masks, self.steps_per_epoch)  # no padded rater slots
+        self.augment = SPECS[cfg.augment]
+        self.select_by, self.select_mode = select_metric(cfg.select_by, self.data.num_annotators)
+        self.handlers = self.build_handlers()
 
-    @property
-    def nonfinite_streak(self) -> int:
-        """Non-finite steps in a row up to now (reads the device counter)."""
-        return int(self._streak)
+    def build_handlers(self) -> list[Handler]:
+        """The handlers, in the order every hook calls them (see the module docs)."""
+        handlers: list[Handler] = [BestCheckpoint(self.select_by, self.select_mode, self.config.patience),
+                                   PeriodicCheckpoint(self.checkpoint_every)]
+        if self.ctx.is_main:  # they only write files
+            handlers.append(MetricsCSV())
+            if self.pictures:
+                handlers.append(Pictures())
+        handlers.append(CallbackHandler(self.callbacks))
+        return handlers
 
-    @property
-    def nonfinite_total(self) -> int:
-        """Non-finite steps so far (reads the device counter)."""
-        return int(self._total)
+    # -- restore / start ----------------------------------------------------------------------------
+    def restore(self) -> None:
+        """Continue from ``checkpoint.pt``: weights, optimizer, position, history, RNG
+        states, the objective's state. A run killed before its first checkpoint starts again."""
+        out, ctx, doc = self.out, self.ctx, self.doc
+        if (out / CHECKPOINT).exists():
+            ckpt = load_checkpoint(out / CHECKPOINT, map_location=self.device)
+            check_checkpoint(ckpt, doc, source=out / CHECKPOINT)  # another model, size or run: refused, naming what differs
+            load_weights(self.model, ckpt, source=out / CHECKPOINT)
+            try:
+                self.trainer.load_state_dict(ckpt["trainer"])
+                self.progress.load_state_dict(ckpt)
+                _restore_rng(ckpt, ctx, self.config.train_seed, self.progress.global_step)
+                self.objective.restore(ckpt)
+            except (KeyError, ValueError, TypeError, RuntimeError) as e:
+                raise CheckpointError(f"{out / CHECKPOINT}: incomplete training state ({type(e).__name__}: {e})") from None
+            p = self.progress
+            doc.setdefault("resumed", []).append({"at_epoch": p.epoch, "at_batch": p.batch_in_epoch, "time": _now(),
+                                                  **({"world_size": ctx.world_size} if ctx.enabled else {})})
+            log.info("resuming %s at epoch %d, batch %d", out, p.epoch, p.batch_in_epoch)
+        else:  # killed before its first checkpoint: start again, with the saved config
+            log.warning("%s has no checkpoint yet (stopped during its first epoch): starting it from the beginning", out)
+            doc.setdefault("resumed", []).append({"at_epoch": 0, "at_batch": 0, "time": _now()})
+            ctx.seed(self.config.train_seed)  # as for a new run: each rank its own z noise
+        if ctx.is_main:
+            write_json(out / CONFIG, doc)
 
-    def state_dict(self) -> dict:
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "nonfinite_streak": self.nonfinite_streak,
-            "nonfinite_total": self.nonfinite_total,
-        }
+    def start(self) -> None:
+        """A new run: clear what ``--overwrite`` replaces, write config.json and split.json."""
+        cfg, ctx, out = self.config, self.ctx, self.out
+        if self.overwrite and ctx.is_main:  # only now: a bad --data or --model-arg must not cost the previous run
+            clear_run_files(out)
+        self.doc = _config_doc(self)
+        ctx.seed(cfg.train_seed)  # after the model is built: each rank its own z noise
+        if ctx.is_main:
+            write_json(out / SPLIT, {"seed": cfg.seed_of_data(), "val_fraction": cfg.val_fraction,
+                                     "test_fraction": cfg.test_fraction, **self.split})
+            write_json(out / CONFIG, self.doc)
 
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self._align_optimizer()
-        streak, total = int(state.get("nonfinite_streak", 0)), int(state.get("nonfinite_total", 0))
-        self._streak.fill_(streak)
-        self._total.fill_(total)
-        self._worst.fill_(streak)
-        self._checked_total = total
+    # -- train: the epoch loop ----------------------------------------------------------------------
+    def train(self) -> None:
+        """Epochs until ``config.epochs`` or until a handler says stop."""
+        self.model.train()
+        while self.progress.epoch < self.config.epochs and not any(h.should_stop(self) for h in self.handlers):
+            self.train_epoch()
+            self.end_epoch()
+        if self.progress.epoch < self.config.epochs:
+            for h in self.handlers:
+                h.on_early_stop(self)
+
+    def train_epoch(self) -> None:
+        """The remaining steps of the current epoch (all of them, or those after a mid-epoch checkpoint)."""
+        cfg, p, trainer, objective = self.config, self.progress, self.trainer, self.objective
+        self.sampler.set_position(p.epoch, skip=p.batch_in_epoch * self.local_batch)
+        for h in self.handlers:
+            h.on_epoch_start(self)
+        self.meter = LossMeter(p.partial, self.device)  # the epoch's loss, summed on the device
+        self.clock = time.perf_counter()
+        batches = iter(self.loader)
+        while True:
+            t_data = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            image, mask = self.batch_on_device(batch)
+            p.partial["data_time"] += time.perf_counter() - t_data
+            progress = p.epoch + p.batch_in_epoch / self.steps_per_epoch
+            beta = beta_at(progress, beta=cfg.beta, warmup=cfg.beta_warmup, cycle=cfg.beta_cycle)
+            _set_lr(trainer.optimizer, cfg, progress)
+            with objective.step_context() as likelihood:
+                outcome = trainer.step(image, mask, beta=beta, recon_scale=objective.recon_scale)
+            objective.after_step(outcome, likelihood, trainer.reduce)
+            self.meter.add(outcome, image.shape[0] * self.ctx.world_size)  # the global batch's loss: every rank's images
+            p.batch_in_epoch += 1
+            p.global_step += 1
+            for h in self.handlers:
+                h.on_step_end(self, outcome)
+        trainer.check()
+        self.update_partial()
+
+    def update_partial(self) -> None:
+        """Bring ``progress.partial`` up to now: the epoch's loss sum and training seconds
+        (before a checkpoint saves it, and at the epoch's end)."""
+        self.meter.fold(self.progress.partial)
+        now = time.perf_counter()
+        self.progress.partial["train_time"] += now - self.clock
+        self.clock = now
+
+    def batch_on_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training batch's image ``(B, C, H, W)`` and mask ``(B, 1, H, W)`` on the device,
+        augmented (:mod:`pyroseg.augment`) with draws fixed by (seed, step, rank)."""
+        image = batch["image"].to(self.device, non_blocking=True)
+        mask = batch["mask"].to(self.device, non_blocking=True)
+        if self.config.augment != "none":
+            g = step_generator(self.config.train_seed, self.progress.global_step, self.ctx.rank, self.device)
+            image, mask = augment_batch(image, mask, self.augment, generator=g)
+        return image, mask
+
+    def end_epoch(self) -> None:
+        """The epoch's row (:func:`_epoch_row`) into the history, the next epoch's
+        position, then the handlers' ``on_epoch_end``."""
+        p = self.progress
+        row = _epoch_row(self)
+        p.history.append(row)
+        p.epoch += 1
+        p.batch_in_epoch = 0
+        p.partial = fresh_partial()
+        self.ctx.check_consistent(lambda: _rank_state(self.model, self.trainer, p.global_step, self.objective),
+                                  what=f"after epoch {p.epoch}")
+        for h in self.handlers:
+            h.on_epoch_end(self, row)
+
+    # -- finish -------------------------------------------------------------------------------------
+    def finish(self) -> None:
+        """The handlers' ``on_finish`` (metrics.csv, pictures), then leave the process group."""
+        for h in self.handlers:
+            h.on_finish(self)
+        self.trainer.loss_fn = self.trainer.elbo_loss  # drop the DDP wrapper before leaving the process group
+        self.ctx.close()
 
 
-class EpochSampler(DistributedSampler):
-    """A shuffle that depends only on ``(seed, epoch)``, sharded over ranks, able
-    to start mid-epoch (``skip`` batches' worth of indices) for an exact resume.
+def _set_lr(optimizer: torch.optim.Optimizer, cfg: FitConfig, progress: float) -> None:
+    """The learning rate of :func:`pyroseg.schedules.lr_at` at ``progress`` epochs."""
+    lr = lr_at(progress, lr=cfg.lr, schedule=cfg.lr_schedule, warmup=cfg.lr_warmup, epochs=cfg.epochs)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
-    With one rank it is a plain per-epoch reshuffle; with ``R`` ranks, rank ``r``
-    takes every ``R``-th index, so the union of the ranks' ``i``-th batches is
-    the single-process ``i``-th batch of ``R`` times the size.
-    """
 
-    def __init__(self, dataset, *, seed: int, num_replicas: int = 1, rank: int = 0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
-        self.skip = 0
+def _epoch_row(run: FitRun) -> dict[str, Any]:
+    """The row of the epoch just trained (metrics.csv, TensorBoard): train loss, beta,
+    learning rate, the objective's columns, validation (rank 0's, on every rank), times."""
+    cfg, p, ctx = run.config, run.progress, run.ctx
+    t1 = time.perf_counter()
+    row: dict[str, Any] = {
+        "epoch": p.epoch + 1,
+        "step": p.global_step,
+        "beta": beta_at(p.epoch + 1, beta=cfg.beta, warmup=cfg.beta_warmup, cycle=cfg.beta_cycle),
+        "train_loss": p.partial["loss_sum"] / max(p.partial["count"], 1) if p.partial["count"] else float("nan"),
+        "lr": run.trainer.optimizer.param_groups[0]["lr"],  # of the epoch's last step
+        **run.objective.log_row(),
+    }
+    row.update(ctx.on_main(lambda: _validate(run.model, run.val_data, cfg, run.device)))
+    run.model.train()
+    row["nonfinite_steps"] = run.trainer.nonfinite_total
+    row["train_time_s"] = p.partial["train_time"]
+    row["data_time_s"] = p.partial["data_time"]  # of train_time_s: loading, moving and augmenting batches
+    row["val_time_s"] = time.perf_counter() - t1
+    return row
 
-    def set_position(self, epoch: int, skip: int = 0) -> None:
-        self.set_epoch(epoch)
-        self.skip = skip
 
-    def __iter__(self):
-        return iter(list(super().__iter__())[self.skip :])
+def checkpoint_payload(run: FitRun, *, full: bool, rng_by_rank: list | None = None) -> dict[str, Any]:
+    """What ``best.pt`` holds (``full=False``: the weights, the epoch they are from and
+    their score) or ``checkpoint.pt`` (``full=True``: all a resume needs: optimizer and
+    guard counters, :class:`Progress`, RNG states, the objective's state; with
+    ``rng_by_rank``, every rank's RNG state, under data parallelism). Built here only."""
+    model, p, ctx = run.model, run.progress, run.ctx
+    head = {"world_size": ctx.world_size, "rng_by_rank": rng_by_rank} if full and ctx.enabled else {}
+    weights = {"model_name": model.name, "hparams": model.hparams(), "model_state": model.state_dict()}
+    if full:
+        state = {"trainer": run.trainer.state_dict(), **p.state_dict(), "rng": get_rng_state()}
+    else:
+        state = {"epoch": int(p.best["epoch"]), "best": p.best}
+    tail = run.objective.checkpoint_entries() if full else {}
+    return {**head, **weights, **state, "config": run.config.to_dict(), **tail}
 
-    def __len__(self) -> int:
-        return super().__len__() - self.skip
+
+class Handler:
+    """A concern of the run at fixed points of the loop; override the hooks it needs
+    (see the module docs for when each is called and how to add one)."""
+
+    def on_epoch_start(self, run: FitRun) -> None: ...
+
+    def on_step_end(self, run: FitRun, outcome: StepOutcome) -> None: ...
+
+    def on_epoch_end(self, run: FitRun, row: dict[str, Any]) -> None: ...
+
+    def should_stop(self, run: FitRun) -> bool:
+        return False
+
+    def on_early_stop(self, run: FitRun) -> None: ...
+
+    def on_finish(self, run: FitRun) -> None: ...
+
+
+class BestCheckpoint(Handler):
+    """``best.pt`` (rank 0) whenever an epoch's ``select_by`` beats the best so far
+    (``mode``: ``"max"`` or ``"min"``), recorded in ``run.progress.best``, and
+    ``--patience``: stop when that many epochs passed since the best one. Every
+    rank holds rank 0's validation row, so every rank agrees on the best."""
+
+    def __init__(self, select_by: str, mode: str, patience: int | None):
+        self.select_by, self.mode, self.patience = select_by, mode, patience
+
+    def on_epoch_end(self, run: FitRun, row: dict[str, Any]) -> None:
+        # before PeriodicCheckpoint records it: a kill between the two redoes both alike
+        value = row.get(self.select_by)
+        if value is None or not math.isfinite(value):
+            return
+        best = run.progress.best
+        if best is not None and not (value > best["value"] if self.mode == "max" else value < best["value"]):
+            return
+        run.progress.best = {"metric": self.select_by, "value": float(value), "epoch": int(row["epoch"])}
+        if run.ctx.is_main:
+            save_checkpoint(run.out / BEST, checkpoint_payload(run, full=False))
+
+    def should_stop(self, run: FitRun) -> bool:
+        """``--patience`` epochs since the best one (or since the start, before any score):
+        a function of the saved progress, so a resumed run stops where an unbroken one did."""
+        p = run.progress
+        return self.patience is not None and p.epoch - (p.best["epoch"] if p.best else 0) >= self.patience
+
+    def on_early_stop(self, run: FitRun) -> None:
+        best = run.progress.best or {}
+        log.info("stopped after epoch %d: %s has not improved for %d epochs (best %s at epoch %s)", run.progress.epoch,
+                 self.select_by, self.patience, best.get("value"), best.get("epoch"))
+
+
+class PeriodicCheckpoint(Handler):
+    """``checkpoint.pt`` (rank 0 writes; every rank hands in its RNG state) at every
+    epoch end and, with ``every``, every that many steps within an epoch."""
+
+    def __init__(self, every: int | None = None):
+        self.every = every
+
+    def on_step_end(self, run: FitRun, outcome: StepOutcome) -> None:
+        p = run.progress
+        if self.every and p.global_step % self.every == 0 and p.batch_in_epoch < run.steps_per_epoch:
+            run.update_partial()
+            self.write(run)
+
+    def on_epoch_end(self, run: FitRun, row: dict[str, Any]) -> None:
+        self.write(run)
+
+    def write(self, run: FitRun) -> None:
+        run.trainer.check()  # never a checkpoint after --max-nonfinite in a row
+        ctx = run.ctx
+        rng_by_rank = ctx.gather(get_rng_state()) if ctx.enabled else None  # every rank takes part
+        if ctx.is_main:
+            save_checkpoint(run.out / CHECKPOINT, checkpoint_payload(run, full=True, rng_by_rank=rng_by_rank))
+
+
+class MetricsCSV(Handler):
+    """``metrics.csv``: the history so far, rewritten at every epoch end and at the
+    finish (also when no epoch was left to train). Rank 0 only."""
+
+    def on_epoch_end(self, run: FitRun, row: dict[str, Any]) -> None:
+        write_metrics_csv(run.out / METRICS, run.progress.history)
+
+    def on_finish(self, run: FitRun) -> None:
+        write_metrics_csv(run.out / METRICS, run.progress.history)
+
+
+class Pictures(Handler):
+    """Training curves and a grid of validation samples at the finish (rank 0 only);
+    a failure here never loses the run: the weights and metrics are already safe."""
+
+    def on_finish(self, run: FitRun) -> None:
+        out, model, val_data, device = run.out, run.model, run.val_data, run.device
+        try:
+            from pyroseg import plots
+
+            plots.plot_curves(out / METRICS, out / "curves.png")
+            if len(val_data):
+                plots.validation_grid(model, val_data, out / "val_samples.png", device=device)
+                if len(model.latent_sites) > 1:
+                    plots.latent_scales_grid(model, val_data, out / "latent_scales.png", device=device)
+        except Exception as e:  # pictures are a convenience
+            log.warning("could not draw pictures in %s: %s", out, e)
+
+
+class CallbackHandler(Handler):
+    """The caller's :class:`FitCallbacks` (progress bars, TensorBoard) at the loop's hooks.
+    On ranks other than 0 they are a no-op ``FitCallbacks``."""
+
+    def __init__(self, callbacks: FitCallbacks):
+        self.callbacks = callbacks
+
+    def on_epoch_start(self, run: FitRun) -> None:
+        self.callbacks.on_epoch_start(run.progress.epoch, run.config.epochs, run.steps_per_epoch - run.progress.batch_in_epoch)
+
+    def on_step_end(self, run: FitRun, outcome: StepOutcome) -> None:
+        self.callbacks.on_step(outcome.loss_tensor)
+
+    def on_epoch_end(self, run: FitRun, row: dict[str, Any]) -> None:
+        self.callbacks.on_epoch_end(row)
+
+    def on_early_stop(self, run: FitRun) -> None:
+        self.callbacks.on_early_stop(run.progress.epoch, run.progress.best or {})
+
+
+def _config_doc(run: FitRun) -> dict[str, Any]:
+    """config.json of a new run: the options, the model, the data, where and with what it ran."""
+    cfg, ctx = run.config, run.ctx
+    doc = {
+        "config_version": CONFIG_VERSION,
+        "fit": cfg.to_dict(),
+        "model": _model_doc(run.model),
+        "data": run.data.summary(),
+        "device": str(run.device),
+        "versions": versions(),
+        "command": sys.argv,
+        "created": _now(),
+    }
+    if ctx.enabled:
+        doc["distributed"] = {**ctx.describe(), "batch_per_process": run.local_batch}
+    doc.update(run.objective.config_entries(cfg))
+    return doc
 
 
 class FitCallbacks:
@@ -431,77 +621,6 @@ def _model_doc(model: SegModel) -> dict:
     }
 
 
-def fit(
-    config: FitConfig,
-    *,
-    callbacks: FitCallbacks | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    checkpoint_every: int | None = None,
-    pictures: bool = True,
-) -> Path:
-    """Train ``config.model`` on ``config.data`` and write the run folder ``config.out``.
-
-    With ``resume=True`` the run in ``config.out`` continues from its checkpoint
-    (its saved config is used; only ``epochs`` may be raised). ``checkpoint_every``
-    also checkpoints every that many steps; ``pictures=False`` skips the PNGs.
-    Returns the run folder.
-
-    The phases, in order (each a method of :class:`FitRun`, the one place of its concern)::
-
-        prepare        config (the saved one on resume), process group, run folder
-        build_model    seeded weights, channels-last
-        load_data      source, patient split, cross-rank data check
-        build_trainer  optimizer (+ DDP), sampler and loader, GECO, augmentation, best.pt's score
-        restore/start  the checkpoint's state, or a fresh config.json and split.json
-        train          the epoch loop: batches (augmented), learning rate, steps, validation,
-                       best.pt, checkpoints, metrics.csv, early stop
-        finish         metrics.csv, pictures, leave the process group
-    """
-    run = FitRun.prepare(config, callbacks, resume=resume, overwrite=overwrite)
-    run.build_model()
-    run.load_data()
-    run.build_trainer()
-    if resume:
-        run.restore()
-    else:
-        run.start(overwrite=overwrite)
-    run.train(checkpoint_every=checkpoint_every)
-    run.finish(pictures=pictures)
-    return run.out
-
-
-def _fresh_partial() -> dict[str, float]:
-    return {"loss_sum": 0.0, "count": 0, "train_time": 0.0, "data_time": 0.0}
-
-
-@dataclass
-class Progress:
-    """Where training stands: with the weights, the optimizer and the RNG states,
-    all a checkpoint restores for the remaining steps to be those of an unbroken
-    run. ``partial``: the current epoch's sums so far (loss over images, their
-    count, training seconds, of which waiting for data). ``best``: the epoch of
-    best.pt and its score (``{"metric", "value", "epoch"}``), ``None`` before
-    the first scored epoch."""
-
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    global_step: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    partial: dict[str, float] = field(default_factory=_fresh_partial)
-    best: dict[str, Any] | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "global_step": self.global_step,
-                "history": self.history, "partial": self.partial, "best": self.best}
-
-    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
-        self.epoch, self.batch_in_epoch, self.global_step = int(ckpt["epoch"]), int(ckpt["batch_in_epoch"]), int(ckpt["global_step"])
-        self.history = list(ckpt["history"])
-        self.partial = {**_fresh_partial(), **ckpt.get("partial", {})}
-        self.best = ckpt.get("best")
-
-
 def make_loader(train_data: SegData, config: FitConfig, local_batch: int, ctx: distributed.DistContext) -> tuple[EpochSampler, DataLoader]:
     """The training batches: a random annotator per slice, shuffled by (seed, epoch),
     sharded over ranks. Returns the sampler (to position it) and the loader."""
@@ -515,8 +634,8 @@ def make_loader(train_data: SegData, config: FitConfig, local_batch: int, ctx: d
     return sampler, loader
 
 
-#: The validation columns ``--select-by`` may name, and whether higher is better.
-SELECT_MODES = {"val_dice_tumour": "max", "val_dice_all": "max", "val_loss": "min", "val_ged": "min"}
+#: The validation columns ``--select-by`` may name, and whether higher is better
+#: (:data:`pyroseg.config.SELECT_MODES`, defined beside the option).
 
 
 def select_metric(select_by: str, num_annotators: int) -> tuple[str, str]:
@@ -531,328 +650,6 @@ def select_metric(select_by: str, num_annotators: int) -> tuple[str, str]:
     if select_by == "val_ged" and num_annotators < 2:
         raise UsageError("--select-by val_ged: needs data with several annotators; this data has one (use val_dice_tumour)")
     return select_by, SELECT_MODES[select_by]
-
-
-class FitRun:
-    """One call of :func:`fit`, phase by phase. Each attribute belongs to the
-    phase that sets it; later phases only read it."""
-
-    # -- prepare: the config, the process group, the run folder ------------------------------------
-    @classmethod
-    def prepare(cls, config: FitConfig, callbacks: FitCallbacks | None, *, resume: bool, overwrite: bool) -> FitRun:
-        """Resolve the config (on resume: the saved one, ``epochs`` may rise), join
-        the process group (one process unless torchrun started us) and make sure
-        the run folder can be written (rank 0 alone writes it)."""
-        run = cls()
-        run.cb = callbacks or FitCallbacks()
-        run.doc = None
-        if resume:  # reads only, so every process of a data-parallel run does it
-            run.out = prepare_run_dir(config.out, resume=resume, overwrite=overwrite)
-            run.doc = load_config_json(run.out / CONFIG)
-            saved = FitConfig.from_dict(run.doc["fit"])
-            config = replace(saved, epochs=max(config.epochs, saved.epochs) if config.epochs else saved.epochs, out=str(run.out))
-        run.config = config.validate()
-        run.ctx = ctx = distributed.setup(resolve_device(config.device))
-        run.device, run.local_batch = ctx.device, _local_batch(config.batch_size, ctx.world_size)
-        if not resume:
-            run.out = ctx.on_main(lambda: prepare_run_dir(config.out, resume=resume, overwrite=overwrite))
-        if not ctx.is_main:
-            run.cb = FitCallbacks()
-        run.progress = Progress()
-        return run
-
-    # -- build_model --------------------------------------------------------------------------------
-    def build_model(self, in_channels: int | None = None) -> None:
-        """The model, its weights drawn from ``config.seed`` (before the data is read: a
-        bad ``--model-arg`` fails at once). ``in_channels``: the data's channels
-        (None: the models' default, 3); :meth:`load_data` rebuilds the model with
-        them when the data has another count (QUBIQ, LIDC: 1)."""
-        cfg = self.config
-        pyro.clear_param_store()  # a stale store would shadow freshly built networks
-        pyro.set_rng_seed(cfg.train_seed)  # torch, numpy and random
-        channels = {} if in_channels is None else {"in_channels": in_channels}
-        model = build_model(cfg.model, image_size=cfg.image_size, widths=cfg.widths, **{**channels, **cfg.model_args}).to(self.device)
-        if cfg.objective == "geco":
-            refuse_without_kl(model)
-        if cfg.channels_last:  # measured 1.2-1.27x faster training steps on CPU (benchmarks/, options item)
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
-
-    # -- load_data ----------------------------------------------------------------------------------
-    def load_data(self) -> None:
-        """The data source, split by patient into train / val / test; every rank must hold the same."""
-        cfg, ctx = self.config, self.ctx
-        self.data = ctx.main_first(lambda: load_source(  # rank 0 first: it fills the cache the others read
-            cfg.data,
-            cfg.image_size,
-            seed=cfg.seed_of_data(),
-            synthetic_patients=cfg.synthetic_patients,
-            synthetic_slices=cfg.synthetic_slices,
-            cache_dir=cfg.cache_dir,
-            progress=self.cb.on_load_progress,
-            task=cfg.task,
-            slice_axis=cfg.slice_axis,
-        ))
-        channels = int(self.data.images.shape[1])
-        if channels != self.model.in_channels and "in_channels" not in cfg.model_args:
-            self.build_model(in_channels=channels)  # in_channels follows the data; same seed, same draws
-        split = split_patients(self.data.patient_ids, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed_of_data())
-        self.split = split
-        self.train_data, self.val_data = self.data.subset(split["train"]), self.data.subset(split["val"])
-        self.cb.on_data({**self.data.summary(), "train_slices": len(self.train_data), "val_slices": len(self.val_data),
-                         "train_patients": len(split["train"]), "val_patients": len(split["val"]), "test_patients": len(split["test"])})
-        ctx.check_consistent(lambda: _data_fingerprint(self.train_data, self.val_data),
-                             what="after loading --data", hint="every process must read the same data (shared storage, same files)")
-
-    # -- build_trainer ------------------------------------------------------------------------------
-    def build_trainer(self) -> None:
-        """The optimizer and its guards (wrapped for data parallelism), the batches, GECO,
-        the augmentation and the score that picks best.pt."""
-        cfg, ctx = self.config, self.ctx
-        self.trainer = trainer = Trainer(self.model, lr=cfg.lr, elbo=cfg.elbo, clip_norm=cfg.clip_norm,
-                                         max_nonfinite=cfg.max_nonfinite, free_bits=cfg.free_bits)
-        if ctx.enabled:  # DDP averages gradients in backward; beta = 0 leaves a prior net unused
-            trainer.loss_fn = ctx.wrap(trainer.loss_fn, find_unused_parameters=self.model.has_latent)
-            trainer.reduce = ctx.mean
-        self.sampler, self.loader = make_loader(self.train_data, cfg, self.local_batch, ctx)
-        self.steps_per_epoch = math.ceil(self.sampler.num_samples / self.local_batch)
-        real_masks = self.train_data.masks if self.train_data.uniform_raters else self.train_data.masks[self.train_data.rater_valid()]
-        self.geco: GECO | None = (geco_from_config(cfg, real_masks, self.steps_per_epoch)  # no padded rater slots
-                                  if cfg.objective == "geco" else None)
-        self.augment = SPECS[cfg.augment]
-        self.select_by, self.select_mode = select_metric(cfg.select_by, self.data.num_annotators)
-
-    # -- restore / start ----------------------------------------------------------------------------
-    def restore(self) -> None:
-        """Continue from ``checkpoint.pt``: weights, optimizer, position, history, RNG
-        states, GECO. A run killed before its first checkpoint starts again."""
-        out, ctx, doc = self.out, self.ctx, self.doc
-        if (out / CHECKPOINT).exists():
-            ckpt = load_checkpoint(out / CHECKPOINT, map_location=self.device)
-            check_checkpoint(ckpt, doc, source=out / CHECKPOINT)  # another model, size or run: refused, naming what differs
-            load_weights(self.model, ckpt, source=out / CHECKPOINT)
-            try:
-                self.trainer.load_state_dict(ckpt["trainer"])
-                self.progress.load_state_dict(ckpt)
-                _restore_rng(ckpt, ctx, self.config.train_seed, self.progress.global_step)
-                if self.geco is not None:
-                    self.geco.load_state_dict(ckpt["geco"])
-            except (KeyError, ValueError, TypeError, RuntimeError) as e:
-                raise CheckpointError(f"{out / CHECKPOINT}: incomplete training state ({type(e).__name__}: {e})") from None
-            p = self.progress
-            doc.setdefault("resumed", []).append({"at_epoch": p.epoch, "at_batch": p.batch_in_epoch, "time": _now(),
-                                                  **({"world_size": ctx.world_size} if ctx.enabled else {})})
-            log.info("resuming %s at epoch %d, batch %d", out, p.epoch, p.batch_in_epoch)
-        else:  # killed before its first checkpoint: start again, with the saved config
-            log.warning("%s has no checkpoint yet (stopped during its first epoch): starting it from the beginning", out)
-            doc.setdefault("resumed", []).append({"at_epoch": 0, "at_batch": 0, "time": _now()})
-            ctx.seed(self.config.train_seed)  # as for a new run: each rank its own z noise
-        if ctx.is_main:
-            write_json(out / CONFIG, doc)
-
-    def start(self, *, overwrite: bool) -> None:
-        """A new run: clear what ``--overwrite`` replaces, write config.json and split.json."""
-        cfg, ctx, out = self.config, self.ctx, self.out
-        if overwrite and ctx.is_main:  # only now: a bad --data or --model-arg must not cost the previous run
-            clear_run_files(out)
-        doc = {
-            "config_version": CONFIG_VERSION,
-            "fit": cfg.to_dict(),
-            "model": _model_doc(self.model),
-            "data": self.data.summary(),
-            "device": str(self.device),
-            "versions": versions(),
-            "command": sys.argv,
-            "created": _now(),
-        }
-        if ctx.enabled:
-            doc["distributed"] = {**ctx.describe(), "batch_per_process": self.local_batch}
-        if self.geco is not None:
-            doc["geco"] = {"kappa": self.geco.kappa, "kappa_from": "auto" if cfg.geco_kappa is None else "--geco-kappa",
-                           "warmup_steps": self.geco.warmup_steps}
-        self.doc = doc
-        ctx.seed(cfg.train_seed)  # after the model is built: each rank its own z noise
-        if ctx.is_main:
-            write_json(out / SPLIT, {"seed": cfg.seed_of_data(), "val_fraction": cfg.val_fraction,
-                                     "test_fraction": cfg.test_fraction, **self.split})
-            write_json(out / CONFIG, doc)
-
-    # -- train: the epoch loop ----------------------------------------------------------------------
-    def train(self, *, checkpoint_every: int | None = None) -> None:
-        """Epochs until ``config.epochs``: steps (checkpointing every
-        ``checkpoint_every`` steps within an epoch), then :meth:`end_epoch`."""
-        self.model.train()
-        while self.progress.epoch < self.config.epochs and not self.out_of_patience():
-            self.train_epoch(checkpoint_every)
-            self.end_epoch()
-        if self.progress.epoch < self.config.epochs:  # out of patience
-            best = self.progress.best or {}
-            log.info("stopped after epoch %d: %s has not improved for %d epochs (best %s at epoch %s)", self.progress.epoch,
-                     self.select_by, self.config.patience, best.get("value"), best.get("epoch"))
-            self.cb.on_early_stop(self.progress.epoch, best)
-
-    def out_of_patience(self) -> bool:
-        """``--patience`` epochs since the best one (or since the start, before any
-        score): a function of the saved progress, so a resumed run stops where an unbroken one did."""
-        patience, p = self.config.patience, self.progress
-        return patience is not None and p.epoch - (p.best["epoch"] if p.best else 0) >= patience
-
-    def train_epoch(self, checkpoint_every: int | None) -> None:
-        """The remaining steps of the current epoch (all of them, or those after a mid-epoch checkpoint)."""
-        cfg, p, trainer, geco = self.config, self.progress, self.trainer, self.geco
-        self.sampler.set_position(p.epoch, skip=p.batch_in_epoch * self.local_batch)
-        self.cb.on_epoch_start(p.epoch, cfg.epochs, self.steps_per_epoch - p.batch_in_epoch)
-        meter = _LossMeter(p.partial, self.device)  # the epoch's loss, summed on the device
-        t0 = time.perf_counter()
-        batches = iter(self.loader)
-        while True:
-            t_data = time.perf_counter()
-            batch = next(batches, None)
-            if batch is None:
-                break
-            image, mask = self.batch_on_device(batch)
-            p.partial["data_time"] += time.perf_counter() - t_data
-            progress = p.epoch + p.batch_in_epoch / self.steps_per_epoch
-            beta = beta_at(progress, beta=cfg.beta, warmup=cfg.beta_warmup, cycle=cfg.beta_cycle)
-            self.set_lr(progress)
-            likelihood = geco.likelihood() if geco is not None else contextlib.nullcontext()  # GECO's top-k mask
-            with likelihood:
-                outcome = trainer.step(image, mask, beta=beta, recon_scale=geco.recon_scale if geco else 1.0)
-            if geco is not None and outcome.applied:  # C of the global batch: identical on every rank
-                recon = likelihood.recon if trainer.reduce is None else trainer.reduce(likelihood.recon)
-                geco.update(float(recon), likelihood.pixels_per_image)  # nats per image over the terms lambda scales
-            meter.add(outcome, image.shape[0] * self.ctx.world_size)  # the loss is the global batch's: every rank's images
-            p.batch_in_epoch += 1
-            p.global_step += 1
-            self.cb.on_step(outcome.loss_tensor)
-            if checkpoint_every and p.global_step % checkpoint_every == 0 and p.batch_in_epoch < self.steps_per_epoch:
-                meter.fold(p.partial)
-                p.partial["train_time"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                self.checkpoint()
-        trainer.check()
-        meter.fold(p.partial)
-        self.epoch_train_time = p.partial["train_time"] + time.perf_counter() - t0
-
-    def batch_on_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """A training batch's image ``(B, C, H, W)`` and mask ``(B, 1, H, W)`` on the device,
-        augmented (:mod:`pyroseg.augment`) with draws fixed by (seed, step, rank)."""
-        image = batch["image"].to(self.device, non_blocking=True)
-        mask = batch["mask"].to(self.device, non_blocking=True)
-        if self.config.augment != "none":
-            g = step_generator(self.config.train_seed, self.progress.global_step, self.ctx.rank, self.device)
-            image, mask = augment_batch(image, mask, self.augment, generator=g)
-        return image, mask
-
-    def set_lr(self, progress: float) -> None:
-        """The learning rate of :func:`pyroseg.schedules.lr_at` at ``progress`` epochs."""
-        cfg = self.config
-        lr = lr_at(progress, lr=cfg.lr, schedule=cfg.lr_schedule, warmup=cfg.lr_warmup, epochs=cfg.epochs)
-        for group in self.trainer.optimizer.param_groups:
-            group["lr"] = lr
-
-    def end_epoch(self) -> None:
-        """The epoch's row (train loss, beta, GECO, validation), then a checkpoint and metrics.csv."""
-        cfg, p, ctx = self.config, self.progress, self.ctx
-        t1 = time.perf_counter()
-        row: dict[str, Any] = {
-            "epoch": p.epoch + 1,
-            "step": p.global_step,
-            "beta": beta_at(p.epoch + 1, beta=cfg.beta, warmup=cfg.beta_warmup, cycle=cfg.beta_cycle),
-            "train_loss": p.partial["loss_sum"] / max(p.partial["count"], 1) if p.partial["count"] else float("nan"),
-            "lr": self.trainer.optimizer.param_groups[0]["lr"],  # of the epoch's last step
-        }
-        if self.geco is not None:
-            row.update(self.geco.log_row())
-        row.update(ctx.on_main(lambda: _validate(self.model, self.val_data, cfg, self.device)))  # rank 0's, on every rank
-        self.model.train()
-        row["nonfinite_steps"] = self.trainer.nonfinite_total
-        row["train_time_s"] = self.epoch_train_time
-        row["data_time_s"] = p.partial["data_time"]  # of train_time_s: loading, moving and augmenting batches
-        row["val_time_s"] = time.perf_counter() - t1
-        p.history.append(row)
-        p.epoch += 1
-        p.batch_in_epoch = 0
-        p.partial = _fresh_partial()
-        ctx.check_consistent(lambda: _rank_state(self.model, self.trainer, p.global_step, self.geco), what=f"after epoch {p.epoch}")
-        self.keep_best(row)  # before the checkpoint that records it: a kill between the two redoes both alike
-        self.checkpoint()
-        if ctx.is_main:
-            write_metrics_csv(self.out / METRICS, p.history)
-        self.cb.on_epoch_end(row)
-
-    def keep_best(self, row: dict[str, Any]) -> None:
-        """Write ``best.pt`` (rank 0) when this epoch's ``select_by`` beats the best so far.
-        Every rank holds rank 0's validation row, so every rank agrees on the best."""
-        value = row.get(self.select_by)
-        if value is None or not math.isfinite(value):
-            return
-        best = self.progress.best
-        if best is not None and not (value > best["value"] if self.select_mode == "max" else value < best["value"]):
-            return
-        self.progress.best = {"metric": self.select_by, "value": float(value), "epoch": int(row["epoch"])}
-        if self.ctx.is_main:
-            save_checkpoint(self.out / BEST, {
-                "model_name": self.model.name,
-                "hparams": self.model.hparams(),
-                "model_state": self.model.state_dict(),
-                "epoch": int(row["epoch"]),
-                "best": self.progress.best,
-                "config": self.config.to_dict(),
-            })
-
-    def checkpoint(self) -> None:
-        """Write ``checkpoint.pt`` (rank 0; every rank hands in its RNG state)."""
-        self.trainer.check()  # never a checkpoint after --max-nonfinite in a row
-        ctx = self.ctx
-        rng_by_rank = ctx.gather(get_rng_state()) if ctx.enabled else None  # every rank takes part
-        if not ctx.is_main:
-            return
-        extra = {"world_size": ctx.world_size, "rng_by_rank": rng_by_rank} if ctx.enabled else {}
-        save_checkpoint(
-            self.out / CHECKPOINT,
-            {
-                **extra,
-                "model_name": self.model.name,
-                "hparams": self.model.hparams(),
-                "model_state": self.model.state_dict(),
-                "trainer": self.trainer.state_dict(),
-                **self.progress.state_dict(),
-                "rng": get_rng_state(),
-                "config": self.config.to_dict(),
-                **({"geco": self.geco.state_dict()} if self.geco is not None else {}),
-            },
-        )
-
-    # -- finish -------------------------------------------------------------------------------------
-    def finish(self, *, pictures: bool = True) -> None:
-        """metrics.csv (also when no epoch was left to train), the pictures, and leave the process group."""
-        if self.ctx.is_main:
-            write_metrics_csv(self.out / METRICS, self.progress.history)
-            if pictures:
-                _pictures(self.out, self.model, self.val_data, self.device)
-        self.trainer.loss_fn = self.trainer.elbo_loss  # drop the DDP wrapper before leaving the process group
-        self.ctx.close()
-
-
-class _LossMeter:
-    """The epoch's ``loss x images`` sum and image count over the applied steps,
-    kept on the device (float64, int64) so that a step reads nothing back;
-    ``fold`` writes them into ``fit``'s ``partial`` (host numbers) at a checkpoint
-    or an epoch end. Started from ``partial``'s values and summed in the same
-    order in float64, so the figures are those of a host sum, bit for bit."""
-
-    def __init__(self, partial: dict, device: torch.device):
-        self.sum = torch.tensor(float(partial["loss_sum"]), dtype=torch.float64, device=device)
-        self.count = torch.tensor(int(partial["count"]), dtype=torch.long, device=device)
-
-    def add(self, outcome: StepOutcome, images: int) -> None:
-        applied = outcome.applied_tensor
-        self.sum.add_(torch.where(applied, outcome.loss_tensor.double() * images, 0.0))
-        self.count.add_(applied.long() * images)
-
-    def fold(self, partial: dict) -> None:
-        partial["loss_sum"], partial["count"] = float(self.sum), int(self.count)
 
 
 def _local_batch(batch_size: int, world_size: int) -> int:
@@ -876,14 +673,15 @@ def _data_fingerprint(train: SegData, val: SegData) -> dict[str, Any]:
             "the data's sha256": h.hexdigest()}
 
 
-def _rank_state(model: SegModel, trainer: Trainer, global_step: int, geco: GECO | None = None) -> dict[str, Any]:
+def _rank_state(model: SegModel, trainer: Trainer, global_step: int, objective: Objective | None = None) -> dict[str, Any]:
     """Training state that must be identical on every rank, checked after every
-    epoch of a data-parallel run: weights, step, non-finite count and GECO's
-    multiplier and moving average (updated from ``trainer.reduce``-d values)."""
+    epoch of a data-parallel run: weights, step, non-finite count and the
+    objective's state (GECO's multiplier and moving average, updated from
+    ``trainer.reduce``-d values)."""
     state = {"the weights' sha256": distributed.state_digest(model.state_dict()), "the step": global_step,
              "the non-finite step count": trainer.nonfinite_total}
-    if geco is not None:
-        state["GECO's state"] = repr(sorted(geco.state_dict().items()))
+    if objective is not None:
+        state.update(objective.rank_state())
     return state
 
 
@@ -901,20 +699,6 @@ def _restore_rng(ckpt: dict, ctx: distributed.DistContext, seed: int, global_ste
         if ctx.is_main:
             log.warning("resuming a %d-process run on %d processes: new random streams per rank from the seed", saved, ctx.world_size)
         ctx.seed(seed, global_step)
-
-
-def _pictures(out: Path, model: SegModel, val_data: SegData, device: torch.device) -> None:
-    """Training curves and a grid of validation samples; a failure here never loses the run."""
-    try:
-        from pyroseg import plots
-
-        plots.plot_curves(out / METRICS, out / "curves.png")
-        if len(val_data):
-            plots.validation_grid(model, val_data, out / "val_samples.png", device=device)
-            if len(model.latent_sites) > 1:
-                plots.latent_scales_grid(model, val_data, out / "latent_scales.png", device=device)
-    except Exception as e:  # pictures are a convenience; the weights and metrics are already safe
-        log.warning("could not draw pictures in %s: %s", out, e)
 
 
 def _now() -> str:

@@ -50,7 +50,8 @@ class TestTimeAugmentation(SegModel):
         self.name = f"{base.name}+tta"
         self.latent_sites = base.latent_sites
         self.guide_is_prior = base.guide_is_prior
-        self.sample_from = f"{base.sample_from}, 4 flips"
+        self.sample_from = f"{base.sample_from}, 4 flips"  # what the report says
+        self.test_time_z = base.test_time_z  # what code acts on
 
     def hparams(self):
         return self.base.hparams()

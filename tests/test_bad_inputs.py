@@ -25,11 +25,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from pyroseg.cli.main import cli
 from rater_files import lidc_record, write_evil_lidc, write_lidc, write_nifti, write_qubiq
 from test_lidc import huge_bytes_pickle, many_raters_pickle, object_array_pickle, segfault_pickle, short_data_pickle
 
 import pyroseg.checkpoint as ck
-from cli.main import cli
 from pyroseg.config import FitConfig
 from pyroseg.errors import CheckpointError
 from pyroseg.train import fit

@@ -1,4 +1,4 @@
-"""The baselines of issue 15: SSN's loss is the paper's, MC dropout samples dropout masks,
+"""The baselines: SSN's loss is the paper's, MC dropout samples dropout masks,
 test-time augmentation flips, deep ensembles join runs; the hyper-parameter checks."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from pyro import poutine
 from pyro.infer import Trace_ELBO
+from pyroseg.cli.main import cli
 
-from cli.main import cli
 from pyroseg.config import FitConfig
 from pyroseg.errors import UsageError
 from pyroseg.evaluate import evaluate_run

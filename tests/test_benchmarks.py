@@ -73,8 +73,8 @@ def test_quick_suite_writes_json_and_markdown(tmp_path, monkeypatch):
     assert over[("prob_unet", "trainer")]["median_ms"] > 0
     assert over[("prob_unet", "svi")]["loss_rel_diff_plain_vs_pyro"] < 1e-5
     thr = saved["items"]["throughput"]["rows"]
-    # the plain step, the models, and the Trainer step before issue 18 for the overhead models
-    assert [r["model"] for r in thr] == ["plain_unet", "unet", "prob_unet", "hprob_unet", "unet@before18", "prob_unet@before18"]
+    # the plain step, the models, and pyroseg's earlier host-sync step for the overhead models
+    assert [r["model"] for r in thr] == ["plain_unet", "unet", "prob_unet", "hprob_unet", "unet@host_sync", "prob_unet@host_sync"]
     assert all(r["images_per_s"] > 0 for r in thr)
     samp = {r["model"]: r for r in saved["items"]["sampling"]["rows"]}
     assert samp["hprob_unet"]["ms_n4"] > 0 and "limit" in samp["prob_unet"]
@@ -105,7 +105,7 @@ def test_bad_item_and_device_are_one_line_errors(tmp_path):
             bench_run.main(["--quick", "--device", "cuda", "--out", str(tmp_path)])
 
 
-# ------------------------------------------------- the data-parallel / GPU scripts (issue 8)
+# ------------------------------------------------- the data-parallel / GPU scripts
 
 BENCH = ROOT / "benchmarks"
 
@@ -146,12 +146,12 @@ def test_ddp_cpu_benchmark_runs_one_and_two_processes(tmp_path):
     assert "images/s" in r.stdout
 
 
-def test_issue18_gpu_script_runs_its_code_path_on_cpu(tmp_path, monkeypatch):
-    """benchmarks/gpu_issue18.py sync on CPU: every variant runs (there is nothing to count)."""
+def test_gpu_sync_script_runs_its_code_path_on_cpu(tmp_path, monkeypatch):
+    """benchmarks/gpu_sync_graphs.py sync on CPU: every variant runs (there is nothing to count)."""
     out = tmp_path / "sync.json"
-    monkeypatch.setattr(sys, "argv", ["gpu_issue18.py", "sync", "--device", "cpu", "--models", "unet", "--size", "32",
+    monkeypatch.setattr(sys, "argv", ["gpu_sync_graphs.py", "sync", "--device", "cpu", "--models", "unet", "--size", "32",
                                       "--batch", "2", "--steps", "1", "--json", str(out)])
-    _load("gpu_issue18").main()
+    _load("gpu_sync_graphs").main()
     rows = json.loads(out.read_text())["sync"]["rows"]
     assert [r["variant"].split(" (")[0].split(",")[0] for r in rows] == ["trainer", "trainer", "DeviceBatches", "DataLoader + .to(device)"]
     assert all(r["syncs"] is None for r in rows)

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-
-from cli.main import cli
+from pyroseg.cli.main import cli
 
 SIZE = 32  # training size of the runs
 PATIENTS, SLICES = 6, 8  # synthetic cohort: split 4 train / 1 val / 1 test
@@ -241,7 +240,7 @@ def test_console_script_entry_point():
 def test_importing_the_cli_imports_no_heavy_library():
     """`pyroseg --help`, --version and option errors must not wait for torch, Pyro or matplotlib:
     importing the command line imports none of them (each command imports what it needs)."""
-    code = "import sys, cli.main; print(sorted(m for m in ('torch', 'pyro', 'matplotlib', 'numpy', 'tqdm') if m in sys.modules))"
+    code = "import sys, pyroseg.cli.main; print(sorted(m for m in ('torch', 'pyro', 'matplotlib', 'numpy', 'tqdm') if m in sys.modules))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr
@@ -249,7 +248,8 @@ def test_importing_the_cli_imports_no_heavy_library():
 
 
 def test_eval_splits_and_checkpoints_of_the_cli_are_the_librarys():
-    from cli.common import CHECKPOINTS, EVAL_SPLITS
+    from pyroseg.cli.common import CHECKPOINTS, EVAL_SPLITS
+
     from pyroseg.runs import CHECKPOINTS as LIB_CHECKPOINTS
     from pyroseg.runs import EVAL_SPLITS as LIB_SPLITS
 
@@ -341,7 +341,7 @@ def test_fit_again_from_config_with_options_overriding_the_files(runs, tmp_path)
 
 
 def test_load_progress_without_a_terminal_is_one_line(capsys):
-    from cli.common import LoadBar
+    from pyroseg.cli.common import LoadBar
 
     bar = LoadBar("decoding data", bar=False)
     for done in range(0, 501, 50):
@@ -358,8 +358,9 @@ def test_every_option_a_config_error_names_is_an_option_of_fit_or_compare():
     import inspect
     import re
 
-    from cli.compare import compare_cmd
-    from cli.fit import fit_cmd
+    from pyroseg.cli.compare import compare_cmd
+    from pyroseg.cli.fit import fit_cmd
+
     from pyroseg import config
     from pyroseg.config import FitConfig
 
@@ -367,3 +368,61 @@ def test_every_option_a_config_error_names_is_an_option_of_fit_or_compare():
     options = {o for cmd in (fit_cmd, compare_cmd) for p in cmd.params for o in p.opts}
     assert named - options == set()
     assert FitConfig.from_dict({"num_workers": 0, "epochs": 3}).epochs == 3  # an older run's config still reads
+
+
+# ------------------------------------------------------------------ every fit option defined once, beside its FitConfig field
+
+
+def _field_default(f):
+    import dataclasses
+
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def test_fit_options_are_generated_from_the_config_fields():
+    """`fit --help` lists every FitConfig field that is an option (pyroseg.config.option), in
+    field order, with the field's help; each option's default is the field's default."""
+    import dataclasses
+
+    from pyroseg.cli.fit import fit_cmd
+    from pyroseg.cli.options import click_default
+
+    from pyroseg.config import FitConfig, config_options, flag_of, read_option
+
+    fields = {f.name: f for f in dataclasses.fields(FitConfig)}
+    params = {p.name: p for p in fit_cmd.params}
+    options = config_options()
+    assert [p.name for p in fit_cmd.params if p.name in fields] == list(options)
+    assert "source_config" not in params and "data_seed" not in params  # fields no option sets
+    shown = "".join(_ok(invoke("fit", "--help")).stdout.split())  # whitespace aside: click wraps the lines
+    for name, opt in options.items():
+        param, default = params[name], _field_default(fields[name])
+        assert flag_of(name) in param.opts and flag_of(name) in shown, name
+        assert opt.help and "".join(opt.help.split()) in shown, name
+        assert param.default == click_default(opt, default), name
+        assert read_option(name, param.default) == default, name
+        if opt.choices:
+            assert tuple(param.type.choices) == opt.choices, name
+        if isinstance(default, bool):
+            assert param.is_flag and bool(param.secondary_opts) == default, name  # --no-X for what is on by default
+
+
+def test_compare_shares_the_fit_options_it_sets():
+    from pyroseg.cli.compare import SHARED, compare_cmd
+    from pyroseg.cli.fit import fit_cmd
+
+    fit = {p.name: p for p in fit_cmd.params}
+    compare = {p.name: p for p in compare_cmd.params}
+    for name in SHARED:
+        a, b = fit[name], compare[name]
+        assert (a.opts, a.default, type(a.type)) == (b.opts, b.default, type(b.type)), name
+        assert a.help == b.help or name == "seed", name  # compare's --seed is the first of --seeds
+
+
+def test_the_command_line_is_pyroseg_cli_and_no_top_level_cli(tmp_path):
+    """Outside the repository, `import cli` finds nothing of ours; `pyroseg.cli.main` is the CLI."""
+    code = ("import importlib.util, pyroseg.cli.main as m; "
+            "print(importlib.util.find_spec('cli') is None, m.cli.name)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "cli"]

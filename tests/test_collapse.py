@@ -159,3 +159,51 @@ def test_latent_scales_grid_draws_a_png(tmp_path):
     model = build_model("hvae", image_size=H)
     png = latent_scales_grid(model, _data(), tmp_path / "l.png", n_images=2, num_samples=2)
     assert png.stat().st_size > 5000
+
+
+def test_test_time_z_is_the_typed_source_of_z_and_tta_forwards_it():
+    """Code acts on ``test_time_z``; ``sample_from`` is only words. Every built-in model's
+    ``test_time_z`` says "prior" exactly where its words said ``p(z|x)``."""
+    from pyroseg.models import MODELS
+    from pyroseg.tta import TestTimeAugmentation
+
+    expected = {"prob_unet": "prior", "hprob_unet": "prior", "phiseg": "prior", "vae": "guide", "skip_vae": "guide",
+                "hvae": "guide", "ssn": "guide", "unet": "none", "mc_dropout": "none"}
+    for name, cls in MODELS.items():
+        assert cls.test_time_z in ("prior", "guide", "none"), name
+        assert (cls.test_time_z == "prior") == (cls.sample_from == "p(z|x)"), name
+        if name in expected:
+            assert cls.test_time_z == expected[name], name
+    for name in ("prob_unet", "vae", "unet"):
+        tta = TestTimeAugmentation(build_model(name, image_size=H))
+        assert tta.test_time_z == MODELS[name].test_time_z and tta.sample_from.endswith(", 4 flips")
+
+
+def test_a_model_that_names_its_z_source_only_in_words_gets_test_time_z():
+    """A model written before ``test_time_z`` (``sample_from`` only) keeps working; one that
+    sets ``test_time_z`` is taken at its word, whatever ``sample_from`` says."""
+    from pyroseg.models.base import SegModel
+
+    class Old(SegModel):
+        latent_sites = ("z",)
+        sample_from = "p(z|x)"
+
+    class OldVAE(SegModel):
+        latent_sites = ("z",)
+        sample_from = "q(z|x)"
+
+    class New(SegModel):
+        latent_sites = ("z",)
+        sample_from = "the prior net, p(z | x)"
+        test_time_z = "prior"
+
+    assert (Old.test_time_z, OldVAE.test_time_z, New.test_time_z) == ("prior", "guide", "prior")
+
+
+def test_collapsed_sites_live_in_collapse_and_compare_re_exports_them():
+    from pyroseg import collapse, compare
+
+    assert compare.collapsed_sites is collapse.collapsed_sites
+    assert (compare.COLLAPSE_NATS, compare.COLLAPSE_EFFECT) == (collapse.COLLAPSE_NATS, collapse.COLLAPSE_EFFECT)
+    assert collapse.collapsed_sites({"kl_z": 0.05, "kl_w": 3.0, "au_w": 2, "effect_w": 0.2}) == "z"
+    assert collapse.collapsed_sites({"dice_all": 1.0}) == "n/a"

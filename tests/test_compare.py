@@ -6,8 +6,8 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from pyroseg.cli.main import cli
 
-from cli.main import cli
 from pyroseg.compare import COLUMNS, compare_models, render_results, summarise
 from pyroseg.config import FitConfig
 from pyroseg.errors import UsageError
@@ -275,3 +275,51 @@ def test_render_summary_keeps_the_asked_columns_and_names_only_supported_differe
     assert "HM-IoU" not in md
     with pytest.raises(UsageError, match="--columns nope"):
         render_summary(doc, ["nope"])
+
+
+def test_titles_name_the_data_set_not_the_path_of_the_machine_that_made_them():
+    from pyroseg.comparison_report import data_name, shown_command
+
+    assert data_name("/work/shared/data/qubiq-brain-growth/brain-growth") == "QUBIQ brain-growth"
+    assert data_name("/data/qubiq/brain-tumor/Training", {"task": 2}) == "QUBIQ brain-tumor task 2"
+    assert data_name("/data/kidney") == "QUBIQ kidney"
+    assert data_name("/data/lidc/data_lidc.pickle") == "LIDC-IDRI crops"
+    assert data_name("C:/datasets/LIDC-crops") == "LIDC-IDRI crops"
+    assert data_name("/home/me/lgg-mri-segmentation/kaggle_3m") == "LGG (kaggle_3m)"
+    assert data_name("synthetic-ambiguous") == "synthetic-ambiguous" and data_name("synthetic") == "synthetic"
+    assert data_name("/somewhere/my-scans/") == "my-scans"
+    doc = {"command": "pyroseg compare --data /work/shared/data/q/brain-growth --epochs 2 --out cmp",
+           "config": {"data": "/work/shared/data/q/brain-growth"}}
+    assert shown_command(doc) == "pyroseg compare --data /path/to/brain-growth --epochs 2 --out cmp"
+    doc = {"command": "pyroseg compare --data synthetic --out cmp", "config": {"data": "synthetic"}}
+    assert shown_command(doc) == doc["command"]
+
+
+def test_stored_results_render_without_machine_paths_and_match_their_files():
+    """docs/results/*/comparison.md and .csv are what this version writes from comparison.json
+    (which keeps the recorded paths: it is the record); nothing rendered shows a machine's path."""
+    from pathlib import Path
+
+    from pyroseg.compare import render_markdown
+    from pyroseg.comparison_report import comparison_csv
+
+    results = sorted((Path(__file__).resolve().parents[1] / "docs" / "results").glob("*/comparison.json"))
+    assert results
+    for path in results:
+        doc = json.loads(path.read_text())
+        md = render_markdown(doc)
+        spec = doc["config"]["data"]
+        assert not spec.startswith("/") or spec not in md, path
+        assert "/work/" not in md, path
+        assert (path.parent / "comparison.md").read_text() == md, path
+        assert (path.parent / "comparison.csv").read_text() == comparison_csv(doc), path
+
+
+def test_the_figure_is_drawn_by_plots_from_the_document(tmp_path):
+    from pyroseg.plots import comparison_figure
+
+    doc = {"seeds": [0, 1], "level": 0.95, "summary": [
+        {"model": m, "metric": "dice_all", "n": 2, "mean": v, "sd": 0.1, "lo": v - 0.1, "hi": v + 0.1, "values": [v - 0.05, v + 0.05]}
+        for m, v in (("unet", 0.5), ("vae", 0.6))]}
+    png = comparison_figure(doc, tmp_path / "c.png", metrics=["dice_all", "ged"])
+    assert png == tmp_path / "c.png" and png.stat().st_size > 3000

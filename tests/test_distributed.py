@@ -36,8 +36,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from click.testing import CliRunner
+from pyroseg.cli.main import cli
 
-from cli.main import cli
 from pyroseg import distributed
 from pyroseg.config import FitConfig
 from pyroseg.distributed import DistContext, rank_seed, state_digest
@@ -152,8 +152,7 @@ def test_launcher_errors(monkeypatch, tmp_path):
 ])
 def test_errors_under_torchrun_name_the_rank_and_print_once(monkeypatch, rank, mirrored, shown):
     import click
-
-    from cli.common import handle_errors
+    from pyroseg.cli.common import handle_errors
 
     @click.command()
     @handle_errors

@@ -45,10 +45,10 @@ def test_every_api_page_is_in_the_nav():
 
 
 def test_the_command_line_page_is_generated_from_every_command():
-    from cli.main import cli
+    from pyroseg.cli.main import cli
 
     page = (DOCS / "cli.md").read_text()
-    assert ":module: cli.main" in page and ":command: cli" in page and ":list_subcommands: true" in page
+    assert ":module: pyroseg.cli.main" in page and ":command: cli" in page and ":list_subcommands: true" in page
     assert {"fit", "evaluate", "sample", "compare", "inspect", "plot", "models"} <= set(cli.commands)
 
 
@@ -97,3 +97,16 @@ def test_the_python_pip_accepts_is_the_one_the_code_needs():
     minimum = re.fullmatch(r">=\s*3\.(\d+)", project["project"]["requires-python"].strip())
     assert minimum, project["project"]["requires-python"]
     assert project["tool"]["ruff"]["target-version"] == f"py3{minimum.group(1)}"
+
+
+def test_every_package_is_installed_and_the_command_line_as_pyroseg_cli():
+    """pyproject's package list names every folder of the library (a forgotten one would be
+    missing from an installed pyroseg), and cli/ installs as pyroseg.cli: nothing named
+    `cli`, a name another package may take, lands in site-packages."""
+    import tomllib
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "pyroseg").rglob("__init__.py")}
+    assert set(tool["packages"]) == folders | {"pyroseg.cli"}
+    assert tool["package-dir"] == {"pyroseg.cli": "cli"}
+    assert not any(p == "cli" or p.startswith("cli.") for p in tool["packages"])

@@ -191,8 +191,8 @@ def test_evaluate_uses_best_pt_by_default_and_says_so(tmp_path):
     """A run whose best.pt holds epoch 1 and checkpoint.pt epoch 2: evaluate scores
     best.pt unless told --checkpoint last, and names the file it used."""
     from click.testing import CliRunner
+    from pyroseg.cli.main import cli
 
-    from cli.main import cli
     from pyroseg.checkpoint import save_checkpoint
 
     cfg = FitConfig(model="unet", out=str(tmp_path / "run"), image_size=SIZE, epochs=1, batch_size=16, synthetic_patients=6,
@@ -294,3 +294,40 @@ def test_patient_scores_add_up_to_the_reports_means():
     unet = predict_dataset(build_model("unet", image_size=32, widths=(8, 16, 32, 64)), data, num_samples=1)
     assert "elbo" not in patient_scores(unet, data) and "ged" not in patient_scores(unet, data)
     assert "nll" in patient_scores(unet, data)
+
+
+def test_a_run_loads_its_own_data_for_a_split(amb_run):
+    """``load_run(...).load_data(split)`` (and ``read_run``, without the weights) is the run's
+    data at its image size, restricted to the split's patients; an unknown split is one line."""
+    import json
+
+    from pyroseg.data import load_source
+    from pyroseg.runs import at_least_one, load_run, read_run
+
+    run = load_run(amb_run)
+    split = json.loads((amb_run / "split.json").read_text())
+    for which in ("test", "val", "all"):
+        data = run.load_data(which)
+        assert data.image_size == SIZE
+        if which != "all":
+            assert data.patient_ids == [p for p in split[which] if p in data.patient_ids] and set(data.patient_ids) == set(split[which])
+        same = read_run(amb_run).load_data(which)
+        assert np.array_equal(same.images, data.images) and np.array_equal(same.masks, data.masks)
+    whole = load_source("synthetic-ambiguous", SIZE, **run.config.source_options())
+    assert np.array_equal(run.load_data("all").masks, whole.masks)
+    with pytest.raises(UsageError, match="--split 'nope': expected one of test, val, train, all"):
+        run.load_data("nope")
+    with pytest.raises(UsageError, match="--num-samples 0: expected at least 1"):
+        at_least_one("--num-samples", 0)
+    with pytest.raises(UsageError, match="--num-samples 0: expected at least 1"):
+        evaluate_run(amb_run, num_samples=0)
+
+
+def test_references_and_scoring_are_re_exported_from_evaluate():
+    from pyroseg import evaluate, references, scoring
+
+    for name in ("ORACLE", "ORACLE_ONE_MASK", "RATERS_LOO", "MAJORITY", "evaluate_oracle", "evaluate_reference",
+                 "reference_names", "has_oracle", "evaluate_run_oracle", "evaluate_run_references"):
+        assert getattr(evaluate, name) is getattr(references, name), name
+    for name in ("score_predictions", "patient_scores", "PATIENT_METRICS", "BINNED_METRICS", "LESION_REGION_MIN_PROB"):
+        assert getattr(evaluate, name) is getattr(scoring, name), name

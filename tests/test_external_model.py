@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from pyroseg.cli.main import cli
 
-from cli.main import cli
 from pyroseg.errors import UsageError
 from pyroseg.models import MODELS, build_model, model_import_path, resolve_model
 

@@ -99,10 +99,10 @@ def test_geco_config_is_validated():
     assert (cfg.geco_constraint, cfg.geco_top_k, cfg.geco_update, cfg.geco_rate) == ("topk", 0.02, "softplus", 1e-2)
     assert cfg.beta_warmup == 0.0 and cfg.geco_warmup == 0.0 and not cfg.geco_deterministic_top_k
     old = FitConfig(objective="geco", epochs=20, geco_update="multiplicative").validate()
-    assert old.geco_rate == 1.0 and old.geco_warmup == 2.0  # the rule before issue 13: lambda fixed 2 epochs
+    assert old.geco_rate == 1.0 and old.geco_warmup == 2.0  # the earlier rule: lambda fixed 2 epochs
 
 
-def test_a_geco_config_written_before_issue_13_keeps_its_rule():
+def test_a_geco_config_of_an_earlier_pyroseg_keeps_its_rule():
     d = FitConfig(objective="geco").to_dict()
     for k in ("geco_constraint", "geco_top_k", "geco_deterministic_top_k", "geco_update"):
         del d[k]

@@ -1,4 +1,4 @@
-"""The non-finite guard without host reads (issue 18): fused Adam's ``found_inf``
+"""The non-finite guard without host reads: fused Adam's ``found_inf``
 masks the update on the device, the counters live on the device and are read back
 every ``check_every`` steps. Run on CPU: the same code path a GPU takes."""
 

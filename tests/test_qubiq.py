@@ -203,9 +203,8 @@ def test_fit_evaluate_inspect_and_sample_a_volume_end_to_end(tmp_path):
 
     import nibabel as nib
     from click.testing import CliRunner
+    from pyroseg.cli.main import cli
     from rater_files import AFFINE
-
-    from cli.main import cli
 
     rng = np.random.default_rng(0)
     root = tmp_path / "pancreas"

@@ -50,8 +50,7 @@ def test_slices_without_disagreement_or_with_too_few_raters_are_left_out():
 def test_synthetic_ambiguous_annotators_differ_by_one_global_level_and_inspect_says_so():
     """By construction (pyroseg.data.synthetic): one cut level per annotator for the main lesions."""
     from click.testing import CliRunner
-
-    from cli.main import cli
+    from pyroseg.cli.main import cli
 
     res = CliRunner().invoke(cli, ["inspect", "synthetic-ambiguous", "--image-size", "32"])
     assert res.exit_code == 0, res.output

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from pyroseg.cli.main import cli
 
 import pyroseg.train as train
-from cli.main import cli
 from pyroseg.checkpoint import load_checkpoint
 from pyroseg.config import FitConfig
 from pyroseg.runs import stray_temp_files

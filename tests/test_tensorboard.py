@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from pyroseg.cli.main import cli
 
-from cli.main import cli
 from pyroseg.runs import read_metrics_csv
 from pyroseg.tensorboard import scalar_tag
 

@@ -329,3 +329,50 @@ def test_old_configs_read_without_the_recipe_mean_no_augmentation():
                        (dict(patience=0), "--patience"), (dict(lr_warmup=-1), "--lr-warmup"), (dict(select_by="x"), "--select-by")]:
         with pytest.raises(UsageError, match=match):
             FitConfig(**bad).validate()
+
+
+def test_fit_run_state_is_set_in_its_constructor_and_handlers_see_every_hook(tmp_path, monkeypatch):
+    """FitRun.__init__ sets every attribute (the phases fill them in, none invents
+    one), the model is built for real once (the meta-device check draws no
+    weights), and a handler appended in build_handlers sees every hook in order."""
+    import pyroseg.train as train_mod
+
+    real = []
+    build = train_mod.build_model
+
+    def counting(*a, **kw):
+        model = build(*a, **kw)
+        if next(model.parameters()).device.type != "meta":
+            real.append(model)
+        return model
+
+    monkeypatch.setattr(train_mod, "build_model", counting)
+    calls = []
+
+    class Recorder(train_mod.Handler):
+        def on_epoch_start(self, run):
+            calls.append(("start", run.progress.epoch))
+
+        def on_step_end(self, run, outcome):
+            calls.append(("step", run.progress.global_step))
+
+        def on_epoch_end(self, run, row):
+            calls.append(("end", row["epoch"], run.progress.history[-1] is row))
+
+        def on_finish(self, run):
+            calls.append(("finish", run.progress.epoch))
+
+    class Run(train_mod.FitRun):
+        def build_handlers(self):
+            return [*super().build_handlers(), Recorder()]
+
+    run = Run(_tiny_config(tmp_path, epochs=2), pictures=False)
+    before = set(vars(run))
+    assert run.run() == run.out
+    assert set(vars(run)) == before
+    assert len(real) == 1 and run.model is real[0]
+    steps = run.steps_per_epoch
+    assert calls == [("start", 0), *[("step", i) for i in range(1, steps + 1)], ("end", 1, True),
+                     ("start", 1), *[("step", i) for i in range(steps + 1, 2 * steps + 1)], ("end", 2, True), ("finish", 2)]
+    assert [type(h).__name__ for h in run.handlers] == ["BestCheckpoint", "PeriodicCheckpoint", "MetricsCSV", "CallbackHandler",
+                                                       "Recorder"]

@@ -35,6 +35,7 @@ import logging
 import torch
 from torch.utils.data import DataLoader
 
+from pyroseg.config import DATA_ON_DEVICE
 from pyroseg.data.core import SegDataset, draw_rater
 from pyroseg.errors import UsageError
 
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 
 #: ``auto`` puts the data on the device when it takes under this share of the free memory.
 AUTO_FRACTION = 0.25
-CHOICES = ("auto", "on", "off")
+CHOICES = DATA_ON_DEVICE  # --data-on-device, defined beside its FitConfig field
 
 
 class DeviceBatches:

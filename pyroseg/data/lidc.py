@@ -207,7 +207,112 @@ class _Dispatch(dict):
         raise pickle.UnpicklingError(f"invalid load key, {bytes([key])!r}")
 
 
-class NumpyOnlyUnpickler(pickle._Unpickler):
+class _StandIns:
+    """The stand-ins :class:`NumpyOnlyUnpickler` answers numpy's (and protocol 2's) names with:
+    each checks its arguments and rebuilds the value itself from checked (shape, dtype, bytes)."""
+
+
+    def _call_ndarray(self, *args):
+        raise self._refuse("numpy.ndarray(...) called directly (it allocates whatever it is asked for; "
+                           "a data pickle's arrays come from their bytes, by _reconstruct or _frombuffer)")
+
+    def _call_bytes(self, *args):
+        if args:
+            raise self._refuse(f"bytes{_short(args)} (only bytes() is used, for b'')")
+        return b""
+
+    def _call_encode(self, text=None, encoding="utf-8", *rest):
+        if type(text) is not str or encoding not in ("latin1", "latin-1") or rest:
+            raise self._refuse(f"_codecs.encode with {_short(encoding)} (only str, 'latin1', as protocol 2 writes bytes)")
+        return self._latin1(text)
+
+    def _latin1(self, text: str) -> bytes:
+        hit = self._encoded.get(id(text))
+        if hit is None:  # once per str object, however often the memo repeats it
+            hit = self._encoded[id(text)] = (text, text.encode("latin1"))
+        return hit[1]
+
+    def _call_dtype(self, spec=None, align=False, copy=True, *rest):
+        m = _DTYPE_SPEC.fullmatch(spec) if type(spec) is str else None
+        if m is None or int(m[2]) not in _ITEMSIZES[m[1]] or rest or not (_is_int(align, 0) or align is False) \
+                or not (type(copy) is bool or _is_int(copy, 0, 1)):
+            raise self._refuse(f"the numpy dtype {_short(spec)} (only bool, integer, float and complex numbers; "
+                               "no objects, records, raw bytes or strings)")
+        return _DtypePlaceholder(m[1] + m[2])
+
+    def _build_dtype(self, spec: str, state) -> np.dtype:
+        ok = (type(state) is tuple and len(state) == 8 and _is_int(state[0], 3) and state[1] in ("<", ">", "|", "=")
+              and state[2] is None and state[3] is None and state[4] is None
+              and _is_int(state[5], -1) and _is_int(state[6], -1) and _is_int(state[7], 0))
+        if not ok:
+            raise self._refuse(f"the state {_short(state)} of the numpy dtype {spec} (expected (3, byte order, None, None, "
+                               "None, -1, -1, 0): no sub-array, fields or flags)")
+        dt = np.dtype(spec)
+        return dt.newbyteorder(state[1]) if state[1] in "<>" and dt.itemsize > 1 else dt
+
+    def _check_dtype(self, dtype) -> np.dtype:
+        if not (isinstance(dtype, np.dtype) and dtype.kind in _ITEMSIZES and dtype.itemsize in _ITEMSIZES[dtype.kind]
+                and dtype.fields is None and dtype.subdtype is None and not dtype.hasobject):
+            raise self._refuse(f"an array of {_short(dtype)} (expected a numpy dtype of numbers)")
+        return dtype
+
+    def _raw(self, raw):
+        """The bytes of an array or scalar: bytes, bytearray, a read-only view of them, or a latin1 str (protocol 2)."""
+        if type(raw) is str:
+            return self._latin1(raw)
+        if type(raw) in (bytes, bytearray):
+            return raw
+        if type(raw) is memoryview and type(raw.obj) in (bytes, bytearray) and raw.contiguous and raw.format == "B":
+            return raw
+        if type(raw) is list:
+            raise self._refuse("an array of Python objects (object dtype)")
+        raise self._refuse(f"array data given as a {type(raw).__name__} (expected bytes)")
+
+    def _array(self, raw, dtype, shape, fortran: bool) -> np.ndarray:
+        """``np.frombuffer(raw, dtype).reshape(shape)``, after checking that ``shape`` asks for exactly ``raw``'s bytes."""
+        dtype = self._check_dtype(dtype)
+        raw = self._raw(raw)
+        if type(shape) is not tuple or len(shape) > _MAX_NDIM or not all(type(d) is int and 0 <= d <= sys.maxsize for d in shape):
+            raise self._refuse(f"the array shape {_short(shape)} (expected a tuple of at most {_MAX_NDIM} non-negative ints)")
+        nbytes = raw.nbytes if type(raw) is memoryview else len(raw)
+        need = math.prod(shape) * dtype.itemsize
+        if need != nbytes:
+            raise self._refuse(f"an array of shape {_short(shape, 40)} {dtype} that needs {need:,} bytes where the pickle "
+                               f"gives {nbytes:,} (corrupted or crafted)")
+        key = (id(raw), shape, dtype.str, fortran)
+        arr = self._arrays.get(key)
+        if arr is None:  # one array per bytes object and layout, however often the memo repeats them
+            flat = np.frombuffer(raw, dtype=dtype) if nbytes else np.zeros(0, dtype)
+            arr = self._arrays[key] = flat.reshape(shape, order="F" if fortran else "C")
+        return arr
+
+    def _call_reconstruct(self, cls=None, shape=None, typecode=None, *rest):
+        if cls is not self._ndarray or typecode not in (b"b", "b") or type(shape) is not tuple or rest:
+            raise self._refuse(f"_reconstruct of {_short(cls)} (only numpy.ndarray, as numpy pickles arrays)")
+        return _ArrayPlaceholder()
+
+    def _build_array(self, state) -> np.ndarray:
+        if type(state) is tuple and len(state) == 5 and _is_int(state[0], 1):
+            state = state[1:]
+        if type(state) is not tuple or len(state) != 4 or not (type(state[2]) is bool or _is_int(state[2], 0, 1)):
+            raise self._refuse(f"the array state {_short(state)} (expected (1, shape, dtype, fortran, bytes))")
+        shape, dtype, fortran, raw = state
+        return self._array(raw, dtype, shape, bool(fortran))
+
+    def _call_frombuffer(self, buf=None, dtype=None, shape=None, order=None, *rest):
+        if order not in ("C", "F") or rest:
+            raise self._refuse(f"_frombuffer with order {_short(order)} (expected 'C' or 'F')")
+        return self._array(buf, dtype, shape, order == "F")
+
+    def _call_scalar(self, dtype=None, data=None, *rest):
+        dtype = self._check_dtype(dtype)
+        raw = self._raw(data)
+        if rest or (raw.nbytes if type(raw) is memoryview else len(raw)) != dtype.itemsize:
+            raise self._refuse(f"a numpy {dtype} scalar of {_short(data, 30)} (expected {dtype.itemsize} bytes)")
+        return np.frombuffer(raw, dtype=dtype)[0]
+
+
+class NumpyOnlyUnpickler(_StandIns, pickle._Unpickler):
     """Unpickles plain containers and numeric numpy arrays, and nothing else (see the module's docstring).
 
     Any other global (``os.system``, ``builtins.eval``, a class) raises
@@ -413,107 +518,6 @@ class NumpyOnlyUnpickler(pickle._Unpickler):
         self.append(bytearray(self.read(n)))  # read (bounded by the file) before allocating
 
     dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
-
-    # ------------------------------------------------------------------ the stand-ins
-
-    def _call_ndarray(self, *args):
-        raise self._refuse("numpy.ndarray(...) called directly (it allocates whatever it is asked for; "
-                           "a data pickle's arrays come from their bytes, by _reconstruct or _frombuffer)")
-
-    def _call_bytes(self, *args):
-        if args:
-            raise self._refuse(f"bytes{_short(args)} (only bytes() is used, for b'')")
-        return b""
-
-    def _call_encode(self, text=None, encoding="utf-8", *rest):
-        if type(text) is not str or encoding not in ("latin1", "latin-1") or rest:
-            raise self._refuse(f"_codecs.encode with {_short(encoding)} (only str, 'latin1', as protocol 2 writes bytes)")
-        return self._latin1(text)
-
-    def _latin1(self, text: str) -> bytes:
-        hit = self._encoded.get(id(text))
-        if hit is None:  # once per str object, however often the memo repeats it
-            hit = self._encoded[id(text)] = (text, text.encode("latin1"))
-        return hit[1]
-
-    def _call_dtype(self, spec=None, align=False, copy=True, *rest):
-        m = _DTYPE_SPEC.fullmatch(spec) if type(spec) is str else None
-        if m is None or int(m[2]) not in _ITEMSIZES[m[1]] or rest or not (_is_int(align, 0) or align is False) \
-                or not (type(copy) is bool or _is_int(copy, 0, 1)):
-            raise self._refuse(f"the numpy dtype {_short(spec)} (only bool, integer, float and complex numbers; "
-                               "no objects, records, raw bytes or strings)")
-        return _DtypePlaceholder(m[1] + m[2])
-
-    def _build_dtype(self, spec: str, state) -> np.dtype:
-        ok = (type(state) is tuple and len(state) == 8 and _is_int(state[0], 3) and state[1] in ("<", ">", "|", "=")
-              and state[2] is None and state[3] is None and state[4] is None
-              and _is_int(state[5], -1) and _is_int(state[6], -1) and _is_int(state[7], 0))
-        if not ok:
-            raise self._refuse(f"the state {_short(state)} of the numpy dtype {spec} (expected (3, byte order, None, None, "
-                               "None, -1, -1, 0): no sub-array, fields or flags)")
-        dt = np.dtype(spec)
-        return dt.newbyteorder(state[1]) if state[1] in "<>" and dt.itemsize > 1 else dt
-
-    def _check_dtype(self, dtype) -> np.dtype:
-        if not (isinstance(dtype, np.dtype) and dtype.kind in _ITEMSIZES and dtype.itemsize in _ITEMSIZES[dtype.kind]
-                and dtype.fields is None and dtype.subdtype is None and not dtype.hasobject):
-            raise self._refuse(f"an array of {_short(dtype)} (expected a numpy dtype of numbers)")
-        return dtype
-
-    def _raw(self, raw):
-        """The bytes of an array or scalar: bytes, bytearray, a read-only view of them, or a latin1 str (protocol 2)."""
-        if type(raw) is str:
-            return self._latin1(raw)
-        if type(raw) in (bytes, bytearray):
-            return raw
-        if type(raw) is memoryview and type(raw.obj) in (bytes, bytearray) and raw.contiguous and raw.format == "B":
-            return raw
-        if type(raw) is list:
-            raise self._refuse("an array of Python objects (object dtype)")
-        raise self._refuse(f"array data given as a {type(raw).__name__} (expected bytes)")
-
-    def _array(self, raw, dtype, shape, fortran: bool) -> np.ndarray:
-        """``np.frombuffer(raw, dtype).reshape(shape)``, after checking that ``shape`` asks for exactly ``raw``'s bytes."""
-        dtype = self._check_dtype(dtype)
-        raw = self._raw(raw)
-        if type(shape) is not tuple or len(shape) > _MAX_NDIM or not all(type(d) is int and 0 <= d <= sys.maxsize for d in shape):
-            raise self._refuse(f"the array shape {_short(shape)} (expected a tuple of at most {_MAX_NDIM} non-negative ints)")
-        nbytes = raw.nbytes if type(raw) is memoryview else len(raw)
-        need = math.prod(shape) * dtype.itemsize
-        if need != nbytes:
-            raise self._refuse(f"an array of shape {_short(shape, 40)} {dtype} that needs {need:,} bytes where the pickle "
-                               f"gives {nbytes:,} (corrupted or crafted)")
-        key = (id(raw), shape, dtype.str, fortran)
-        arr = self._arrays.get(key)
-        if arr is None:  # one array per bytes object and layout, however often the memo repeats them
-            flat = np.frombuffer(raw, dtype=dtype) if nbytes else np.zeros(0, dtype)
-            arr = self._arrays[key] = flat.reshape(shape, order="F" if fortran else "C")
-        return arr
-
-    def _call_reconstruct(self, cls=None, shape=None, typecode=None, *rest):
-        if cls is not self._ndarray or typecode not in (b"b", "b") or type(shape) is not tuple or rest:
-            raise self._refuse(f"_reconstruct of {_short(cls)} (only numpy.ndarray, as numpy pickles arrays)")
-        return _ArrayPlaceholder()
-
-    def _build_array(self, state) -> np.ndarray:
-        if type(state) is tuple and len(state) == 5 and _is_int(state[0], 1):
-            state = state[1:]
-        if type(state) is not tuple or len(state) != 4 or not (type(state[2]) is bool or _is_int(state[2], 0, 1)):
-            raise self._refuse(f"the array state {_short(state)} (expected (1, shape, dtype, fortran, bytes))")
-        shape, dtype, fortran, raw = state
-        return self._array(raw, dtype, shape, bool(fortran))
-
-    def _call_frombuffer(self, buf=None, dtype=None, shape=None, order=None, *rest):
-        if order not in ("C", "F") or rest:
-            raise self._refuse(f"_frombuffer with order {_short(order)} (expected 'C' or 'F')")
-        return self._array(buf, dtype, shape, order == "F")
-
-    def _call_scalar(self, dtype=None, data=None, *rest):
-        dtype = self._check_dtype(dtype)
-        raw = self._raw(data)
-        if rest or (raw.nbytes if type(raw) is memoryview else len(raw)) != dtype.itemsize:
-            raise self._refuse(f"a numpy {dtype} scalar of {_short(data, 30)} (expected {dtype.itemsize} bytes)")
-        return np.frombuffer(raw, dtype=dtype)[0]
 
 
 for _op, _what in _REFUSED_OPCODES.items():

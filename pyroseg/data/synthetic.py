@@ -426,6 +426,20 @@ class _Rendered:
     rho_faint: np.ndarray  # (n, S, S) float32, inf where there is no faint lesion
 
 
+def _ventricles(p: _Patient, X: np.ndarray, Y: np.ndarray, zh: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """The ventricles' weight ``(n, S, S)``: ellipses in the head's frame ``X, Y`` that shrink
+    away from the slice ``vent_z`` and vanish ``vent_h`` from it."""
+    vent = np.zeros_like(r)
+    vz = np.clip(1.0 - ((zh - p.vent_z) / p.vent_h) ** 2, 0.0, 1.0)
+    vsize = np.sqrt(vz)[:, None, None]
+    for vx, vy, ax, ay, ang in p.vents:
+        cv, sv = np.cos(ang), np.sin(ang)
+        u = (cv * (X - vx) + sv * (Y - vy)) / (ax * vsize + 1e-6)
+        v = (-sv * (X - vx) + cv * (Y - vy)) / (ay * vsize + 1e-6)
+        vent = np.maximum(vent, _inside(np.sqrt(u * u + v * v), 1.0, 0.25))
+    return vent * (vsize > 0.05)
+
+
 def _render(
     p: _Patient,
     size: int,
@@ -461,15 +475,7 @@ def _render(
     gm = _smoothstep((r - r_gm) / 0.05 + 0.5)
     texture = 0.7 * _value_noise(p.tex_coarse, X, Y, zh) + 0.5 * _value_noise(p.tex_fine, X, Y, zh)
 
-    vent = np.zeros_like(r)
-    vz = np.clip(1.0 - ((zh - p.vent_z) / p.vent_h) ** 2, 0.0, 1.0)
-    vsize = np.sqrt(vz)[:, None, None]
-    for vx, vy, ax, ay, ang in p.vents:
-        cv, sv = np.cos(ang), np.sin(ang)
-        u = (cv * (X - vx) + sv * (Y - vy)) / (ax * vsize + 1e-6)
-        v = (-sv * (X - vx) + cv * (Y - vy)) / (ay * vsize + 1e-6)
-        vent = np.maximum(vent, _inside(np.sqrt(u * u + v * v), 1.0, 0.25))
-    vent = vent * (vsize > 0.05)
+    vent = _ventricles(p, X, Y, zh, r)
 
     rho_main = np.full(r.shape, np.inf, dtype=f32)
     lesion_w = []

@@ -21,7 +21,7 @@ Conventions shared by every model (see :mod:`pyroseg.models` for the registry):
 from __future__ import annotations
 
 import numbers
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import pyro
 import pyro.distributions as dist
@@ -32,7 +32,7 @@ from torch import nn
 from pyroseg.errors import UsageError
 from pyroseg.nets import check_image_size, num_params
 
-__all__ = ["SegModel", "mask_likelihood", "beta_scale", "positive_int", "positive_ints", "rate", "positive_float"]
+__all__ = ["SegModel", "TestTimeZ", "mask_likelihood", "beta_scale", "positive_int", "positive_ints", "rate", "positive_float"]
 
 
 # -- hyper-parameter checks (``--model-arg``), shared by every model --------------------
@@ -127,6 +127,10 @@ def mask_likelihood(logits: torch.Tensor, mask: torch.Tensor | None, recon_scale
         return pyro.sample("mask", dist.Bernoulli(logits=logits).to_event(3), obs=mask)
 
 
+#: Where a model's test-time ``z`` comes from (:attr:`SegModel.test_time_z`).
+TestTimeZ = Literal["prior", "guide", "none"]
+
+
 class SegModel(nn.Module):
     """Base class. Subclasses set ``name`` and ``latent_sites`` and define
     ``model``, ``guide`` and ``sample``.
@@ -138,8 +142,13 @@ class SegModel(nn.Module):
 
     name: ClassVar[str] = ""
     latent_sites: ClassVar[tuple[str, ...]] = ()
-    #: Where test-time ``z`` comes from, for the docs and the evaluate report.
+    #: Where test-time ``z`` comes from, in words: for the docs and the evaluate report only.
     sample_from: ClassVar[str] = "none"
+    #: Where test-time ``z`` comes from, for code: ``"prior"``: the model's own conditional
+    #: prior ``p(z | x)``, its guide being the posterior ``q(z | x, y)`` that needs the mask
+    #: (the Probabilistic U-Nets); ``"guide"``: the guide, run on the image alone (``q(z | x)``
+    #: of the VAE family; ``ssn``, whose guide is its prior); ``"none"``: no latent site.
+    test_time_z: ClassVar[TestTimeZ] = "none"
     #: Levels of the shared encoder; the image size must allow them.
     levels_needed: ClassVar[int] = 4
 
@@ -148,6 +157,12 @@ class SegModel(nn.Module):
     guide_is_prior: ClassVar[bool] = False
     #: The samples differ without a latent site (dropout masks, ensemble members).
     stochastic: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "test_time_z" not in cls.__dict__ and "sample_from" in cls.__dict__:
+            # a model written before test_time_z existed says where z comes from in words only
+            cls.test_time_z = "prior" if cls.sample_from == "p(z|x)" else "guide" if cls.latent_sites else "none"
 
     def __init__(self, *, image_size: int = 64, in_channels: int = 3, widths: tuple[int, ...] = (16, 32, 64, 128)):
         super().__init__()

@@ -26,6 +26,7 @@ from torch import nn
 
 from pyroseg.errors import UsageError
 from pyroseg.models.base import SegModel
+from pyroseg.models.registry import build_model
 
 __all__ = ["EnsembleModel"]
 
@@ -37,8 +38,6 @@ class EnsembleModel(SegModel):
     stochastic = True
 
     def __init__(self, *, members: list[dict], **kw):
-        from pyroseg.models import build_model  # the registry imports this module
-
         super().__init__(**kw)
         if not isinstance(members, list) or len(members) < 2:
             raise UsageError(f"ensemble: expected at least 2 members, got {members!r}")

@@ -36,7 +36,7 @@ Layouts (``--model-arg layout=...``; any field can be overridden by its own
     resolutions, 1x1 (a global latent), 2x2, 4x4, 8x8: 85 latent units whatever
     the image size (DeepMind: ``latent_dims=(1, 1, 1, 1)``, 8 levels at 128x128,
     the same four resolutions).
-``v1``: pyroseg's layout before issue 13, kept for comparison: the shared
+``v1``: pyroseg's earlier layout, kept for comparison: the shared
     four-level backbone (16-32-64-128, two conv + GroupNorm + ReLU per level,
     max-pool down), ``latent_scales = 3`` scales of ``latent_channels = 2`` at its
     three coarsest resolutions (8x8, 16x16, 32x32 at 64x64: 2,688 units), one
@@ -51,7 +51,7 @@ same likelihood); log-scales softly bounded (:func:`pyroseg.nets.bounded_log_sca
 Initialisation (``posterior_init_scale``): every head starts with a random
 mean; prior heads at scale 1, posterior heads at ``posterior_init_scale``
 (default 1, as DeepMind, whose heads all start near log-scale 0). With 0.1 (the
-value before issue 13, still used by the other models' global latents) every
+earlier default, still used by the other models' global latents) every
 unit starts with a KL of ``log 10 - 0.495 = 1.8`` nats, which over ``v1``'s 2,688
 units was 5,000 nats against a reconstruction of 870 at step 0, and the KL's
 gradient then erased the latents before the decoder could learn to use them.
@@ -89,7 +89,7 @@ class PreActResBlock(nn.Module):
     with DeepMind's initialisation (orthogonal weights, gain 1; biases N(0, 0.001)).
     Without normalisation, PyTorch's default initialisation shrinks the signal at every
     block: on 8 images at 32x32 the model reached Dice 0.70 after 200 steps with it,
-    1.00 after 160 with this one (measured, issue 13).
+    1.00 after 160 with this one (measured).
 
     ``convs`` 3x3 convolutions on ``relu(x)`` with ReLUs between them, at
     ``down`` channels; a 1x1 projection of the skip when ``in_ch != out_ch`` and of
@@ -319,6 +319,7 @@ class HProbUNetModel(SegModel):
     name = "hprob_unet"
     latent_sites = ("z_4", "z_3", "z_2", "z_1")  # the default layout's; an instance sets its own
     sample_from = "p(z|x)"
+    test_time_z = "prior"
 
     def __init__(self, *, layout: str = "reference", latent_scales: int | None = None, latent_channels: int | None = None,
                  blocks_per_level: int | None = None, convs_per_block: int | None = None,

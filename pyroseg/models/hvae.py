@@ -39,6 +39,7 @@ class HVAEModel(SegModel):
     name = "hvae"
     latent_sites = ("z_3", "z_2", "z_1")
     sample_from = "q(z|x)"
+    test_time_z = "guide"
 
     def __init__(self, *, latent_dims: tuple[int, int, int] = (16, 32, 64), hidden: int = 256, **kw):
         """``latent_dims``: sizes of ``(z_3, z_2, z_1)``, top first."""

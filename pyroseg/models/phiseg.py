@@ -241,6 +241,7 @@ class _LatentSites:
 class PHiSegModel(SegModel):
     name = "phiseg"
     sample_from = "p(z|x)"
+    test_time_z = "prior"
     levels_needed = 1
 
     def __init__(self, *, latent_levels: int | None = None, resolution_levels: int | None = None, zdim: int = 2,

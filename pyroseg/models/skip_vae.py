@@ -34,6 +34,7 @@ class SkipVAEModel(SegModel):
     name = "skip_vae"
     latent_sites = ("z",)
     sample_from = "q(z|x)"
+    test_time_z = "guide"
 
     def __init__(self, *, latent_dim: int = 24, hidden: int = 256, **kw):
         super().__init__(**kw)

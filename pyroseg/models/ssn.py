@@ -67,6 +67,7 @@ class SSNModel(SegModel):
     name = "ssn"
     latent_sites = ("eta",)
     sample_from = "p(eta|x)"
+    test_time_z = "guide"
     guide_is_prior = True
 
     def __init__(self, *, rank: int = 10, num_mc_samples: int = 20, epsilon: float = 1e-5, **kw):

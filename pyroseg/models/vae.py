@@ -71,6 +71,7 @@ class VAEModel(SegModel):
     name = "vae"
     latent_sites = ("z",)
     sample_from = "q(z|x)"
+    test_time_z = "guide"
 
     def __init__(self, *, latent_dim: int = 24, hidden: int = 256, **kw):
         super().__init__(**kw)

@@ -1,11 +1,12 @@
-"""The training step as it was before issue 18, kept as the benchmarks' "before".
+"""pyroseg's earlier training step, which waits for the host: the benchmarks' "before".
 
-:class:`TrainerBefore18` is :class:`pyroseg.train.Trainer` with the loop Adam and
+:class:`HostSyncTrainer` is :class:`pyroseg.train.Trainer` with the loop Adam and
 the step of commit d8a998a: the gradient norm and the loss read back to the host
 (``float(...)``: two waits for a GPU per step), the non-finite decision taken on
 the host, the counters host integers. Same networks, loss and Adam as the
-Trainer, so "before / after" figures measure only what issue 18 changed in the
-step (the fit loop's own per-step reads are not part of it).
+Trainer, so "before / after" figures measure only what keeping the step on the
+device (no host reads, the non-finite guard on the device) changed in the step
+(the fit loop's own per-step reads are not part of it).
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import torch
 from pyroseg.errors import TrainingError
 from pyroseg.train import StepOutcome, Trainer
 
-__all__ = ["TrainerBefore18"]
+__all__ = ["HostSyncTrainer"]
 
 
-class TrainerBefore18(Trainer):
+class HostSyncTrainer(Trainer):
     def __init__(self, model, **kw):
         kw["fused_adam"] = False
         super().__init__(model, **kw)
-        self.streak_before18 = 0
+        self.host_streak = 0
 
     def step(self, image, mask, *, beta=1.0, recon_scale=1.0) -> StepOutcome:
         self.optimizer.zero_grad(set_to_none=True)
@@ -39,10 +40,10 @@ class TrainerBefore18(Trainer):
         applied = math.isfinite(value) and math.isfinite(grad_norm)
         if applied:
             self.optimizer.step()
-            self.streak_before18 = 0
+            self.host_streak = 0
         else:
             self.optimizer.zero_grad(set_to_none=True)
-            self.streak_before18 += 1
-            if self.streak_before18 >= self.max_nonfinite:
-                raise TrainingError(f"{self.streak_before18} non-finite steps in a row")
+            self.host_streak += 1
+            if self.host_streak >= self.max_nonfinite:
+                raise TrainingError(f"{self.host_streak} non-finite steps in a row")
         return StepOutcome(torch.tensor(value), torch.tensor(grad_norm), torch.tensor(applied), self.elbo_loss.last_terms)

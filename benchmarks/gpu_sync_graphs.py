@@ -1,10 +1,10 @@
-"""Issue 18's GPU checks that the suite does not make: host syncs per step, and
-the CUDA-graph trial. One prepared script for a machine with a GPU
-(``benchmarks/gpu_check_issue18.sh`` runs it with the suite).
+"""GPU checks of the training step that the suite does not make: host syncs per step,
+and the CUDA-graph trial. One prepared script for a machine with a GPU
+(``benchmarks/gpu_check_step.sh`` runs it with the suite).
 
-    python benchmarks/gpu_issue18.py sync --json sync.json      # seconds
-    python benchmarks/gpu_issue18.py graphs --json graphs.json  # minutes: compiling
-    python benchmarks/gpu_issue18.py sync --device cpu --steps 2  # the code path, anywhere
+    python benchmarks/gpu_sync_graphs.py sync --json sync.json      # seconds
+    python benchmarks/gpu_sync_graphs.py graphs --json graphs.json  # minutes: compiling
+    python benchmarks/gpu_sync_graphs.py sync --device cpu --steps 2  # the code path, anywhere
 
 ``sync``: ``torch.cuda.set_sync_debug_mode("warn")`` around ``--steps`` training
 steps of ``Trainer`` as ``fit`` builds it on a GPU (fused Adam, the non-finite
