@@ -23,10 +23,7 @@ def plot_cmd(run_dir, out, latents, num_samples, n_images, device):
     against epoch; with --latents, what each latent site controls."""
     if latents:
         from pyroseg.collapse import plot_latent_scales
-        from pyroseg.errors import UsageError
 
-        if num_samples < 1 or n_images < 1:
-            raise UsageError(f"--num-samples {num_samples} / --images {n_images}: expected at least 1")
         png = plot_latent_scales(run_dir, out, n_images=n_images, num_samples=num_samples, device=device)
     else:
         from pyroseg.plots import plot_curves

@@ -41,6 +41,7 @@ class LatentShiftUNet(SegModel):
     # a posterior that sees the mask, as in the Probabilistic U-Nets), and "q(z|x)", the guide given the image
     # alone (the VAE family). Our prior p(z) = N(0, I) simply ignores x.
     sample_from = "p(z|x)"
+    test_time_z = "prior"  # where test-time z comes from: the prior net
 
     def __init__(self, *, latent_dim: int = 4, **kw):
         super().__init__(**kw)  # image_size, in_channels, widths: the shared backbone's

@@ -59,7 +59,7 @@ from pyroseg.errors import UsageError
 from pyroseg.latents import FixSites, guide_mask, predict_probs, rng_state, set_rng_state
 from pyroseg.metrics import dice
 from pyroseg.models.base import SegModel
-from pyroseg.runs import load_run
+from pyroseg.runs import at_least_one, load_run
 
 __all__ = [
     "ACTIVE_THRESHOLD",
@@ -225,6 +225,9 @@ def plot_latent_scales(
     of its ``split`` patients; ``png`` defaults to ``RUN_DIR/latent_scales.png``.
     Returns the path written."""
     from pyroseg import plots  # matplotlib only when a picture is drawn
+
+    at_least_one("--images", n_images)
+    at_least_one("--num-samples", num_samples)
 
     dev = resolve_device(device)
     run = load_run(run_dir, device=dev)

@@ -73,7 +73,7 @@ from torch import nn
 
 from pyroseg.errors import UsageError
 from pyroseg.models.base import SegModel, beta_scale, mask_likelihood
-from pyroseg.nets import ConvBlock, DiagGaussianHead, Encoder, init_mask_logits
+from pyroseg.nets import ConvBlock, DiagGaussianHead, Encoder, init_mask_logits, pyramid
 
 __all__ = ["HProbUNetModel", "HierarchicalCore", "LAYOUTS", "PreActResBlock", "ResEncoder"]
 
@@ -132,13 +132,7 @@ class ResEncoder(nn.Module):
         self.levels = nn.ModuleList(res_stack(chans[i], chans[i + 1], blocks, convs) for i in range(len(widths)))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        feats = []
-        for i, level in enumerate(self.levels):
-            if i > 0:
-                x = F.avg_pool2d(x, 2)
-            x = level(x)
-            feats.append(x)
-        return feats
+        return pyramid(x, self.levels, F.avg_pool2d)
 
 
 class HierarchicalCore(nn.Module):

@@ -89,7 +89,7 @@ from torch import nn
 
 from pyroseg.errors import UsageError
 from pyroseg.models.base import SegModel, beta_scale, mask_likelihood, positive_int
-from pyroseg.nets import ConvBlock, DiagGaussianHead, init_mask_logits
+from pyroseg.nets import ConvBlock, DiagGaussianHead, init_mask_logits, pyramid
 
 __all__ = ["PHiSegModel", "PHiSegCore", "PHiSegLikelihood", "accumulate", "channels_for"]
 
@@ -144,13 +144,7 @@ class PHiSegCore(nn.Module):
                 self.heads.append(DiagGaussianHead(ch[i], zdim, spatial=True, init_scale=init_scale))
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        feats = []
-        for r, block in enumerate(self.encoder):
-            if r > 0:
-                x = F.avg_pool2d(x, 2)
-            x = block(x)
-            feats.append(x)
-        return feats[self.diff:]
+        return pyramid(x, self.encoder, F.avg_pool2d)[self.diff:]
 
     def walk(self, feats: list[torch.Tensor], sample) -> list[torch.Tensor]:
         zs: list[torch.Tensor | None] = [None] * self.latent_levels

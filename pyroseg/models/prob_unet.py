@@ -129,6 +129,7 @@ class ProbUNetModel(SegModel):
     name = "prob_unet"
     latent_sites = ("z",)
     sample_from = "p(z|x)"
+    test_time_z = "prior"
 
     def __init__(self, *, latent_dim: int = 6, comb_hidden: int = 16, **kw):
         super().__init__(**kw)

@@ -12,6 +12,7 @@ from pyroseg.nets.blocks import (
     compile_networks,
     init_mask_logits,
     num_params,
+    pyramid,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "compile_networks",
     "init_mask_logits",
     "num_params",
+    "pyramid",
 ]

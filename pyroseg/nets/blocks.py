@@ -22,6 +22,7 @@ from torch import nn
 from pyroseg.errors import UsageError
 
 __all__ = [
+    "pyramid",
     "POSTERIOR_INIT_SCALE",
     "ConvBlock",
     "ResBlock",
@@ -122,6 +123,19 @@ class ResBlock(nn.Module):
         return x + self.gain * self.net(x)
 
 
+def pyramid(x: torch.Tensor, levels: Sequence[nn.Module], pool=F.max_pool2d) -> list[torch.Tensor]:
+    """An encoder's contracting path: ``x`` through each of ``levels`` in turn, pooled 2x2
+    (``pool``: max or average) before every level but the first. Returns the features of
+    every level, finest first: ``[(B, c0, H, W), (B, c1, H/2, W/2), ...]``."""
+    feats = []
+    for i, level in enumerate(levels):
+        if i > 0:
+            x = pool(x, 2)
+        x = level(x)
+        feats.append(x)
+    return feats
+
+
 class Encoder(nn.Module):
     """The U-Net contracting path.
 
@@ -137,13 +151,7 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(ConvBlock(chans[i], chans[i + 1]) for i in range(len(self.widths)))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        feats = []
-        for i, block in enumerate(self.blocks):
-            if i > 0:
-                x = F.max_pool2d(x, 2)
-            x = block(x)
-            feats.append(x)
-        return feats
+        return pyramid(x, self.blocks, F.max_pool2d)
 
 
 class Decoder(nn.Module):
