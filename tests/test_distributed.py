@@ -322,8 +322,8 @@ def test_two_processes_equal_one_process(tmp_path, cache_dir):
     h2 = torch.load(run2 / "checkpoint.pt", weights_only=True)["history"]
     for a, b in zip(h1, h2):  # the logged loss is the global batch's, not rank 0's half
         # the epoch's mean loss over steps whose weights already differ by the float drift above
-        # (0.19 % of the movement): 3.3e-5 apart on a 2-core AVX-512 machine, at this commit and the
-        # one before; the loss of rank 0's half alone would be ~1e-2 apart
+        # (0.19 % of the movement): measured 3.3e-5 apart on the 2-core CI machine, before and after
+        # the training loop became phases and handlers
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3)
 
