@@ -10,17 +10,40 @@ from pyroseg.cli.common import CONTEXT, handle_errors
 from pyroseg.cli.fit import BarCallbacks
 from pyroseg.cli.options import config_options, read_options
 
-from pyroseg.config import FitConfig
+from pyroseg.config import FitConfig, read_option
+from pyroseg.config import config_options as fit_options
 from pyroseg.errors import UsageError
 
 #: The options of ``fit`` that ``compare`` shares (the protocol every model is trained under).
 SHARED = ("data", "image_size", "epochs", "batch_size", "lr", "seed", "device", "beta_warmup", "cache_dir")
+#: The ``fit`` options that change results and that ``compare`` passes on to every run (and records in
+#: comparison.json's config): those of them this pyroseg's FitConfig has (the step budgets are newer).
+PROTOCOL = tuple(name for name in (
+    "augment", "lr_schedule", "lr_warmup", "objective", "geco_constraint", "geco_top_k", "geco_deterministic_top_k",
+    "geco_update", "geco_kappa", "geco_alpha", "geco_rate", "geco_warmup", "geco_max_step", "free_bits", "select_by",
+    "patience", "max_steps", "val_every", "max_minutes") if name in fit_options())
+
+
+def parse_model_args(items) -> dict[str, dict]:
+    """``--model-arg MODEL:KEY=VALUE`` (repeatable) as ``{model: {key: value}}`` (values read as by ``fit --model-arg``)."""
+    out: dict[str, dict] = {}
+    for item in items or ():
+        model, sep, kv = item.partition(":")
+        if not sep or not model.strip():
+            raise UsageError(f"--model-arg {item!r}: expected MODEL:KEY=VALUE, e.g. vae:latent_dim=16")
+        out.setdefault(model.strip(), {}).update(read_option("model_args", (kv,)))
+    return out
 
 
 @click.command("compare", context_settings=CONTEXT)
-@config_options(*SHARED, help={"seed": "First seed; the data and split seed."})
+@config_options(*SHARED, *PROTOCOL, help={"seed": "First seed; the data and split seed."})
+@click.option("--model-arg", "model_arg", multiple=True, metavar="MODEL:KEY=VALUE",
+              help="A hyper-parameter of one model, e.g. vae:latent_dim=16 (repeatable).")
 @click.option("--seeds", type=int, default=1, show_default=True,
               help="Train each model this many times (seeds --seed, --seed+1, ...); 3 or more for a claim.")
+@click.option("--folds", type=int, default=1, show_default=True,
+              help="Cross-validate by patient: deal the patients into this many parts, train once per part testing on "
+                   "it (every patient tested once per seed); 1: one train/val/test split.")
 @click.option("--vary-split", is_flag=True, help="Redraw the patient split (and synthetic data) with each seed.")
 @click.option("--baseline", default="unet", show_default=True, help="The model every other is compared with.")
 @click.option("--models", default=None,
@@ -36,7 +59,8 @@ SHARED = ("data", "image_size", "epochs", "batch_size", "lr", "seed", "device", 
                    "dice_tumour,ged,hm_iou) and each model's verdicts against --baseline.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
-def compare_cmd(seeds, vary_split, baseline, models, num_samples, out, overwrite, render_dir, columns, quiet, **options):
+def compare_cmd(model_arg, seeds, folds, vary_split, baseline, models, num_samples, out, overwrite, render_dir, columns, quiet,
+                **options):
     """Train the models with identical data, split and epochs, --seeds times each; write comparison.md/.csv/.json/.png.
 
     Run it again with the same options to pick up an interrupted comparison.
@@ -55,8 +79,9 @@ def compare_cmd(seeds, vary_split, baseline, models, num_samples, out, overwrite
         click.echo(f"[{i + 1}/{n}] {label}", err=True)
 
     names = [m.strip() for m in models.split(",") if m.strip()] if models else None
-    compare_models(base, out, models=names, seeds=seeds, vary_split=vary_split, baseline=baseline,
+    compare_models(base, out, models=names, seeds=seeds, folds=folds, model_args=parse_model_args(model_arg),
+                   vary_split=vary_split, baseline=baseline,
                    num_samples=num_samples, overwrite=overwrite, callbacks=BarCallbacks(quiet), on_model=announce,
                    command="pyroseg " + shlex.join(sys.argv[1:]))
     click.echo(open(f"{out}/comparison.md").read())
-    click.echo(f"wrote {out}/comparison.md, .csv, .json and comparison.png")
+    click.echo(f"wrote {out}/comparison.md, .csv, .json, comparison.png and comparison_curves.png")

@@ -190,7 +190,8 @@ def _fit_config(options: dict, resume_dir: str | None, config_file: str | None) 
         if config_file:
             raise UsageError(f"--config with --resume {resume_dir}: a resumed run keeps its saved options; give one or the other")
         _refuse_options_on_resume(resume_dir)
-        return FitConfig(out=resume_dir, epochs=options["epochs"] if "epochs" in given else 0)
+        budgets = {k: options[k] for k in ("max_steps", "max_minutes") if k in given}  # how much longer to train
+        return FitConfig(out=resume_dir, epochs=options["epochs"] if "epochs" in given else 0, **budgets)
     values = read_options(options)
     if config_file:
         return _config_from_file(config_file, {name: value for name, value in values.items() if name in given})
@@ -229,7 +230,8 @@ def _exec_torchrun(nproc_per_node: int | None) -> None:
 
 
 #: What ``--resume`` accepts beside itself; every other option is the saved run's.
-_RESUME_OPTIONS = {"resume_dir", "epochs", "checkpoint_every", "quiet", "overwrite", "tensorboard", "log_dir"}
+_RESUME_OPTIONS = {"resume_dir", "epochs", "max_steps", "max_minutes", "checkpoint_every", "quiet", "overwrite",
+                   "tensorboard", "log_dir"}
 
 
 def _check_model(ref: str) -> None:
@@ -273,7 +275,7 @@ def _refuse_options_on_resume(resume_dir: str) -> None:
              if p.name not in _RESUME_OPTIONS and ctx.get_parameter_source(p.name) is ParameterSource.COMMANDLINE]
     if given:
         raise UsageError(f"{', '.join(given)} with --resume {resume_dir}: a resumed run keeps its saved options; "
-                         "only --epochs and --checkpoint-every may be given")
+                         "only --epochs, --max-steps, --max-minutes and --checkpoint-every may be given")
 
 
 def _report(run: Path, tensorboard_dir: Path | None = None) -> None:

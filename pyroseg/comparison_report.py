@@ -22,7 +22,7 @@ from typing import Any
 
 from pyroseg.checkpoint import atomic_write_text
 from pyroseg.collapse import COLLAPSE_EFFECT, COLLAPSE_NATS
-from pyroseg.comparison_stats import METRICS, NO_DIFFERENCE, REFERENCES
+from pyroseg.comparison_stats import CONVERGED_ABS, CONVERGED_REL, CONVERGED_TAIL, METRICS, NO_DIFFERENCE, REFERENCES
 from pyroseg.data.synthetic import SOURCES as SYNTHETIC_SOURCES
 from pyroseg.errors import UsageError
 from pyroseg.references import ORACLE, RATERS_LOO
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 #: (key, header) of the wide table of means, in order.
 COLUMNS = [
     ("model", "model"),
+    ("converged", "converged"),  # converged runs / runs (seeds x folds); see converged_cell
     ("bce", "BCE"),
     ("dice_all", "Dice (all slices)"),
     ("dice_tumour", "Dice (tumour slices)"),
@@ -146,6 +147,32 @@ def comparison_markdown(rows: list[dict[str, Any]], *, title: str = "",
     return "\n".join(lines) + "\n"
 
 
+#: Marks a model not converged in every run (the ``converged`` cell), explained under the table.
+UNCONVERGED = "*"
+
+
+def converged_cell(doc: dict[str, Any], name: str) -> str:
+    """The ``converged`` cell of model ``name``: ``k/n`` of its runs (seeds x folds), with a trailing
+    :data:`UNCONVERGED` when ``k < n``; ``?`` for a document that did not record it (made before it
+    was), ``-`` for a reference row."""
+    if name in REFERENCES:
+        return "-"
+    counts = (doc.get("converged") or {}).get(name)
+    if not counts:
+        return "?"
+    k, n = counts
+    return f"{k}/{n}" + (f" {UNCONVERGED}" if k < n else "")
+
+
+def _footnote(doc: dict[str, Any]) -> str:
+    """The line under a table that marks unconverged models (empty when none is)."""
+    if not any(k < n for k, n in (doc.get("converged") or {}).values()):
+        return ""
+    return (f"\\{UNCONVERGED} not converged in every run: in some run the validation score still gained at least "
+            f"{round(CONVERGED_REL * 100)} % and {CONVERGED_ABS} in the last {round(CONVERGED_TAIL * 100)} % of training, "
+            "or there were too few validations to tell (comparison_curves.png); train longer before ranking it.\n")
+
+
 def _mean_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per model for :func:`comparison_markdown`: means over seeds, ``mean ± sd``
     where there are 2 or more seeds; per-seed strings (collapsed sites) joined by ``/``."""
@@ -153,8 +180,8 @@ def _mean_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for name in dict.fromkeys(r["model"] for r in doc["runs"]):
         runs = [r for r in doc["runs"] if r["model"] == name]
-        row: dict[str, Any] = {"model": name}
-        for key, _ in COLUMNS[1:]:
+        row: dict[str, Any] = {"model": name, "converged": converged_cell(doc, name)}
+        for key, _ in COLUMNS[2:]:
             st = stats.get((name, key))
             if st is not None:
                 row[key] = st["mean"] if st["n"] < 2 else f"{cell(st['mean'])} ± {cell(st['sd'])}"
@@ -174,10 +201,15 @@ def _title(doc: dict[str, Any]) -> tuple[dict[str, Any], str]:
     test set, budget, seeds."""
     first = next(r for r in doc["runs"] if r["model"] not in REFERENCES)
     cfg, seeds = doc["config"], doc["seeds"]
-    n = len(seeds)
+    n, folds = len(seeds), doc.get("folds", 1)
+    if folds > 1:  # every fold's test patients of the first model's first seed: all the patients
+        tested = [r for r in doc["runs"] if r["model"] == first["model"] and r["seed"] == first["seed"]]
+        test = (f"{folds}-fold cross-validation by patient ({sum(r['n_patients'] for r in tested)} patients, "
+                f"{sum(r['n_slices'] for r in tested)} slices, each tested once per seed)")
+    else:
+        test = f"test patients ({first['n_patients']} patients, {first['n_slices']} slices)"
     return first, (
-        f"{data_name(first['data'], cfg)}, {first['image_size']}x{first['image_size']}, test patients "
-        f"({first['n_patients']} patients, {first['n_slices']} slices), {cfg['epochs']} epochs, "
+        f"{data_name(first['data'], cfg)}, {first['image_size']}x{first['image_size']}, {test}, {cfg['epochs']} epochs, "
         f"{n} seed{'s' if n > 1 else ''} ({', '.join(map(str, seeds))}), "
         f"point prediction = mean of {doc['num_samples']} samples"
     )
@@ -193,7 +225,8 @@ def render_summary(doc: dict[str, Any], columns: Sequence[str]) -> str:
     if unknown:
         raise UsageError(f"--columns {','.join(unknown)}: unknown; expected some of {', '.join(k for k, _ in COLUMNS[1:])}")
     _, title = _title(doc)
-    cols = [("model", "model"), *((c, known[c]) for c in columns if c != "model"), ("verdict", f"vs `{doc['baseline']}`")]
+    cols = [("model", "model"), ("converged", "converged"), *((c, known[c]) for c in columns if c not in ("model", "converged")),
+            ("verdict", f"vs `{doc['baseline']}`")]
     calls: dict[str, list[str]] = {}
     for d in doc["differences"]:
         if d["metric"] in columns and d["verdict"] not in ("tie", "n/a"):
@@ -204,7 +237,8 @@ def render_summary(doc: dict[str, Any], columns: Sequence[str]) -> str:
         row["verdict"] = ("reference" if name == doc["baseline"] else "-" if name in REFERENCES
                           else "; ".join(calls.get(name, [])) or "tie on all")
         rows.append(row)
-    return comparison_markdown(rows, title=title, columns=cols)
+    foot = _footnote(doc)
+    return comparison_markdown(rows, title=title, columns=cols) + (f"\n{foot}" if foot else "")
 
 
 def render_markdown(doc: dict[str, Any]) -> str:
@@ -215,10 +249,14 @@ def render_markdown(doc: dict[str, Any]) -> str:
     n = len(seeds)
     pct = f"{round(doc['level'] * 100)} %"
     md = comparison_markdown(_mean_rows(doc), title=title)
-    md += f"\nMeans over seeds{' ± standard deviation' if n > 1 else ''}.\n"
+    folds = doc.get("folds", 1)
+    md += (f"\nMeans over seeds{' ± standard deviation' if n > 1 else ''}"
+           f"{f' (a seed: the mean over its {folds} folds)' if folds > 1 else ''}.\n")
+    foot = _footnote(doc)
+    md += f"\n{foot}" if foot else ""
     md += (f"\n#### Per metric: {pct} intervals and the paired difference from `{doc['baseline']}`\n\n"
            f"| metric | model | mean | sd | {pct} t-interval (seeds) | difference | {pct} paired t (seeds) | "
-           f"{pct} paired bootstrap (patients) | verdict |\n|---|---|---|---|---|---|---|---|---|\n")
+           f"{pct} paired t, jackknife (patients) | verdict |\n|---|---|---|---|---|---|---|---|---|\n")
     diffs = {(d["model"], d["metric"]): d for d in doc["differences"]}
     for metric in METRICS:
         for st in (s for s in doc["summary"] if s["metric"] == metric):
@@ -256,20 +294,29 @@ def comparison_csv(doc: dict[str, Any]) -> str:
 
 def _protocol(doc: dict[str, Any], first: dict[str, Any]) -> str:
     """The paragraph under the tables: split, intervals, verdicts and what each column means."""
-    cfg, n = doc["config"], len(doc["seeds"])
+    cfg, n, folds = doc["config"], len(doc["seeds"]), doc.get("folds", 1)
     pct = f"{round(doc['level'] * 100)} %"
+    data_seed = cfg["data_seed"] if cfg.get("data_seed") is not None else cfg["seed"]
+    redrawn = ", redrawn with each seed" if doc["vary_split"] else ", the same for every seed"
+    split = (f"split by patient (data seed {data_seed}{redrawn}; val {cfg['val_fraction']}, test {cfg['test_fraction']})"
+             if folds < 2 else
+             f"{folds}-fold cross-validation by patient (data seed {data_seed}{redrawn}; each fold tests on one part "
+             f"of the patients and trains on the others, validating on {cfg['val_fraction']} of all the patients "
+             "drawn from them; every patient is tested once per seed)")
+    converged = (f"'converged': the runs (seeds x folds) that stopped on a plateau or whose validation score "
+                 f"gained less than {round(CONVERGED_REL * 100)} % (or {CONVERGED_ABS}) in the last "
+                 f"{round(CONVERGED_TAIL * 100)} % of training ('?': not recorded). ")
     return (
-        f"\nProtocol: split by patient (data seed {cfg['data_seed'] if cfg.get('data_seed') is not None else cfg['seed']}"
-        f"{', redrawn with each seed' if doc['vary_split'] else ', the same for every seed'}; "
-        f"val {cfg['val_fraction']}, test {cfg['test_fraction']}), no augmentation of test data; "
+        f"\nProtocol: {split}, no augmentation of test data; "
         "test-time z from q(z|x) (VAE family) or the prior net (Probabilistic U-Nets). "
         f"Intervals: {pct} Student-t over the {n} seeds (none with one seed). Differences from "
         f"`{doc['baseline']}`: paired by seed (t-interval of the per-seed differences: training-run noise) and "
-        f"paired by test patient ({doc['n_boot']} bootstrap resamples of the patients, each patient's slices pooled "
-        "over the seeds: test-set noise). 'tie': either interval contains 0; 'better'/'worse' only when "
+        "paired by test patient (Student-t interval with a jackknife-over-patients standard error, each patient's slices pooled "
+        f"over the seeds{' and folds' if folds > 1 else ''}: test-set noise). 'tie': either interval contains 0; 'better'/'worse' only when "
         "both exclude it (diversity has no better direction: 'higher'/'lower'); '(1 seed)': only the patient "
         "interval exists, training-run noise is not in it; '(not tested by patient)': only the seed interval "
         "exists (reports without per-patient scores for that metric). "
+        + converged +
         f"'collapsed sites': latent sites whose mean test KL is below {COLLAPSE_NATS} nats / image, or with 0 "
         f"active units whose replacement by the prior mean changes the prediction by less than {COLLAPSE_EFFECT} "
         "(1 - Dice). GED (d = 1 - IoU; all pairs; 'unbiased': distinct pairs only), HM-IoU and diversity score the "

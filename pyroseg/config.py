@@ -43,12 +43,12 @@ SELECT_BY = ("auto", *SELECT_MODES)
 DEVICES = ("auto", "cpu", "cuda")  # or cuda:N
 DATA_ON_DEVICE = ("auto", "on", "off")
 
-#: What a config.json written before a field existed meant by its absence: that
-#: version's behaviour, which may differ from today's default.
 #: Fields older configs have that no longer exist, dropped on reading: ``num_workers``
 #: never reached the DataLoader (the data is in memory, and the random annotator of each
 #: slice is drawn from the main process's RNG, which crash-exact resume restores).
 _RETIRED = ("num_workers",)
+#: What a config.json written before a field existed meant by its absence: that
+#: version's behaviour, which may differ from today's default.
 _LEGACY = {"augment": "none", "lr_schedule": "constant", "lr_warmup": 0.0, "select_by": "auto", "patience": None}
 
 #: Bumped when the meaning of a config field changes; a run written by a newer
@@ -266,8 +266,24 @@ class FitConfig:
     lr_warmup: float = option(0.0, help="Epochs of linear learning-rate warm-up from 0 to --lr.", **_EPOCHS)
     select_by: str = option("auto", choices=SELECT_BY, help="Validation score that picks best.pt (evaluate and sample use "
                             "it by default); auto: val_dice_tumour on one-annotator data, val_ged on data with several annotators.")
-    patience: int | None = option(None, help="Stop after this many epochs without a better --select-by score.",
-                                  default_text="never", check=lambda v: v >= 1, message="expected at least 1 epoch")
+    patience: int | None = option(None, help="Stop after this many validations (epochs, unless --val-every) without a "
+                                  "better --select-by score.", default_text="never", check=lambda v: v >= 1,
+                                  message="expected at least 1 validation")
+    # budgets in steps and time, validation by steps (docs/guide/training.md, "Budgets"); training.json records the stop
+    max_steps: int | None = option(None, help="Optimiser steps to train, stopping mid-epoch if need be; given, --epochs "
+                                   "no longer stops training and the learning-rate schedule ends at this step.",
+                                   default_text="--epochs", **_AT_LEAST_1)
+    val_every: int | None = option(None, help="Validate (a metrics.csv row, best.pt, a --patience count) every this many "
+                                   "optimiser steps.", default_text="every epoch", **_AT_LEAST_1)
+    max_minutes: float | None = option(None, help="Wall-clock minutes of training (of this call: a resume starts them "
+                                       "again); stops at the step boundary after them.", default_text="no limit",
+                                       check=lambda v: v > 0, message="expected a positive number of minutes")
+    # cross-validation by patient (pyroseg.data.split.split_for): with folds > 1 the run tests on part `fold`
+    # of the patients dealt into `folds` parts; validation comes from the other parts; test_fraction is unused
+    folds: int = option(1, help="Cross-validation by patient: deal the patients into this many parts and test on part "
+                        "--fold (1: one split by --val-fraction / --test-fraction).", **_AT_LEAST_1)
+    fold: int = option(0, help="With --folds K: the part of the patients tested on (0 .. K-1).",
+                       check=lambda v: isinstance(v, int) and v >= 0, message="expected 0 .. --folds - 1")
     # provenance: the config.json this run was trained again from (``fit --config``); None: from options
     source_config: str | None = None
 
@@ -291,6 +307,8 @@ class FitConfig:
         if not (0 <= vf < 1 and 0 <= tf < 1 and vf + tf < 1):
             raise UsageError(f"{flag_of('val_fraction')} {vf} / {flag_of('test_fraction')} {tf}: "
                              "expected fractions in [0, 1) summing below 1")
+        if self.fold >= self.folds:
+            raise UsageError(f"--fold {self.fold}: expected 0 .. {self.folds - 1} with --folds {self.folds}")
         for f in dataclasses.fields(self):
             opt, value = f.metadata.get("option"), getattr(self, f.name)
             if opt is not None and not opt.accepts(value, f.default):

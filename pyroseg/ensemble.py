@@ -34,7 +34,8 @@ from pyroseg.runs import CHECKPOINT, CONFIG, SPLIT, load_run, prepare_run_dir, w
 __all__ = ["join_runs"]
 
 #: ``fit`` settings every member must share: they fix the data and the split.
-_SHARED = ("data", "image_size", "seed", "val_fraction", "test_fraction", "synthetic_patients", "synthetic_slices")
+_SHARED = ("data", "image_size", "seed", "val_fraction", "test_fraction", "synthetic_patients", "synthetic_slices",
+           "folds", "fold")
 
 
 def join_runs(runs: list[str | Path], out: str | Path, *, overwrite: bool = False) -> dict:

@@ -316,3 +316,37 @@ def comparison_figure(doc: dict, png: str | Path, *, metrics: Sequence[str]) -> 
     atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=90))
     plt.close(fig)
     return png
+
+
+def comparison_curves(doc: dict, png: str | Path) -> Path:
+    """A comparison's validation curves (``comparison_curves.png``): one panel per model of
+    ``doc`` (a ``comparison.json`` document) with every run's (seed, fold) validation score
+    against the training step, converged runs solid and the others dashed."""
+    png = Path(png)
+    runs = [r for r in doc["runs"] if r.get("curve")]
+    names = list(dict.fromkeys(r["model"] for r in runs))
+    if not names:
+        raise ValueError("no run has a validation curve")
+    cols = min(4, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        mine = [r for r in runs if r["model"] == name]
+        for i, r in enumerate(mine):
+            steps, scores = zip(*r["curve"], strict=True)
+            label = f"seed {r['seed']}" + (f" fold {r['fold']}" if doc.get("folds", 1) > 1 else "")
+            ax.plot(steps, scores, "-" if r.get("converged") else "--", marker=".", ms=3, color=f"C{i % 10}", lw=1, label=label)
+        done = sum(bool(r.get("converged")) for r in mine)
+        ax.set_title(f"{name}: {done}/{len(mine)} converged", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel(mine[0].get("select_by") or "validation score", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if len(mine) <= 10:
+            ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle("validation curves (dashed: not converged)", fontsize=10)
+    fig.subplots_adjust(left=0.08, right=0.98, top=0.85, bottom=0.15, hspace=0.6, wspace=0.35)
+    atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=90))
+    plt.close(fig)
+    return png

@@ -66,9 +66,11 @@ SPLIT = "split.json"
 METRICS = "metrics.csv"
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
+#: Written at the finish of fit: steps trained, why training stopped, the validation curve.
+TRAINING = "training.json"
 #: The patient groups a command can be asked for (``--split``); ``all``: every slice.
 EVAL_SPLITS = ("test", "val", "train", "all")
-RUN_FILES = (CONFIG, SPLIT, METRICS, CHECKPOINT, BEST, "curves.png", "val_samples.png", "latent_scales.png")
+RUN_FILES = (CONFIG, SPLIT, METRICS, CHECKPOINT, BEST, TRAINING, "curves.png", "val_samples.png", "latent_scales.png")
 
 #: Fields of a FitConfig that may differ between a run's config.json and its
 #: checkpoint (``--resume`` may raise ``epochs``; the rest do not change results;

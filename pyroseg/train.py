@@ -22,16 +22,22 @@ only reads the others'::
     build_trainer  Trainer (optimizer, guards, DDP wrapper), sampler + loader, the objective,
                    the augmentation, the handlers
     restore/start  the checkpoint's state, or a fresh config.json and split.json
-    train          epochs until --epochs or a handler stops it: train_epoch (batches, augmentation,
-                   learning rate, beta, one Trainer.step each), end_epoch (the epoch's row:
-                   train loss, objective, validation, times)
+    train          steps until a handler stops it (Budget: --epochs or --max-steps, --max-minutes;
+                   BestCheckpoint: --patience), its reason in run.stop_reason: train_epoch (batches,
+                   augmentation, learning rate, beta, one Trainer.step each), step_end at every
+                   step boundary (the row when due: train loss, objective, validation, times; at
+                   each epoch's end, or with --val-every every N steps; the epoch's end; ask_stop)
     finish         the handlers' on_finish, leave the process group
 
 **Handlers**, called in this order at every hook (:meth:`FitRun.build_handlers`)::
 
-    BestCheckpoint      best.pt when --select-by improves; --patience: stop when it has not
-    PeriodicCheckpoint  checkpoint.pt at every epoch end and every ``checkpoint_every`` steps
-    MetricsCSV          metrics.csv at every epoch end and at the finish (rank 0 only)
+    Budget              stop: "budget" at --max-steps (else --epochs), "time" after --max-minutes
+    BestCheckpoint      best.pt when --select-by improves; --patience: stop ("plateau") when it has
+                        not for that many validations
+    PeriodicCheckpoint  checkpoint.pt after every row, every ``checkpoint_every`` steps, and at a
+                        stop between two of them
+    MetricsCSV          metrics.csv after every row and at the finish (rank 0 only)
+    TrainingRecord      training.json at the finish: steps, stop reason, validation curve (rank 0 only)
     Pictures            curves.png, val_samples.png, latent_scales.png at the finish (rank 0, pictures=True)
     CallbackHandler     the caller's FitCallbacks (the CLI's progress bars and TensorBoard)
 
@@ -41,10 +47,13 @@ the :class:`FitRun` (read its attributes: ``run.progress``, ``run.model``,
 
     on_epoch_start(run)            before the epoch's first (remaining) step
     on_step_end(run, outcome)      after each step (outcome: a StepOutcome, still on the device)
-    on_epoch_end(run, row)         after the epoch's row is in run.progress.history
-    should_stop(run) -> bool       asked before each epoch; True ends training early
-    on_early_stop(run)             once, when a handler stopped training
-    on_finish(run)                 after the last epoch (also when none was left to train)
+    on_epoch_end(run, row)         after a row (a validation) is in run.progress.history: at each
+                                   epoch's end, or with --val-every every N steps (mid-epoch too)
+    should_stop(run) -> str|None   asked before the first step and after every step (after its
+                                   row); a reason ("budget", "time", "plateau"; True: the class
+                                   name) ends training, the first handler's is run.stop_reason
+    on_early_stop(run)             once, when training stopped for a reason other than budget or time
+    on_finish(run)                 after the last step (also when none was left to train)
 
 *To add a handler*: write the subclass (in this module, or your own), then
 append it in :meth:`FitRun.build_handlers` where its order matters; register
@@ -78,7 +87,7 @@ from pyroseg.augment import SPECS, augment_batch, step_generator
 from pyroseg.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from pyroseg.collapse import collapse_report, latent_units
 from pyroseg.config import CONFIG_VERSION, SELECT_MODES, FitConfig, load_config_json, versions
-from pyroseg.data import SegData, SegDataset, collate_batch, load_source, split_patients
+from pyroseg.data import SegData, SegDataset, collate_batch, load_source, split_for
 from pyroseg.data.device import on_device
 from pyroseg.devices import resolve_device
 from pyroseg.errors import CheckpointError, UsageError
@@ -91,6 +100,7 @@ from pyroseg.runs import (
     CONFIG,
     METRICS,
     SPLIT,
+    TRAINING,
     check_checkpoint,
     clear_run_files,
     load_weights,
@@ -146,7 +156,8 @@ class FitRun:
             out = prepare_run_dir(config.out, resume=resume, overwrite=overwrite)
             self.doc = load_config_json(out / CONFIG)
             saved = FitConfig.from_dict(self.doc["fit"])
-            config = replace(saved, epochs=max(config.epochs, saved.epochs) if config.epochs else saved.epochs, out=str(out))
+            config = replace(saved, epochs=max(config.epochs, saved.epochs) if config.epochs else saved.epochs, out=str(out),
+                             **{k: getattr(config, k) for k in _BUDGET_FIELDS if getattr(config, k) is not None})
         self.config = config.validate()
         self.ctx = ctx = distributed.setup(resolve_device(config.device))
         self.device, self.local_batch = ctx.device, _local_batch(config.batch_size, ctx.world_size)
@@ -165,8 +176,10 @@ class FitRun:
         self.objective: Objective | None = None
         self.augment, self.select_by, self.select_mode = None, "", ""
         self.handlers: list[Handler] = []
-        self.meter: LossMeter | None = None  # train_epoch: the epoch's loss so far, and when its clock last read
+        self.meter: LossMeter | None = None  # train_epoch: the loss since the last row, and when its clock last read
         self.clock = 0.0
+        self.start_step = 0  # train: the step this call started from, and why training stopped
+        self.stop_reason: str | None = None
 
     def run(self) -> Path:
         """Every phase, in order; returns the run folder."""
@@ -223,7 +236,7 @@ class FitRun:
             synthetic_slices=cfg.synthetic_slices, cache_dir=cfg.cache_dir, progress=self.callbacks.on_load_progress,
             task=cfg.task, slice_axis=cfg.slice_axis,
         ))
-        split = split_patients(self.data.patient_ids, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed_of_data())
+        split = split_for(self.data.patient_ids, cfg)
         self.split = split
         self.train_data, self.val_data = self.data.subset(split["train"]), self.data.subset(split["val"])
         self.callbacks.on_data({**self.data.summary(), "train_slices": len(self.train_data), "val_slices": len(self.val_data),
@@ -252,10 +265,12 @@ class FitRun:
 
     def build_handlers(self) -> list[Handler]:
         """The handlers, in the order every hook calls them (see the module docs)."""
-        handlers: list[Handler] = [BestCheckpoint(self.select_by, self.select_mode, self.config.patience),
+        cfg = self.config
+        handlers: list[Handler] = [Budget(cfg.epochs, cfg.max_steps, cfg.max_minutes),
+                                   BestCheckpoint(self.select_by, self.select_mode, cfg.patience),
                                    PeriodicCheckpoint(self.checkpoint_every)]
         if self.ctx.is_main:  # they only write files
-            handlers.append(MetricsCSV())
+            handlers += [MetricsCSV(), TrainingRecord()]
             if self.pictures:
                 handlers.append(Pictures())
         handlers.append(CallbackHandler(self.callbacks))
@@ -263,36 +278,15 @@ class FitRun:
 
     # -- restore / start ----------------------------------------------------------------------------
     def restore(self) -> None:
-        """Continue from ``checkpoint.pt``: weights, optimizer, position, history, RNG
-        states, the objective's state. A run killed before its first checkpoint starts again."""
-        out, ctx, doc = self.out, self.ctx, self.doc
-        if (out / CHECKPOINT).exists():
-            ckpt = load_checkpoint(out / CHECKPOINT, map_location=self.device)
-            check_checkpoint(ckpt, doc, source=out / CHECKPOINT)  # another model, size or run: refused, naming what differs
-            load_weights(self.model, ckpt, source=out / CHECKPOINT)
-            try:
-                self.trainer.load_state_dict(ckpt["trainer"])
-                self.progress.load_state_dict(ckpt)
-                _restore_rng(ckpt, ctx, self.config.train_seed, self.progress.global_step)
-                self.objective.restore(ckpt)
-            except (KeyError, ValueError, TypeError, RuntimeError) as e:
-                raise CheckpointError(f"{out / CHECKPOINT}: incomplete training state ({type(e).__name__}: {e})") from None
-            p = self.progress
-            doc.setdefault("resumed", []).append({"at_epoch": p.epoch, "at_batch": p.batch_in_epoch, "time": _now(),
-                                                  **({"world_size": ctx.world_size} if ctx.enabled else {})})
-            log.info("resuming %s at epoch %d, batch %d", out, p.epoch, p.batch_in_epoch)
-        else:  # killed before its first checkpoint: start again, with the saved config
-            log.warning("%s has no checkpoint yet (stopped during its first epoch): starting it from the beginning", out)
-            doc.setdefault("resumed", []).append({"at_epoch": 0, "at_batch": 0, "time": _now()})
-            ctx.seed(self.config.train_seed)  # as for a new run: each rank its own z noise
-        if ctx.is_main:
-            write_json(out / CONFIG, doc)
+        """Continue from ``checkpoint.pt``, or start again without one (:func:`_restore`)."""
+        _restore(self)
 
     def start(self) -> None:
         """A new run: clear what ``--overwrite`` replaces, write config.json and split.json."""
         cfg, ctx, out = self.config, self.ctx, self.out
         if self.overwrite and ctx.is_main:  # only now: a bad --data or --model-arg must not cost the previous run
             clear_run_files(out)
+            (out / TRAINING).unlink(missing_ok=True)
         self.doc = _config_doc(self)
         ctx.seed(cfg.train_seed)  # after the model is built: each rank its own z noise
         if ctx.is_main:
@@ -300,46 +294,86 @@ class FitRun:
                                      "test_fraction": cfg.test_fraction, **self.split})
             write_json(out / CONFIG, self.doc)
 
-    # -- train: the epoch loop ----------------------------------------------------------------------
+    # -- train: the step loop -----------------------------------------------------------------------
     def train(self) -> None:
-        """Epochs until ``config.epochs`` or until a handler says stop."""
+        """Epochs of steps until a handler says stop, asked before the first step and at every
+        step boundary (:meth:`ask_stop`); ``on_early_stop`` when it was not the budget or the time."""
         self.model.train()
-        while self.progress.epoch < self.config.epochs and not any(h.should_stop(self) for h in self.handlers):
+        self.start_step = self.progress.global_step
+        self.stop_reason = self.ask_stop()
+        while self.stop_reason is None:
             self.train_epoch()
-            self.end_epoch()
-        if self.progress.epoch < self.config.epochs:
+        if self.stop_reason not in ("budget", "time"):
             for h in self.handlers:
                 h.on_early_stop(self)
 
+    def ask_stop(self) -> str | None:
+        """The first handler's reason to stop ("budget", "time", "plateau"; for ``True``: its class name)."""
+        for h in self.handlers:
+            said = h.should_stop(self)
+            if said:
+                return said if isinstance(said, str) else type(h).__name__
+        return None
+
     def train_epoch(self) -> None:
-        """The remaining steps of the current epoch (all of them, or those after a mid-epoch checkpoint)."""
-        cfg, p, trainer, objective = self.config, self.progress, self.trainer, self.objective
+        """The current epoch's remaining steps (all, or those after a mid-epoch checkpoint), each
+        followed by its step boundary (:meth:`step_end`); left early when a handler stops training."""
+        p = self.progress
         self.sampler.set_position(p.epoch, skip=p.batch_in_epoch * self.local_batch)
         for h in self.handlers:
             h.on_epoch_start(self)
-        self.meter = LossMeter(p.partial, self.device)  # the epoch's loss, summed on the device
+        self.meter = LossMeter(p.partial, self.device)  # the loss since the last row, summed on the device
         self.clock = time.perf_counter()
         batches = iter(self.loader)
-        while True:
+        while self.stop_reason is None and p.batch_in_epoch < self.steps_per_epoch:
             t_data = time.perf_counter()
             batch = next(batches, None)
             if batch is None:
                 break
-            image, mask = self.batch_on_device(batch)
+            image, mask = _batch_on_device(self, batch)
             p.partial["data_time"] += time.perf_counter() - t_data
-            progress = p.epoch + p.batch_in_epoch / self.steps_per_epoch
-            beta = beta_at(progress, beta=cfg.beta, warmup=cfg.beta_warmup, cycle=cfg.beta_cycle)
-            _set_lr(trainer.optimizer, cfg, progress)
-            with objective.step_context() as likelihood:
-                outcome = trainer.step(image, mask, beta=beta, recon_scale=objective.recon_scale)
-            objective.after_step(outcome, likelihood, trainer.reduce)
-            self.meter.add(outcome, image.shape[0] * self.ctx.world_size)  # the global batch's loss: every rank's images
+            outcome = _train_step(self, image, mask)
             p.batch_in_epoch += 1
             p.global_step += 1
             for h in self.handlers:
                 h.on_step_end(self, outcome)
-        trainer.check()
-        self.update_partial()
+            self.step_end()
+
+    def step_end(self) -> None:
+        """A step boundary: the row when one is due (:meth:`row_due`: a validation), the epoch's
+        end, the handlers' ``on_epoch_end`` after a row (best.pt, checkpoint.pt, metrics.csv), then
+        whether to stop. A checkpoint is only ever taken after a due row, so a resume never skips one."""
+        p = self.progress
+        epoch_end = p.batch_in_epoch == self.steps_per_epoch
+        row = None
+        if epoch_end or self.row_due():
+            self.trainer.check()
+            self.update_partial()
+        if self.row_due():
+            row = _epoch_row(self)
+            p.history.append(row)
+            p.partial = fresh_partial()
+            self.meter = LossMeter(p.partial, self.device)
+        if epoch_end:
+            p.epoch += 1
+            p.batch_in_epoch = 0
+        if row is not None:
+            self.ctx.check_consistent(lambda: _rank_state(self.model, self.trainer, p.global_step, self.objective),
+                                      what=f"after epoch {p.epoch}" if epoch_end else f"after step {p.global_step}")
+            for h in self.handlers:
+                h.on_epoch_end(self, row)
+            self.clock = time.perf_counter()  # validating and checkpointing are not training time
+        self.stop_reason = self.ask_stop()
+
+    def row_due(self) -> bool:
+        """Whether the step just taken ends a row (validates): the epoch's last, or every --val-every-th."""
+        p, every = self.progress, self.config.val_every
+        return p.batch_in_epoch == self.steps_per_epoch if every is None else p.global_step % every == 0
+
+    def horizon(self) -> float:
+        """The length in epochs (the lr schedule's, the progress bars'): --epochs, or --max-steps'."""
+        cfg = self.config
+        return cfg.epochs if cfg.max_steps is None else cfg.max_steps / self.steps_per_epoch
 
     def update_partial(self) -> None:
         """Bring ``progress.partial`` up to now: the epoch's loss sum and training seconds
@@ -348,30 +382,6 @@ class FitRun:
         now = time.perf_counter()
         self.progress.partial["train_time"] += now - self.clock
         self.clock = now
-
-    def batch_on_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """A training batch's image ``(B, C, H, W)`` and mask ``(B, 1, H, W)`` on the device,
-        augmented (:mod:`pyroseg.augment`) with draws fixed by (seed, step, rank)."""
-        image = batch["image"].to(self.device, non_blocking=True)
-        mask = batch["mask"].to(self.device, non_blocking=True)
-        if self.config.augment != "none":
-            g = step_generator(self.config.train_seed, self.progress.global_step, self.ctx.rank, self.device)
-            image, mask = augment_batch(image, mask, self.augment, generator=g)
-        return image, mask
-
-    def end_epoch(self) -> None:
-        """The epoch's row (:func:`_epoch_row`) into the history, the next epoch's
-        position, then the handlers' ``on_epoch_end``."""
-        p = self.progress
-        row = _epoch_row(self)
-        p.history.append(row)
-        p.epoch += 1
-        p.batch_in_epoch = 0
-        p.partial = fresh_partial()
-        self.ctx.check_consistent(lambda: _rank_state(self.model, self.trainer, p.global_step, self.objective),
-                                  what=f"after epoch {p.epoch}")
-        for h in self.handlers:
-            h.on_epoch_end(self, row)
 
     # -- finish -------------------------------------------------------------------------------------
     def finish(self) -> None:
@@ -382,24 +392,80 @@ class FitRun:
         self.ctx.close()
 
 
-def _set_lr(optimizer: torch.optim.Optimizer, cfg: FitConfig, progress: float) -> None:
-    """The learning rate of :func:`pyroseg.schedules.lr_at` at ``progress`` epochs."""
-    lr = lr_at(progress, lr=cfg.lr, schedule=cfg.lr_schedule, warmup=cfg.lr_warmup, epochs=cfg.epochs)
+def _restore(run: FitRun) -> None:
+    """Continue from ``checkpoint.pt``: weights, optimizer, position, history, RNG
+    states, the objective's state. A run killed before its first checkpoint starts again."""
+    out, ctx, doc = run.out, run.ctx, run.doc
+    if (out / CHECKPOINT).exists():
+        ckpt = load_checkpoint(out / CHECKPOINT, map_location=run.device)
+        # another model, size or run: refused, naming what differs (a budget may change, as --epochs may)
+        check_checkpoint(ckpt, _budgets_of(ckpt, doc), source=out / CHECKPOINT)
+        load_weights(run.model, ckpt, source=out / CHECKPOINT)
+        try:
+            run.trainer.load_state_dict(ckpt["trainer"])
+            run.progress.load_state_dict(ckpt)
+            _restore_rng(ckpt, ctx, run.config.train_seed, run.progress.global_step)
+            run.objective.restore(ckpt)
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"{out / CHECKPOINT}: incomplete training state ({type(e).__name__}: {e})") from None
+        p = run.progress
+        doc.setdefault("resumed", []).append({"at_epoch": p.epoch, "at_batch": p.batch_in_epoch, "time": _now(),
+                                              **({"world_size": ctx.world_size} if ctx.enabled else {})})
+        log.info("resuming %s at epoch %d, batch %d", out, p.epoch, p.batch_in_epoch)
+    else:  # killed before its first checkpoint: start again, with the saved config
+        log.warning("%s has no checkpoint yet (stopped during its first epoch): starting it from the beginning", out)
+        doc.setdefault("resumed", []).append({"at_epoch": 0, "at_batch": 0, "time": _now()})
+        ctx.seed(run.config.train_seed)  # as for a new run: each rank its own z noise
+    if ctx.is_main:
+        write_json(out / CONFIG, doc)
+
+
+def _batch_on_device(run: FitRun, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch's image ``(B, C, H, W)`` and mask ``(B, 1, H, W)`` on the device,
+    augmented (:mod:`pyroseg.augment`) with draws fixed by (seed, step, rank)."""
+    image = batch["image"].to(run.device, non_blocking=True)
+    mask = batch["mask"].to(run.device, non_blocking=True)
+    if run.config.augment != "none":
+        g = step_generator(run.config.train_seed, run.progress.global_step, run.ctx.rank, run.device)
+        image, mask = augment_batch(image, mask, run.augment, generator=g)
+    return image, mask
+
+
+def _train_step(run: FitRun, image: torch.Tensor, mask: torch.Tensor) -> StepOutcome:
+    """One step at the run's position: beta and the learning rate of its schedules, the
+    objective around :meth:`Trainer.step`, its loss into ``run.meter``."""
+    cfg, p, trainer, objective = run.config, run.progress, run.trainer, run.objective
+    progress = p.epoch + p.batch_in_epoch / run.steps_per_epoch
+    beta = beta_at(progress, beta=cfg.beta, warmup=cfg.beta_warmup, cycle=cfg.beta_cycle)
+    _set_lr(trainer.optimizer, cfg, progress, run.horizon())
+    with objective.step_context() as likelihood:
+        outcome = trainer.step(image, mask, beta=beta, recon_scale=objective.recon_scale)
+    objective.after_step(outcome, likelihood, trainer.reduce)
+    run.meter.add(outcome, image.shape[0] * run.ctx.world_size)  # the global batch's loss: every rank's images
+    return outcome
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, cfg: FitConfig, progress: float, horizon: float) -> None:
+    """The learning rate of :func:`pyroseg.schedules.lr_at` at ``progress`` epochs of ``horizon``."""
+    lr = lr_at(progress, lr=cfg.lr, schedule=cfg.lr_schedule, warmup=cfg.lr_warmup, epochs=horizon)
     for group in optimizer.param_groups:
         group["lr"] = lr
 
 
 def _epoch_row(run: FitRun) -> dict[str, Any]:
-    """The row of the epoch just trained (metrics.csv, TensorBoard): train loss, beta,
+    """The row of the steps since the last one (metrics.csv, TensorBoard): where (``epoch``: the
+    epochs trained, an integer at an epoch's end, else fractional; ``step``), train loss, beta,
     learning rate, the objective's columns, validation (rank 0's, on every rank), times."""
     cfg, p, ctx = run.config, run.progress, run.ctx
     t1 = time.perf_counter()
+    at_end = p.batch_in_epoch == run.steps_per_epoch
+    epoch = p.epoch + 1 if at_end else round(p.epoch + p.batch_in_epoch / run.steps_per_epoch, 6)
     row: dict[str, Any] = {
-        "epoch": p.epoch + 1,
+        "epoch": epoch,
         "step": p.global_step,
-        "beta": beta_at(p.epoch + 1, beta=cfg.beta, warmup=cfg.beta_warmup, cycle=cfg.beta_cycle),
+        "beta": beta_at(epoch, beta=cfg.beta, warmup=cfg.beta_warmup, cycle=cfg.beta_cycle),
         "train_loss": p.partial["loss_sum"] / max(p.partial["count"], 1) if p.partial["count"] else float("nan"),
-        "lr": run.trainer.optimizer.param_groups[0]["lr"],  # of the epoch's last step
+        "lr": run.trainer.optimizer.param_groups[0]["lr"],  # of the row's last step
         **run.objective.log_row(),
     }
     row.update(ctx.on_main(lambda: _validate(run.model, run.val_data, cfg, run.device)))
@@ -437,19 +503,43 @@ class Handler:
 
     def on_epoch_end(self, run: FitRun, row: dict[str, Any]) -> None: ...
 
-    def should_stop(self, run: FitRun) -> bool:
-        return False
+    def should_stop(self, run: FitRun) -> str | bool | None:
+        return None
 
     def on_early_stop(self, run: FitRun) -> None: ...
 
     def on_finish(self, run: FitRun) -> None: ...
 
 
+class Budget(Handler):
+    """How long training goes on: ``--max-steps`` optimiser steps when given (``--epochs`` is
+    then no stop), else ``--epochs`` (both "budget"), and ``--max-minutes`` of wall-clock
+    time from this call's first step ("time"; rank 0's clock decides for every rank)."""
+
+    def __init__(self, epochs: int, max_steps: int | None, max_minutes: float | None):
+        self.epochs, self.max_steps, self.max_minutes = epochs, max_steps, max_minutes
+        self.started: float | None = None
+
+    def on_epoch_start(self, run: FitRun) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def should_stop(self, run: FitRun) -> str | None:
+        p = run.progress
+        if (p.global_step >= self.max_steps) if self.max_steps is not None else p.epoch >= self.epochs:
+            return "budget"
+        if self.max_minutes is not None and self.started is not None:
+            late = time.perf_counter() - self.started >= 60 * self.max_minutes
+            if run.ctx.broadcast(late):
+                return "time"
+        return None
+
+
 class BestCheckpoint(Handler):
-    """``best.pt`` (rank 0) whenever an epoch's ``select_by`` beats the best so far
+    """``best.pt`` (rank 0) whenever a row's ``select_by`` beats the best so far
     (``mode``: ``"max"`` or ``"min"``), recorded in ``run.progress.best``, and
-    ``--patience``: stop when that many epochs passed since the best one. Every
-    rank holds rank 0's validation row, so every rank agrees on the best."""
+    ``--patience``: stop when that many validations (rows) passed since the best one.
+    Every rank holds rank 0's validation row, so every rank agrees on the best."""
 
     def __init__(self, select_by: str, mode: str, patience: int | None):
         self.select_by, self.mode, self.patience = select_by, mode, patience
@@ -462,37 +552,51 @@ class BestCheckpoint(Handler):
         best = run.progress.best
         if best is not None and not (value > best["value"] if self.mode == "max" else value < best["value"]):
             return
-        run.progress.best = {"metric": self.select_by, "value": float(value), "epoch": int(row["epoch"])}
+        run.progress.best = {"metric": self.select_by, "value": float(value), "epoch": row["epoch"]}
         if run.ctx.is_main:
             save_checkpoint(run.out / BEST, checkpoint_payload(run, full=False))
 
-    def should_stop(self, run: FitRun) -> bool:
-        """``--patience`` epochs since the best one (or since the start, before any score):
-        a function of the saved progress, so a resumed run stops where an unbroken one did."""
+    def should_stop(self, run: FitRun) -> str | None:
+        """"plateau": ``--patience`` validations since the best one (or since the start, before
+        any score; every epoch without --val-every): a function of the saved history, so a
+        resumed run stops where an unbroken one did."""
+        if self.patience is None:
+            return None
         p = run.progress
-        return self.patience is not None and p.epoch - (p.best["epoch"] if p.best else 0) >= self.patience
+        return "plateau" if len(p.history) - 1 - _best_index(p.history, p.best) >= self.patience else None
 
     def on_early_stop(self, run: FitRun) -> None:
+        if run.stop_reason != "plateau":
+            return
         best = run.progress.best or {}
-        log.info("stopped after epoch %d: %s has not improved for %d epochs (best %s at epoch %s)", run.progress.epoch,
-                 self.select_by, self.patience, best.get("value"), best.get("epoch"))
+        log.info("stopped at step %d: %s has not improved for %d validations (best %s at epoch %s)",
+                 run.progress.global_step, self.select_by, self.patience, best.get("value"), best.get("epoch"))
 
 
 class PeriodicCheckpoint(Handler):
-    """``checkpoint.pt`` (rank 0 writes; every rank hands in its RNG state) at every
-    epoch end and, with ``every``, every that many steps within an epoch."""
+    """``checkpoint.pt`` (rank 0 writes; every rank hands in its RNG state) after every row
+    (each epoch's end; with --val-every, each validation), with ``every``, every that many
+    steps in between, and at the finish when training stopped after the last one (--max-steps,
+    --max-minutes, --patience mid-epoch). Never at a step whose row is due but not yet made."""
 
     def __init__(self, every: int | None = None):
         self.every = every
+        self.written_at: int | None = None  # the step of this call's last checkpoint
 
     def on_step_end(self, run: FitRun, outcome: StepOutcome) -> None:
         p = run.progress
-        if self.every and p.global_step % self.every == 0 and p.batch_in_epoch < run.steps_per_epoch:
+        if self.every and p.global_step % self.every == 0 and p.batch_in_epoch < run.steps_per_epoch and not run.row_due():
             run.update_partial()
             self.write(run)
 
     def on_epoch_end(self, run: FitRun, row: dict[str, Any]) -> None:
         self.write(run)
+
+    def on_finish(self, run: FitRun) -> None:
+        step = run.progress.global_step
+        if step != run.start_step and step != self.written_at:  # stopped between two checkpoints
+            run.update_partial()
+            self.write(run)
 
     def write(self, run: FitRun) -> None:
         run.trainer.check()  # never a checkpoint after --max-nonfinite in a row
@@ -500,6 +604,7 @@ class PeriodicCheckpoint(Handler):
         rng_by_rank = ctx.gather(get_rng_state()) if ctx.enabled else None  # every rank takes part
         if ctx.is_main:
             save_checkpoint(run.out / CHECKPOINT, checkpoint_payload(run, full=True, rng_by_rank=rng_by_rank))
+        self.written_at = run.progress.global_step
 
 
 class MetricsCSV(Handler):
@@ -511,6 +616,45 @@ class MetricsCSV(Handler):
 
     def on_finish(self, run: FitRun) -> None:
         write_metrics_csv(run.out / METRICS, run.progress.history)
+
+
+class TrainingRecord(Handler):
+    """``training.json`` at the finish (rank 0 only): :func:`training_record`."""
+
+    def on_finish(self, run: FitRun) -> None:
+        write_json(run.out / TRAINING, training_record(run))
+
+
+def training_record(run: FitRun) -> dict[str, Any]:
+    """The steps trained, why training stopped (``stop_reason``: "budget": --epochs or
+    --max-steps, "plateau": --patience, "time": --max-minutes) and the curve of the
+    --select-by score, ``[step, score]`` per validation row of the history (``None``
+    where not finite), so that it continues over a resume."""
+    p, key = run.progress, run.select_by
+    curve = [[int(r["step"]), float(r[key]) if math.isfinite(r[key]) else None] for r in p.history if r.get(key) is not None]
+    i = _best_index(p.history, p.best)
+    return {"steps": p.global_step, "epochs": round(p.global_step / run.steps_per_epoch, 6), "stop_reason": run.stop_reason,
+            "select_by": key, "mode": run.select_mode, "val_every": run.config.val_every, "curve": curve,
+            "best": {"step": int(p.history[i]["step"]), "score": float(p.best["value"])} if i >= 0 else None}
+
+
+def _best_index(history: list[dict[str, Any]], best: dict[str, Any] | None) -> int:
+    """The index in ``history`` of the row ``best`` was taken from (the first with its score:
+    best.pt moves only on a strict improvement), or -1 before any score."""
+    if best is None:
+        return -1
+    return next((i for i, r in enumerate(history) if r.get(best["metric"]) == best["value"]), -1)
+
+
+#: The FitConfig fields a resume may change besides ``epochs``: how much longer to train.
+_BUDGET_FIELDS = ("max_steps", "max_minutes")
+
+
+def _budgets_of(ckpt: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` (config.json) with the checkpoint's budgets, so that comparing the two
+    refuses another run but not a budget raised by an earlier resume."""
+    saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    return {**doc, "fit": {**doc["fit"], **{k: saved[k] for k in _BUDGET_FIELDS if k in saved}}}
 
 
 class Pictures(Handler):
@@ -539,7 +683,7 @@ class CallbackHandler(Handler):
         self.callbacks = callbacks
 
     def on_epoch_start(self, run: FitRun) -> None:
-        self.callbacks.on_epoch_start(run.progress.epoch, run.config.epochs, run.steps_per_epoch - run.progress.batch_in_epoch)
+        self.callbacks.on_epoch_start(run.progress.epoch, math.ceil(run.horizon()), run.steps_per_epoch - run.progress.batch_in_epoch)
 
     def on_step_end(self, run: FitRun, outcome: StepOutcome) -> None:
         self.callbacks.on_step(outcome.loss_tensor)

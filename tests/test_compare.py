@@ -152,9 +152,10 @@ def _fake_run(model, seed, dice_all, per_patient):
 
 def test_summarise_by_hand():
     """Hand-computed: the paired differences 0.2, 0.05, 0.2 over 3 seeds have a t-interval containing 0: a tie."""
-    pp = {"a": [1.0, 2], "b": [0.5, 1]}
+    pp = {"a": [1.0, 2], "b": [0.5, 1], "c": [0.4, 1]}
     runs = [_fake_run("unet", s, v, pp) for s, v in zip((0, 1, 2), (0.6, 0.65, 0.7), strict=True)]
-    runs += [_fake_run("vae", s, v, {"a": [1.5, 2], "b": [0.8, 1]}) for s, v in zip((0, 1, 2), (0.8, 0.7, 0.9), strict=True)]
+    runs += [_fake_run("vae", s, v, {"a": [1.5, 2], "b": [0.8, 1], "c": [0.68, 1]})
+             for s, v in zip((0, 1, 2), (0.8, 0.7, 0.9), strict=True)]
     doc = summarise({"runs": runs, "seeds": [0, 1, 2], "baseline": "unet", "level": 0.95, "n_boot": 500})
     st = {(s["model"], s["metric"]): s for s in doc["summary"]}
     assert st[("unet", "dice_all")]["mean"] == pytest.approx(0.65) and st[("unet", "dice_all")]["sd"] == pytest.approx(0.05)
@@ -162,8 +163,9 @@ def test_summarise_by_hand():
     dice_d = d[("vae", "dice_all")]
     assert dice_d["diff"] == pytest.approx(0.15)
     assert dice_d["seeds"]["lo"] == pytest.approx(-0.0651326, abs=1e-6) and dice_d["seeds"]["hi"] == pytest.approx(0.3651326, abs=1e-6)
-    # patients pooled over 3 seeds: vae (4.5 + 2.4) / 9 - unet (3 + 1.5) / 9; every patient better -> bootstrap > 0
-    assert dice_d["patients"]["diff"] == pytest.approx((6.9 - 4.5) / 9) and dice_d["patients"]["lo"] > 0
+    # patients pooled over 3 seeds: vae (4.5 + 2.4 + 2.04) / 12 - unet (3 + 1.5 + 1.2) / 12; every patient
+    # gains 0.25-0.3, so the patient interval (t on 2 degrees of freedom, jackknife) excludes 0
+    assert dice_d["patients"]["diff"] == pytest.approx((8.94 - 5.7) / 12) and dice_d["patients"]["lo"] > 0
     assert dice_d["verdict"] == "tie"  # the seeds' interval contains 0
     assert d[("vae", "ged")]["verdict"] == "tie" and d[("vae", "ged")]["diff"] == pytest.approx(-0.15)
     # a consistent gain over seeds and patients: GED lower is "better"
@@ -172,7 +174,7 @@ def test_summarise_by_hand():
             r["ged"] = 1 - 0.65 - 0.1 - 0.01 * r["seed"]
     doc = summarise(doc)
     assert {(x["model"], x["metric"]): x for x in doc["differences"]}[("vae", "ged")]["verdict"] == "better"
-    # one seed: only the patient bootstrap (every patient gains 0.25-0.3), and the verdict says so
+    # one seed: only the patient interval (every patient gains 0.25-0.3), and the verdict says so
     one = summarise({**doc, "runs": [r for r in runs if r["seed"] == 0], "seeds": [0]})
     d = {(x["model"], x["metric"]): x for x in one["differences"]}[("vae", "dice_all")]
     assert d["seeds"]["n"] == 1 and d["patients"]["lo"] > 0 and d["verdict"] == "better (1 seed)"
@@ -180,8 +182,8 @@ def test_summarise_by_hand():
 
 def test_a_verdict_without_patient_scores_says_so():
     """A metric whose reports have no per-patient scores gets its verdict from the seed interval
-    alone, and the verdict says it was not tested by patient; the ECE's bootstrap resamples
-    patients' reliability bins."""
+    alone, and the verdict says it was not tested by patient; the ECE's patient interval is
+    computed from patients' reliability bins."""
     pp = {"a": [1.0, 2], "b": [0.5, 1], "c": [0.4, 1]}
     runs = [_fake_run("unet", s, v, pp) | {"qubiq": 0.5 + 0.01 * s} for s, v in enumerate((0.6, 0.65, 0.7))]
     runs += [_fake_run("vae", s, v, pp) | {"qubiq": 0.7 + 0.01 * s} for s, v in enumerate((0.6, 0.65, 0.7))]
@@ -256,10 +258,11 @@ def test_render_summary_keeps_the_asked_columns_and_names_only_supported_differe
     differences both intervals support; a tie says so, and an unknown column is refused."""
     from pyroseg.compare import render_summary
 
-    meta = {"data": "synthetic-ambiguous", "image_size": 32, "n_patients": 2, "n_slices": 8}
-    pp = {"a": [1.0, 2], "b": [0.5, 1]}
+    meta = {"data": "synthetic-ambiguous", "image_size": 32, "n_patients": 3, "n_slices": 12}
+    pp = {"a": [1.0, 2], "b": [0.5, 1], "c": [0.4, 1]}
     runs = [{**_fake_run("unet", s, v, pp), **meta} for s, v in zip((0, 1, 2), (0.6, 0.65, 0.7), strict=True)]
-    runs += [{**_fake_run("vae", s, v, {"a": [1.5, 2], "b": [0.8, 1]}), **meta} for s, v in zip((0, 1, 2), (0.8, 0.7, 0.9), strict=True)]
+    runs += [{**_fake_run("vae", s, v, {"a": [1.5, 2], "b": [0.8, 1], "c": [0.68, 1]}), **meta}
+             for s, v in zip((0, 1, 2), (0.8, 0.7, 0.9), strict=True)]
     for r in runs:
         if r["model"] == "vae":
             r["ged"] = 1 - 0.65 - 0.1 - 0.01 * r["seed"]  # better than unet on every seed and patient
@@ -267,7 +270,7 @@ def test_render_summary_keeps_the_asked_columns_and_names_only_supported_differe
                      "config": {"epochs": 3}, "num_samples": 4})
     md = render_summary(doc, ["dice_all", "ged"])
     lines = md.splitlines()
-    assert lines[2] == "| model | Dice (all slices) | GED | vs `unet` |"
+    assert lines[2] == "| model | converged | Dice (all slices) | GED | vs `unet` |"  # converged: "?" (not recorded here)
     unet = next(line for line in lines if line.startswith("| unet"))
     vae = next(line for line in lines if line.startswith("| vae"))
     assert "0.650 ± 0.050" in unet and unet.endswith("| reference |")
@@ -323,3 +326,143 @@ def test_the_figure_is_drawn_by_plots_from_the_document(tmp_path):
         for m, v in (("unet", 0.5), ("vae", 0.6))]}
     png = comparison_figure(doc, tmp_path / "c.png", metrics=["dice_all", "ged"])
     assert png == tmp_path / "c.png" and png.stat().st_size > 3000
+
+
+def test_folds_test_every_patient_once_and_pool_patients_over_folds(tmp_path):
+    """--folds 3: every patient is a test case in exactly one fold; the patient interval pools them all."""
+    base = _base(synthetic_patients=6, synthetic_slices=4, collapse_diagnostics=False)
+    doc = compare_models(base, tmp_path, models=["unet", "vae"], folds=3, num_samples=1, pictures=False)
+    tested = []
+    for k in range(3):
+        split = json.loads((tmp_path / "unet" / "seed0" / f"fold{k}" / "split.json").read_text())
+        assert split == json.loads((tmp_path / "vae" / "seed0" / f"fold{k}" / "split.json").read_text())
+        assert not set(split["test"]) & (set(split["train"]) | set(split["val"]))
+        tested += split["test"]
+    assert len(tested) == 6 and len(set(tested)) == 6
+    runs = [r for r in doc["runs"] if r["model"] == "unet"]
+    assert [r["fold"] for r in runs] == [0, 1, 2] and runs[1]["run"] == str(tmp_path / "unet" / "seed0" / "fold1")
+    assert sum(r["n_patients"] for r in runs) == 6
+    d = {(x["model"], x["metric"]): x for x in doc["differences"]}[("vae", "dice_all")]
+    assert d["patients"]["n"] == 6  # pooled over the folds: every patient
+    assert d["seeds"]["n"] == 1  # one seed: its value is the mean over its folds
+    assert d["diff"] == pytest.approx(sum(r["dice_all"] for r in doc["runs"] if r["model"] == "vae") / 3
+                                      - sum(r["dice_all"] for r in runs) / 3)
+    saved = json.loads((tmp_path / "comparison.json").read_text())
+    assert saved["folds"] == 3 and saved["config"]["folds"] == 3 and saved["converged"]["unet"][1] == 3
+    md = (tmp_path / "comparison.md").read_text()
+    assert "3-fold cross-validation by patient (6 patients" in md and "| converged |" in md
+    assert (tmp_path / "comparison_curves.png").stat().st_size > 3000
+
+
+def test_one_fold_keeps_the_single_split(tmp_path):
+    from pyroseg.data.split import split_patients
+
+    compare_models(_base(collapse_diagnostics=False), tmp_path, models=["unet"], num_samples=1, pictures=False)
+    split = json.loads((tmp_path / "unet" / "seed0" / "split.json").read_text())
+    ids = sorted(split["train"] + split["val"] + split["test"])
+    assert {k: split[k] for k in ("train", "val", "test")} == split_patients(ids, val_fraction=0.15, test_fraction=0.15, seed=0)
+    doc = json.loads((tmp_path / "comparison.json").read_text())
+    assert doc["folds"] == 1 and doc["runs"][0]["fold"] == 0 and not (tmp_path / "unet" / "seed0" / "fold0").exists()
+
+
+def _fake_history(run, *, curve=None, stop=None, scores=None, select_by="val_dice_tumour"):
+    from pyroseg.runs import write_metrics_csv
+
+    run.mkdir(parents=True, exist_ok=True)
+    if curve is not None:
+        (run / "training.json").write_text(json.dumps({
+            "steps": int(curve[-1][0]), "epochs": len(curve), "stop_reason": stop, "select_by": select_by,
+            "mode": "max", "val_every": None, "curve": curve, "best": {"step": 0, "score": 0.0}}))
+    if scores is not None:
+        write_metrics_csv(run / "metrics.csv", [{"epoch": i + 1, "step": 10 * (i + 1), select_by: s} for i, s in enumerate(scores)])
+
+
+def test_converged_from_training_json_or_metrics_csv(tmp_path):
+    from pyroseg.compare import run_convergence
+    from pyroseg.comparison_stats import converged
+
+    cfg = _base()
+    rising = [[10 * (i + 1), 0.1 * i] for i in range(8)]
+    _fake_history(tmp_path / "plateau", curve=rising, stop="plateau")  # stopped on a plateau: converged, whatever the curve
+    _fake_history(tmp_path / "rising", curve=rising, stop="budget")
+    flat = [[10 * (i + 1), s] for i, s in enumerate((0.1, 0.4, 0.6, 0.7, 0.75, 0.78, 0.781, 0.783))]
+    _fake_history(tmp_path / "flat", curve=flat, stop="budget")
+    _fake_history(tmp_path / "csv_rising", scores=[0.1 * i for i in range(8)])
+    _fake_history(tmp_path / "csv_flat", scores=[0.1, 0.4, 0.6, 0.7, 0.75, 0.78, 0.781, 0.783])
+    got = {name: run_convergence(tmp_path / name, cfg) for name in ("plateau", "rising", "flat", "csv_rising", "csv_flat")}
+    assert {k: v["converged"] for k, v in got.items()} == {
+        "plateau": True, "rising": False, "flat": True, "csv_rising": False, "csv_flat": True}
+    assert got["csv_flat"]["curve"][-1] == [80.0, 0.783] and got["csv_flat"]["select_by"] == "val_dice_tumour"
+    assert got["plateau"]["stop_reason"] == "plateau" and got["csv_flat"]["stop_reason"] is None
+    # a loss falls: "min"; a gain of 0.004 is under the absolute tolerance, 0.02 of 0.5 is over the relative one
+    assert converged([[1, 1.0], [2, 0.5], [3, 0.5], [4, 0.496]], "min") is True
+    assert converged([[1, 1.0], [2, 0.5], [3, 0.5], [4, 0.48]], "min") is False
+    assert converged([[1, 0.5]], "max") is False  # one validation: cannot tell
+    # the tables count them per model, mark the unconverged one, and old documents say "?"
+    from pyroseg.compare import render_summary
+
+    meta = {"data": "synthetic", "image_size": 32, "n_patients": 2, "n_slices": 8}
+    pp = {"a": [1.0, 2], "b": [0.5, 1]}
+    runs = [{**_fake_run(m, s, 0.5, pp), **meta, "converged": m == "unet" or s == 0} for m in ("unet", "vae") for s in (0, 1)]
+    doc = summarise({"runs": runs, "seeds": [0, 1], "baseline": "unet", "level": 0.95, "n_boot": 100,
+                     "config": {"epochs": 3}, "num_samples": 4})
+    assert doc["converged"] == {"unet": [2, 2], "vae": [1, 2]}
+    md = render_summary(doc, ["dice_all"])
+    assert "| unet | 2/2 |" in md and "| vae | 1/2 * |" in md and "not converged in every run" in md
+    old = summarise({**doc, "runs": [{k: v for k, v in r.items() if k != "converged"} for r in runs]})
+    md = render_summary(old, ["dice_all"])
+    assert "converged" not in old and "| unet | ? |" in md and "not converged in every run" not in md
+
+
+def test_protocol_options_are_recorded_and_a_rerun_with_others_refuses(tmp_path):
+    args = ["compare", "--data", "synthetic", "--image-size", "32", "--epochs", "1", "--models", "vae", "--baseline", "vae",
+            "--num-samples", "1", "--out", str(tmp_path), "-q", "--augment", "flip",
+            "--lr-schedule", "cosine"]
+    res = CliRunner().invoke(cli, args + ["--model-arg", "vae:latent_dim=3"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "comparison.json").read_text())
+    assert doc["config"]["augment"] == "flip" and doc["config"]["lr_schedule"] == "cosine"
+    assert doc["model_args"] == {"vae": {"latent_dim": 3}}
+    fit = json.loads((tmp_path / "vae" / "seed0" / "config.json").read_text())["fit"]
+    assert fit["augment"] == "flip" and fit["model_args"] == {"latent_dim": 3}
+    again = CliRunner().invoke(cli, [*args[:-4], "--augment", "none", "--lr-schedule", "cosine", "--model-arg", "vae:latent_dim=3"])
+    assert again.exit_code != 0 and "other settings (augment)" in again.output
+    again = CliRunner().invoke(cli, [*args, "--model-arg", "vae:latent_dim=4"])
+    assert again.exit_code != 0 and "other settings (model_args)" in again.output
+    bad = CliRunner().invoke(cli, [*args, "--model-arg", "unet:latent_dim=3"])
+    assert bad.exit_code != 0 and "--model-arg unet" in bad.output
+    bad = CliRunner().invoke(cli, [*args, "--model-arg", "latent_dim=3"])
+    assert bad.exit_code != 0 and "MODEL:KEY=VALUE" in bad.output
+
+
+def test_compare_passes_on_the_fit_options_of_the_protocol():
+    """The protocol options of compare are fit's (generated from the same FitConfig fields)."""
+    from pyroseg.cli.compare import PROTOCOL, compare_cmd
+    from pyroseg.cli.fit import fit_cmd
+
+    fit = {p.name: p for p in fit_cmd.params}
+    compare = {p.name: p for p in compare_cmd.params}
+    assert {"augment", "lr_schedule", "lr_warmup", "objective", "geco_kappa", "free_bits", "select_by", "patience"} <= set(PROTOCOL)
+    for name in PROTOCOL:
+        a, b = fit[name], compare[name]
+        assert (a.opts, a.default, type(a.type), a.help) == (b.opts, b.default, type(b.type), b.help), name
+    assert "model_arg" in compare and "folds" in compare and "fold" not in compare
+
+
+def test_run_state_reads_what_a_run_trained_from_its_training_record(tmp_path):
+    """A run is finished when it stopped on a plateau or trained its budget (steps when
+    --max-steps is given, else epochs), read from training.json; otherwise it is resumed."""
+    from pyroseg.compare import run_state
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"")
+    (run / "config.json").write_text(json.dumps({"fit": {"val_every": 5}}))
+    (run / "metrics.csv").write_text("epoch,step,train_time_s\n" + "".join(f"{i / 2},{5 * i},1\n" for i in range(1, 9)))
+    assert run_state(run, epochs=3) == "partial"  # 8 rows of --val-every 5 are not 8 epochs
+    (run / "training.json").write_text(json.dumps({"steps": 40, "epochs": 4.0, "stop_reason": "budget"}))
+    assert run_state(run, epochs=3) == "finished" and run_state(run, epochs=5) == "partial"
+    assert run_state(run, epochs=3, max_steps=40) == "finished" and run_state(run, epochs=3, max_steps=80) == "partial"
+    (run / "training.json").write_text(json.dumps({"steps": 10, "epochs": 1.0, "stop_reason": "plateau"}))
+    assert run_state(run, epochs=50, max_steps=1000) == "finished"
+    assert run_state(tmp_path / "none", epochs=1) == "absent"

@@ -51,7 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FAULTS = Path(__file__).resolve().parent / "faults"
 TINY = ["--image-size", str(H), "--synthetic-patients", "6", "--synthetic-slices", "8", "--widths", "8,16,32,64",
         "--val-samples", "2", "--device", "cpu", "--seed", "0"]
-RUN_FILES = {"config.json", "split.json", "metrics.csv", "checkpoint.pt", "best.pt", "curves.png", "val_samples.png"}
+RUN_FILES = {"config.json", "split.json", "metrics.csv", "checkpoint.pt", "best.pt", "curves.png", "val_samples.png",
+             "training.json"}
 LAUNCH_TIMEOUT_S = 300  # a hung launch fails the test instead of the CI run
 
 

@@ -70,3 +70,35 @@ def test_zero_val_fraction_gives_empty_val():
     assert (len(s["train"]), len(s["test"])) == (68, 12)
     s = split_patients(["p0", "p1"], val_fraction=0.0, test_fraction=0.0)
     assert s == {"train": ["p0", "p1"], "val": [], "test": []}
+
+
+def test_folds_test_every_patient_exactly_once():
+    from pyroseg.data.split import fold_split
+
+    folds = [fold_split(PATIENTS, folds=5, fold=k, val_fraction=0.15, seed=3) for k in range(5)]
+    tested = [p for f in folds for p in f["test"]]
+    assert sorted(tested) == sorted(PATIENTS)  # each exactly once
+    for f in folds:
+        train, val, test = (set(f[k]) for k in SPLITS)
+        assert not (train & val) and not (train & test) and not (val & test)
+        assert train | val | test == set(PATIENTS)
+        assert len(test) == N // 5 and len(val) == round(N * 0.15)
+        assert all(f[k] == sorted(f[k]) for k in SPLITS)
+    assert folds[2] == fold_split(list(reversed(PATIENTS)), folds=5, fold=2, val_fraction=0.15, seed=3)  # deterministic
+    assert fold_split(PATIENTS, folds=5, fold=2, seed=4)["test"] != folds[2]["test"]  # from the seed
+    with pytest.raises(UsageError, match="--folds 9"):
+        fold_split(PATIENTS[:8], folds=9, fold=0)
+    with pytest.raises(UsageError, match="fold 5"):
+        fold_split(PATIENTS, folds=5, fold=5)
+
+
+def test_split_for_one_fold_is_the_single_split():
+    from pyroseg.config import FitConfig
+    from pyroseg.data.split import fold_split, split_for
+
+    cfg = FitConfig(seed=7, val_fraction=0.1, test_fraction=0.2)
+    assert split_for(PATIENTS, cfg) == split_patients(PATIENTS, val_fraction=0.1, test_fraction=0.2, seed=7)
+    cfg = FitConfig(seed=7, data_seed=2, val_fraction=0.1, folds=4, fold=1)
+    assert split_for(PATIENTS, cfg) == fold_split(PATIENTS, folds=4, fold=1, val_fraction=0.1, seed=2)
+    with pytest.raises(UsageError, match="--fold 4"):
+        FitConfig(folds=4, fold=4).validate()

@@ -7,7 +7,16 @@ import math
 import numpy as np
 import pytest
 
-from pyroseg.stats import paired_bootstrap, paired_t, ratio_mean, t_interval, verdict
+from pyroseg.stats import (
+    binned_ece,
+    paired_bootstrap,
+    paired_jackknife_stat,
+    paired_patient_interval,
+    paired_t,
+    ratio_mean,
+    t_interval,
+    verdict,
+)
 
 T_975_2 = 4.302652729911275  # Student t, 2 degrees of freedom, 97.5 % quantile (tables: 4.303)
 
@@ -93,3 +102,88 @@ def test_verdict():
     assert verdict([(0.01, 0.2), (float("nan"), float("nan"))], True) == "better"  # uncomputable skipped
     assert verdict([(float("nan"), float("nan"))], True) == "n/a"
     assert verdict([(0.1, 0.2)], None) == "higher"
+
+
+def test_paired_patient_interval_by_hand():
+    # equal counts: both standard errors are paired_t's of the per-patient mean differences
+    sa = np.array([0.9, 0.5, 0.7, 0.3]) * 3
+    sb = np.array([0.7, 0.45, 0.6, 0.35]) * 3
+    ref = paired_t(sa / 3, sb / 3)
+    for method in ("jackknife", "delta"):
+        r = paired_patient_interval(sa, [3] * 4, sb, [3] * 4, method=method)
+        assert r["n"] == 4 and r["diff"] == pytest.approx(ref["mean"])
+        assert r["lo"] == pytest.approx(ref["lo"]) and r["hi"] == pytest.approx(ref["hi"])
+    # a constant shift is certain
+    r = paired_patient_interval(sa, [3] * 4, sa - 0.3, [3] * 4)
+    assert r["lo"] == pytest.approx(0.1) and r["hi"] == pytest.approx(0.1)
+    # unequal counts: diff is the difference of the slice-weighted means, as paired_bootstrap's
+    c = np.array([1.0, 5.0, 2.0, 9.0])
+    r = paired_patient_interval(sa / 3 * c, c, sb / 3 * c, c)
+    assert r["diff"] == pytest.approx(paired_bootstrap(sa / 3 * c, c, sb / 3 * c, c)["diff"])
+    assert r["lo"] < r["diff"] < r["hi"]
+    with pytest.raises(ValueError):
+        paired_patient_interval([1.0], [1], [1.0], [1], method="bca")
+
+
+def test_paired_patient_interval_zero_counts_and_few_patients():
+    # a patient without slices is dropped, as by paired_bootstrap
+    r = paired_patient_interval([1.0, 0.0, 5.0], [1, 1, 0], [0.0, 0.0, 0.0], [1, 1, 0])
+    assert r["n"] == 2 and r["diff"] == 0.5
+    # P = 2, one slice each, differences 1 and 0: se 0.5, t_{0.975, 1} = 12.706
+    assert r["hi"] - r["diff"] == pytest.approx(12.706204736 * 0.5)
+    for method in ("jackknife", "delta"):
+        r = paired_patient_interval([1.0], [1], [0.0], [1], method=method)  # P = 1
+        assert r["n"] == 1 and r["diff"] == 1.0 and math.isnan(r["lo"]) and math.isnan(r["hi"])
+        r = paired_patient_interval([], [], [], [], method=method)
+        assert r["n"] == 0 and math.isnan(r["diff"])
+
+
+def test_paired_jackknife_stat_ece():
+    rng = np.random.default_rng(3)
+    k = 4
+    def bins(shift):
+        cnt = rng.integers(50, 200, size=(6, k)).astype(float)
+        prob = cnt * (np.arange(k) + 0.5) / k
+        return np.concatenate([cnt, prob, np.clip(prob + shift * cnt, 0, cnt)], 1)
+    a, b = bins(0.1), bins(0.02)
+    r = paired_jackknife_stat(a, b, binned_ece)
+    assert r["n"] == 6 and r["diff"] == pytest.approx(binned_ece(a.sum(0)) - binned_ece(b.sum(0)))
+    assert r["lo"] < r["diff"] < r["hi"]
+    # a patient with no pixels for either model is dropped; P = 1 gives NaN bounds
+    zero = np.zeros((1, 3 * k))
+    r0 = paired_jackknife_stat(np.vstack([a, zero]), np.vstack([b, zero]), binned_ece)
+    assert r0 == pytest.approx(r)
+    r1 = paired_jackknife_stat(a[:1], b[:1], binned_ece)
+    assert r1["n"] == 1 and math.isnan(r1["lo"])
+    assert paired_jackknife_stat(zero[:0], zero[:0], binned_ece)["n"] == 0
+
+
+def _coverage(scenario, reps, n_boot=0, patients=(5, 10, 30)):
+    from benchmarks.interval_coverage import coverage, truth
+
+    true = truth(scenario, n=400_000)
+    return {p: coverage(scenario, p, reps, n_boot=n_boot, seed=1, true=true) for p in patients}
+
+
+def test_patient_interval_coverage_few_patients():
+    """Simulated LGG-like test sets (1-60 slices per patient, skewed zero-inflated Dice,
+    more slices -> higher Dice): the jackknife-t interval of paired_patient_interval
+    covers the true slice-weighted difference 93-97 % of the time at 5, 10 and 30
+    patients; the percentile bootstrap does not at 5 (about 80 %)."""
+    cov = _coverage("lgg", 4000)
+    for p, c in cov.items():
+        assert 0.93 <= c["t_jack"] <= 0.97, (p, c)
+    pct = _coverage("lgg", 1000, n_boot=200, patients=(5,))
+    assert pct[5]["percentile"] < 0.88, pct
+
+
+@pytest.mark.slow
+def test_patient_interval_coverage_all_scenarios():
+    for scenario in ("uniform", "lgg", "volume"):
+        cov = _coverage(scenario, 10000, n_boot=499)
+        for p, c in cov.items():
+            assert 0.93 <= c["t_jack"] <= 0.975, (scenario, p, c)  # volume, P = 5: ~97.2 % (conservative)
+            assert c["percentile"] < c["t_jack"], (scenario, p, c)
+    cov = _coverage("ece", 10000, n_boot=499)
+    for p, c in cov.items():
+        assert 0.915 <= c["t_jack"] <= 0.97 and c["percentile"] < c["t_jack"], (p, c)

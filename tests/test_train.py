@@ -374,5 +374,86 @@ def test_fit_run_state_is_set_in_its_constructor_and_handlers_see_every_hook(tmp
     steps = run.steps_per_epoch
     assert calls == [("start", 0), *[("step", i) for i in range(1, steps + 1)], ("end", 1, True),
                      ("start", 1), *[("step", i) for i in range(steps + 1, 2 * steps + 1)], ("end", 2, True), ("finish", 2)]
-    assert [type(h).__name__ for h in run.handlers] == ["BestCheckpoint", "PeriodicCheckpoint", "MetricsCSV", "CallbackHandler",
-                                                       "Recorder"]
+    assert [type(h).__name__ for h in run.handlers] == ["Budget", "BestCheckpoint", "PeriodicCheckpoint", "MetricsCSV",
+                                                       "TrainingRecord", "CallbackHandler", "Recorder"]
+
+
+# --------------------------------------------------------------------------- budgets in steps, stopping on a plateau
+
+
+def _record(out):
+    import json
+
+    return json.loads((out / "training.json").read_text())
+
+
+def test_max_steps_stops_mid_epoch_and_records_why(tmp_path):
+    """--max-steps 6 at 4 steps per epoch: 6 steps (--epochs 1 is no stop), the last
+    checkpoint at step 6 mid-epoch, one validation (the first epoch's end)."""
+    out = fit(_tiny_config(tmp_path, epochs=1, batch_size=8, max_steps=6), pictures=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert (ckpt["global_step"], ckpt["epoch"], ckpt["batch_in_epoch"]) == (6, 1, 2)
+    rec = _record(out)
+    assert (rec["steps"], rec["epochs"], rec["stop_reason"], rec["val_every"]) == (6, 1.5, "budget", None)
+    assert (rec["select_by"], rec["mode"]) == ("val_dice_tumour", "max")
+    assert [s for s, _ in rec["curve"]] == [4] and rec["best"]["step"] == 4
+    default = _record(fit(_tiny_config(tmp_path, epochs=2, out=str(tmp_path / "epochs")), pictures=False))
+    assert (default["stop_reason"], default["epochs"], len(default["curve"])) == ("budget", 2.0, 2)
+
+
+def test_val_every_validates_every_n_steps(tmp_path):
+    import csv
+
+    out = fit(_tiny_config(tmp_path, batch_size=8, max_steps=7, val_every=2), pictures=False)
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [2, 4, 6]
+    assert [float(r["epoch"]) for r in rows] == [0.5, 1.0, 1.5]  # epochs trained: fractional mid-epoch
+    rec = _record(out)
+    assert [s for s, _ in rec["curve"]] == [2, 4, 6] and rec["val_every"] == 2 and rec["steps"] == 7
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["global_step"] == 7  # saved at the stop
+
+
+def test_patience_counts_validations_and_stops_on_a_plateau(tmp_path, monkeypatch):
+    import pyroseg.train as train_mod
+
+    monkeypatch.setattr(train_mod, "_validate", lambda *a, **kw: {"val_loss": 1.0})  # never improves after the first
+    out = fit(_tiny_config(tmp_path, batch_size=8, max_steps=20, val_every=1, patience=2, select_by="val_loss"),
+              pictures=False)
+    rec = _record(out)
+    assert (rec["stop_reason"], rec["steps"], rec["curve"]) == ("plateau", 3, [[1, 1.0], [2, 1.0], [3, 1.0]])
+    assert rec["best"] == {"step": 1, "score": 1.0}
+
+
+def test_max_minutes_stops_after_the_step_that_spends_them(tmp_path):
+    rec = _record(fit(_tiny_config(tmp_path, epochs=3, batch_size=8, max_minutes=1e-4), pictures=False))
+    assert (rec["stop_reason"], rec["steps"], rec["curve"]) == ("time", 1, [])
+
+
+@pytest.mark.parametrize("how", ["budget", "kill"])
+def test_val_every_resume_equals_an_unbroken_run(tmp_path, how):
+    """prob_unet (validation draws samples) with a validation every 3 steps, mid-epoch: stopped
+    at step 5 by --max-steps then resumed to 10, or killed after step 8 (last checkpoint: the
+    validation at step 6) and resumed, equals 10 steps straight: weights, rows, training.json."""
+    kw = dict(model="prob_unet", batch_size=8, val_every=3, beta_warmup=1.0, select_by="val_loss")
+    straight = fit(_tiny_config(tmp_path, out=str(tmp_path / "straight"), max_steps=10, **kw), pictures=False)
+    out = tmp_path / "broken"
+    if how == "budget":
+        fit(_tiny_config(tmp_path, out=str(out), max_steps=5, **kw), pictures=False)
+        assert _record(out)["steps"] == 5
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            fit(_tiny_config(tmp_path, out=str(out), max_steps=10, **kw), callbacks=_KillAt(8), pictures=False)
+        assert torch.load(out / "checkpoint.pt", weights_only=True)["global_step"] == 6
+    fit(FitConfig(out=str(out), epochs=0, max_steps=10 if how == "budget" else None), resume=True, pictures=False)
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    b = torch.load(out / "checkpoint.pt", weights_only=True)
+    for k in a["model_state"]:
+        assert torch.equal(a["model_state"][k], b["model_state"][k]), k
+    assert [r["step"] for r in a["history"]] == [3, 6, 9]
+
+    def untimed(rows):
+        return [{k: v for k, v in r.items() if not k.endswith("_time_s")} for r in rows]
+
+    assert untimed(a["history"]) == untimed(b["history"]) and a["best"] == b["best"]
+    ra, rb = _record(straight), _record(out)
+    assert ra == rb and ra["steps"] == 10 and ra["stop_reason"] == "budget"

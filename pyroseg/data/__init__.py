@@ -19,7 +19,7 @@ from pyroseg.data.core import SegData, SegDataset, collate_batch
 from pyroseg.data.lgg import load_lgg, scan_lgg
 from pyroseg.data.lidc import is_lidc, load_lidc
 from pyroseg.data.qubiq import is_qubiq, load_qubiq
-from pyroseg.data.split import SPLITS, split_patients
+from pyroseg.data.split import SPLITS, split_for, split_patients
 from pyroseg.data.synthetic import SOURCES as SYNTHETIC_SOURCES
 from pyroseg.errors import UsageError
 
@@ -33,6 +33,7 @@ __all__ = [
     "source_kind",
     "scan_lgg",
     "split_patients",
+    "split_for",
     "SPLITS",
     "SYNTHETIC_SOURCES",
     "load_source",
