@@ -74,6 +74,18 @@ QUBIQ_TASKS = ("brain-growth", "brain-tumor", "kidney", "prostate", "pancreas", 
 _PICKLES = (".pickle", ".pkl")
 
 
+def _budget(cfg: dict[str, Any]) -> str:
+    """The training budget of the runs, as the title says it: ``20 epochs``, or (``--max-steps``)
+    ``at most 3000 steps`` with the validation and patience that may stop them earlier."""
+    if cfg.get("max_steps") is None:
+        return f"{cfg['epochs']} epochs"
+    out = f"at most {cfg['max_steps']} steps"
+    if cfg.get("patience"):
+        every = f"{cfg['val_every']} steps" if cfg.get("val_every") else "epoch"
+        out += f" (stopping after {cfg['patience']} validations without gain, one every {every})"
+    return out
+
+
 def data_name(spec: str, config: dict[str, Any] | None = None) -> str:
     """The name of the data set ``spec`` (a ``--data`` value) for a title, from the spec
     alone: the results may have been made on another machine, whose paths mean nothing
@@ -209,7 +221,7 @@ def _title(doc: dict[str, Any]) -> tuple[dict[str, Any], str]:
     else:
         test = f"test patients ({first['n_patients']} patients, {first['n_slices']} slices)"
     return first, (
-        f"{data_name(first['data'], cfg)}, {first['image_size']}x{first['image_size']}, {test}, {cfg['epochs']} epochs, "
+        f"{data_name(first['data'], cfg)}, {first['image_size']}x{first['image_size']}, {test}, {_budget(cfg)}, "
         f"{n} seed{'s' if n > 1 else ''} ({', '.join(map(str, seeds))}), "
         f"point prediction = mean of {doc['num_samples']} samples"
     )
