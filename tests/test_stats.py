@@ -180,10 +180,10 @@ def test_patient_interval_coverage_few_patients():
 @pytest.mark.slow
 def test_patient_interval_coverage_all_scenarios():
     for scenario in ("uniform", "lgg", "volume"):
-        cov = _coverage(scenario, 10000, n_boot=499)
+        cov = _coverage(scenario, 10000, n_boot=199)
         for p, c in cov.items():
             assert 0.93 <= c["t_jack"] <= 0.975, (scenario, p, c)  # volume, P = 5: ~97.2 % (conservative)
             assert c["percentile"] < c["t_jack"], (scenario, p, c)
-    cov = _coverage("ece", 10000, n_boot=499)
+    cov = _coverage("ece", 10000, n_boot=199)
     for p, c in cov.items():
         assert 0.915 <= c["t_jack"] <= 0.97 and c["percentile"] < c["t_jack"], (p, c)
