@@ -196,7 +196,7 @@ def compare_models(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base = replace(base, folds=folds, fold=0)
-    base.validate()  # resolves beta_warmup once, for every model alike
+    base.validate()  # resolves the derived defaults once, for every model alike
     seed_list = [base.seed + i for i in range(seeds)]
     doc: dict[str, Any] = {
         "command": command,

@@ -32,6 +32,7 @@ __all__ = [
     "cell",
     "comparison_markdown",
     "comparison_csv",
+    "comparison_json",
     "data_name",
     "draw_reliability",
     "render_markdown",
@@ -289,18 +290,21 @@ def render_markdown(doc: dict[str, Any]) -> str:
 
 
 def comparison_csv(doc: dict[str, Any]) -> str:
-    """One row per (model, metric): the summary over seeds and the difference from the baseline."""
+    """One row per (model, metric): the summary over seeds, the difference from the baseline and
+    the model's converged runs (``converged``/``runs``; empty where not recorded)."""
     diffs = {(d["model"], d["metric"]): d for d in doc["differences"]}
+    conv = doc.get("converged", {})
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["model", "metric", "n_seeds", "mean", "sd", "ci_lo", "ci_hi", "values", "baseline", "diff",
-                "diff_seeds_lo", "diff_seeds_hi", "diff_patients_n", "diff_patients_lo", "diff_patients_hi", "verdict"])
+                "diff_seeds_lo", "diff_seeds_hi", "diff_patients_n", "diff_patients_lo", "diff_patients_hi", "verdict",
+                "converged", "runs"])
     for st in doc["summary"]:
         d = diffs.get((st["model"], st["metric"]))
         extra = ([doc["baseline"], d["diff"], d["seeds"]["lo"], d["seeds"]["hi"], d["patients"]["n"],
                   d["patients"]["lo"], d["patients"]["hi"], d["verdict"]] if d else [""] * 8)
         w.writerow([st["model"], st["metric"], st["n"], st["mean"], st["sd"], st["lo"], st["hi"],
-                    " ".join(repr(v) for v in st["values"]), *extra])
+                    " ".join(repr(v) for v in st["values"]), *extra, *conv.get(st["model"], ["", ""])])
     return buf.getvalue()
 
 
@@ -347,10 +351,22 @@ def _protocol(doc: dict[str, Any], first: dict[str, Any]) -> str:
     )
 
 
+def comparison_json(doc: dict[str, Any]) -> str:
+    """The text of ``comparison.json``: one line per field, and one per run, summary row and
+    difference (a cross-validated comparison has hundreds of runs: indented, they tripled the file)."""
+    def field(key: str, value: Any) -> str:
+        if isinstance(value, list) and key in ("runs", "summary", "differences") and value:
+            rows = ",\n".join("    " + json.dumps(v, separators=(",", ":")) for v in value)
+            return f"  {json.dumps(key)}: [\n{rows}\n  ]"
+        return f"  {json.dumps(key)}: {json.dumps(value)}"
+
+    return "{\n" + ",\n".join(field(k, v) for k, v in doc.items()) + "\n}\n"
+
+
 def write_comparison(out: Path, doc: dict[str, Any], *, figure: bool = True) -> None:
     """``comparison.json``, ``.md`` and ``.csv`` of ``doc`` in ``out``, and ``comparison.png``
     unless ``figure=False`` (a drawing that fails is a warning: it never loses the tables)."""
-    atomic_write_text(out / "comparison.json", json.dumps(doc, indent=2) + "\n")
+    atomic_write_text(out / "comparison.json", comparison_json(doc))
     atomic_write_text(out / "comparison.md", render_markdown(doc))
     atomic_write_text(out / "comparison.csv", comparison_csv(doc))
     if figure:

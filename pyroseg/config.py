@@ -36,6 +36,8 @@ OBJECTIVES = ("elbo", "geco")
 GECO_CONSTRAINTS = ("topk", "mean")
 GECO_UPDATES = ("softplus", "multiplicative")
 AUGMENTS = ("none", "flip", "standard")
+#: how a training image meets its raters (--raters): one drawn per step, or all of them
+RATERS = ("one", "all")
 LR_SCHEDULES = ("constant", "cosine", "step")
 #: The validation columns that can pick best.pt, and whether more or less is better.
 SELECT_MODES = {"val_dice_tumour": "max", "val_dice_all": "max", "val_loss": "min", "val_ged": "min"}
@@ -203,7 +205,7 @@ class FitConfig:
                        help="meanfield: analytic KL per site (TraceMeanField_ELBO); trace: Monte Carlo KL (Trace_ELBO).")
     beta: float = option(1.0, help="Final KL weight.", check=lambda v: v >= 0, message="expected >= 0")
     beta_warmup: float | None = option(None, help="Epochs of linear KL warm-up from 0 to the final KL weight (0: constant).",
-                                       default_text="a quarter of --epochs", **_EPOCHS)  # resolved by validate()
+                                       default_text="a quarter of the training: --epochs, or --max-steps", **_EPOCHS)  # see beta_warmup_epochs
     beta_cycle: float = option(0.0, help="Cyclical KL annealing period in epochs (0: off).", **_EPOCHS)
     objective: str = option("elbo", choices=OBJECTIVES, message=f"expected {_either(OBJECTIVES)}",
                             help="elbo: beta-weighted ELBO; geco: minimise KL subject to a reconstruction target "
@@ -261,13 +263,19 @@ class FitConfig:
     augment: str = option("none", choices=AUGMENTS, help="Random transforms of the training batches only: flip (left-right), "
                           "standard (flip, rotation +-15 deg, scale 0.9-1.1, gamma, contrast, noise). "
                           "See docs/guide/training-recipe.md.")
+    raters: str = option("one", choices=RATERS, message=f"expected {_either(RATERS)}",
+                         help="On data with several raters per slice: one: each training image paired with one of its "
+                              "raters, drawn per step (Kohl et al. 2018); all: with every one of its raters in the same "
+                              "step (the loss is the mean over the (image, rater) pairs, each with its own posterior "
+                              "draw; a step costs as many passes as the slices have raters).")
     lr_schedule: str = option("constant", choices=LR_SCHEDULES, help="Learning rate after the warm-up: constant, cosine "
                               "(to 0 at the last epoch) or step (/10 at 50 % and 75 %).")
     lr_warmup: float = option(0.0, help="Epochs of linear learning-rate warm-up from 0 to --lr.", **_EPOCHS)
     select_by: str = option("auto", choices=SELECT_BY, help="Validation score that picks best.pt (evaluate and sample use "
                             "it by default); auto: val_dice_tumour on one-annotator data, val_ged on data with several annotators.")
     patience: int | None = option(None, help="Stop after this many validations (epochs, unless --val-every) without a "
-                                  "better --select-by score.", default_text="never", check=lambda v: v >= 1,
+                                  "better --select-by score (a tie with a lower validation loss counts as better; for a latent model, "
+                                  "counted after the KL warm-up).", default_text="never", check=lambda v: v >= 1,
                                   message="expected at least 1 validation")
     # budgets in steps and time, validation by steps (docs/guide/training.md, "Budgets"); training.json records the stop
     max_steps: int | None = option(None, help="Optimiser steps to train, stopping mid-epoch if need be; given, --epochs "
@@ -295,10 +303,8 @@ class FitConfig:
     def validate(self) -> FitConfig:
         """Refuse values that cannot work, naming the option (UsageError, exit 2): each field's
         check (:func:`option`), and resolve defaults that depend on other fields (``beta_warmup``, ...)."""
-        if self.beta_warmup is None:
-            # GECO balances the terms through lambda: no KL annealing on top by default
-            anneal = self.beta_cycle == 0 and self.objective != "geco"
-            self.beta_warmup = round(0.25 * self.epochs, 4) if anneal else 0.0
+        if self.beta_warmup is None and self.max_steps is None:
+            self.beta_warmup = self.beta_warmup_epochs(self.epochs)
         if self.geco_rate is None:
             self.geco_rate = 1e-2 if self.geco_update == "softplus" else 1.0
         if self.geco_warmup is None:
@@ -315,6 +321,16 @@ class FitConfig:
                 shown = repr(value) if isinstance(value, str) else value
                 raise UsageError(f"{flag_of(f.name)} {shown}: {opt.refusal}")
         return self
+
+    def beta_warmup_epochs(self, horizon: float) -> float:
+        """The KL warm-up in epochs: ``beta_warmup``, or by default a quarter of the training's
+        ``horizon`` epochs (``--epochs``, or ``--max-steps`` over the steps per epoch: known only
+        once the data is, so a step-budgeted config keeps ``None`` and the run resolves it);
+        0 with GECO (it balances the terms through lambda) or a cyclical schedule."""
+        if self.beta_warmup is not None:
+            return self.beta_warmup
+        anneal = self.beta_cycle == 0 and self.objective != "geco"
+        return round(0.25 * horizon, 4) if anneal else 0.0
 
     def source_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`pyroseg.data.load_source` that rebuild this run's data

@@ -88,6 +88,7 @@ from pyroseg.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, 
 from pyroseg.collapse import collapse_report, latent_units
 from pyroseg.config import CONFIG_VERSION, SELECT_MODES, FitConfig, load_config_json, versions
 from pyroseg.data import SegData, SegDataset, collate_batch, load_source, split_for
+from pyroseg.data.core import rater_pairs
 from pyroseg.data.device import on_device
 from pyroseg.devices import resolve_device
 from pyroseg.errors import CheckpointError, UsageError
@@ -422,13 +423,19 @@ def _restore(run: FitRun) -> None:
 
 def _batch_on_device(run: FitRun, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """A training batch's image ``(B, C, H, W)`` and mask ``(B, 1, H, W)`` on the device,
-    augmented (:mod:`pyroseg.augment`) with draws fixed by (seed, step, rank)."""
+    augmented (:mod:`pyroseg.augment`) with draws fixed by (seed, step, rank). With
+    ``--raters all`` every (image, rater) pair: ``(P, C, H, W)`` and ``(P, 1, H, W)``,
+    ``P`` the batch's real raters (an image and its raters augmented alike)."""
+    every = run.config.raters == "all"
     image = batch["image"].to(run.device, non_blocking=True)
-    mask = batch["mask"].to(run.device, non_blocking=True)
+    mask = batch["masks" if every else "mask"].to(run.device, non_blocking=True)  # (B, A | 1, H, W)
     if run.config.augment != "none":
         g = step_generator(run.config.train_seed, run.progress.global_step, run.ctx.rank, run.device)
         image, mask = augment_batch(image, mask, run.augment, generator=g)
+    if every:
+        image, mask = rater_pairs(image, mask, batch["rater_count"].to(run.device, non_blocking=True))
     return image, mask
+
 
 
 def _train_step(run: FitRun, image: torch.Tensor, mask: torch.Tensor) -> StepOutcome:
@@ -436,7 +443,7 @@ def _train_step(run: FitRun, image: torch.Tensor, mask: torch.Tensor) -> StepOut
     objective around :meth:`Trainer.step`, its loss into ``run.meter``."""
     cfg, p, trainer, objective = run.config, run.progress, run.trainer, run.objective
     progress = p.epoch + p.batch_in_epoch / run.steps_per_epoch
-    beta = beta_at(progress, beta=cfg.beta, warmup=cfg.beta_warmup, cycle=cfg.beta_cycle)
+    beta = beta_at(progress, beta=cfg.beta, warmup=cfg.beta_warmup_epochs(run.horizon()), cycle=cfg.beta_cycle)
     _set_lr(trainer.optimizer, cfg, progress, run.horizon())
     with objective.step_context() as likelihood:
         outcome = trainer.step(image, mask, beta=beta, recon_scale=objective.recon_scale)
@@ -463,7 +470,7 @@ def _epoch_row(run: FitRun) -> dict[str, Any]:
     row: dict[str, Any] = {
         "epoch": epoch,
         "step": p.global_step,
-        "beta": beta_at(epoch, beta=cfg.beta, warmup=cfg.beta_warmup, cycle=cfg.beta_cycle),
+        "beta": beta_at(epoch, beta=cfg.beta, warmup=cfg.beta_warmup_epochs(run.horizon()), cycle=cfg.beta_cycle),
         "train_loss": p.partial["loss_sum"] / max(p.partial["count"], 1) if p.partial["count"] else float("nan"),
         "lr": run.trainer.optimizer.param_groups[0]["lr"],  # of the row's last step
         **run.objective.log_row(),
@@ -550,20 +557,35 @@ class BestCheckpoint(Handler):
         if value is None or not math.isfinite(value):
             return
         best = run.progress.best
-        if best is not None and not (value > best["value"] if self.mode == "max" else value < best["value"]):
+        if best is not None and not self.improves(value, row.get("val_loss"), best):
             return
         run.progress.best = {"metric": self.select_by, "value": float(value), "epoch": row["epoch"]}
+        if row.get("val_loss") is not None and math.isfinite(row["val_loss"]):
+            run.progress.best["val_loss"] = float(row["val_loss"])
         if run.ctx.is_main:
             save_checkpoint(run.out / BEST, checkpoint_payload(run, full=False))
 
+    def improves(self, value: float, val_loss: float | None, best: dict[str, Any]) -> bool:
+        """A better score, or the same score exactly with a lower validation loss: a model
+        whose thresholded masks are all still empty scores the same at every validation while
+        its objective falls, and it is still learning, not on a plateau."""
+        if value != best["value"]:
+            return value > best["value"] if self.mode == "max" else value < best["value"]
+        return (val_loss is not None and math.isfinite(val_loss) and "val_loss" in best
+                and val_loss < best["val_loss"])
+
     def should_stop(self, run: FitRun) -> str | None:
         """"plateau": ``--patience`` validations since the best one (or since the start, before
-        any score; every epoch without --val-every): a function of the saved history, so a
-        resumed run stops where an unbroken one did."""
+        any score; every epoch without --val-every) and since the KL warm-up ended (a run whose
+        KL weight is still rising has not plateaued: its objective is still changing): a
+        function of the saved history, so a resumed run stops where an unbroken one did."""
         if self.patience is None:
             return None
-        p = run.progress
-        return "plateau" if len(p.history) - 1 - _best_index(p.history, p.best) >= self.patience else None
+        p, cfg = run.progress, run.config
+        warmup = cfg.beta_warmup_epochs(run.horizon()) if cfg.beta_cycle == 0 and run.model.has_latent else 0.0
+        last_warm = max((i for i, r in enumerate(p.history) if r["epoch"] < warmup), default=-1)
+        since = len(p.history) - 1 - max(_best_index(p.history, p.best), last_warm)
+        return "plateau" if since >= self.patience else None
 
     def on_early_stop(self, run: FitRun) -> None:
         if run.stop_reason != "plateau":
@@ -634,15 +656,19 @@ def training_record(run: FitRun) -> dict[str, Any]:
     curve = [[int(r["step"]), float(r[key]) if math.isfinite(r[key]) else None] for r in p.history if r.get(key) is not None]
     i = _best_index(p.history, p.best)
     return {"steps": p.global_step, "epochs": round(p.global_step / run.steps_per_epoch, 6), "stop_reason": run.stop_reason,
-            "select_by": key, "mode": run.select_mode, "val_every": run.config.val_every, "curve": curve,
+            "select_by": key, "mode": run.select_mode, "val_every": run.config.val_every,
+            "beta_warmup_epochs": run.config.beta_warmup_epochs(run.horizon()), "curve": curve,
             "best": {"step": int(p.history[i]["step"]), "score": float(p.best["value"])} if i >= 0 else None}
 
 
 def _best_index(history: list[dict[str, Any]], best: dict[str, Any] | None) -> int:
-    """The index in ``history`` of the row ``best`` was taken from (the first with its score:
-    best.pt moves only on a strict improvement), or -1 before any score."""
+    """The index in ``history`` of the row ``best`` was taken from (the row of its epoch;
+    else the first with its score), or -1 before any score."""
     if best is None:
         return -1
+    at_epoch = [i for i, r in enumerate(history) if r.get("epoch") == best["epoch"] and r.get(best["metric"]) == best["value"]]
+    if at_epoch:
+        return at_epoch[-1]
     return next((i for i, r in enumerate(history) if r.get(best["metric"]) == best["value"]), -1)
 
 

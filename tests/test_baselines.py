@@ -53,10 +53,10 @@ def _paper_loss(eta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return -(torch.logsumexp(log_prob, dim=1) - math.log(m))
 
 
-@pytest.mark.parametrize("num_mc", [1, 3, 20])
-def test_ssn_loss_is_the_papers_monte_carlo_integral(num_mc):
+@pytest.mark.parametrize("num_mc,antithetic", [(1, False), (3, False), (20, False), (20, True)])
+def test_ssn_loss_is_the_papers_monte_carlo_integral(num_mc, antithetic):
     """The shared objective's loss (value and gradient) is the paper's Eq. 5 on the same draws."""
-    model = _perturbed("ssn", num_mc_samples=num_mc)
+    model = _perturbed("ssn", num_mc_samples=num_mc, antithetic=antithetic)
     image, mask = _batch()
     pyro.set_rng_seed(3)
     loss, terms = SiteELBO().differentiable_loss_and_terms(model.model, model.guide, image, mask)
@@ -79,6 +79,56 @@ def test_ssn_loss_is_the_papers_monte_carlo_integral(num_mc):
             mean_of_logs = F.binary_cross_entropy_with_logits(eta, mask.reshape(B, 1, -1).expand_as(eta),
                                                               reduction="none").sum(-1).mean(1)
             assert float(ref.sum().detach()) < float(mean_of_logs.sum()) - 1e-3
+
+
+def test_ssn_draws_antithetic_pairs_by_default_as_the_reference():
+    """The loss's M = 20 draws are 10 draws and their mirrors about the mean (the reference's
+    fixed_re_parametrization_trick); antithetic=false: 20 independent draws; an odd M is refused."""
+    image, mask = _batch()
+    for antithetic in (True, False):
+        model = _perturbed("ssn", **({} if antithetic else {"antithetic": False}))
+        eta = poutine.trace(model.guide).get_trace(image, mask).nodes["eta"]["value"]  # (B, 20, HW)
+        mu = model.logit_distribution(image).loc.unsqueeze(1)
+        mirrored = (eta[:, :10] + eta[:, 10:] - 2 * mu).abs().max()
+        assert (float(mirrored) < 1e-4) == antithetic
+    assert _perturbed("ssn").hparams()["antithetic"] is True
+    with pytest.raises(UsageError, match="num_mc_samples=3: expected an even number"):
+        _perturbed("ssn", num_mc_samples=3)
+
+
+def test_ssn_falls_back_to_independent_normals_for_an_image_torch_cannot_factorise(caplog):
+    """d at epsilon under a large, rank-one W: the capacitance loses its identity in float32 and
+    torch's LowRankMultivariateNormal raises. low_rank_normal zeroes W for that image only (the
+    reference: for the whole batch), and the model logs it once instead of crashing training."""
+    import logging
+
+    import pyro.distributions as dist
+
+    from pyroseg.models.ssn import low_rank_normal
+
+    d = 256
+    loc = torch.zeros(2, d)
+    cov_diag = torch.full((2, d), 1e-5)
+    cov_factor = torch.randn(2, d, 4) * 0.1
+    cov_factor[1] = 1e3 * torch.ones(d, 1)  # image 1: four equal huge columns
+    with pytest.raises(torch.linalg.LinAlgError):
+        dist.LowRankMultivariateNormal(loc, cov_factor, cov_diag)
+    p, fallbacks = low_rank_normal(loc, cov_factor, cov_diag)
+    assert fallbacks == 1
+    assert torch.equal(p.cov_factor[0], cov_factor[0]) and not p.cov_factor[1].any()
+    assert torch.isfinite(p.log_prob(p.rsample((3,)))).all()
+
+    model = build_model("ssn", image_size=32)
+    with torch.no_grad():
+        model.log_cov_diag_head.weight.zero_()
+        model.log_cov_diag_head.bias.fill_(-50.0)  # d = epsilon
+        model.cov_factor_head.weight.zero_()
+        model.cov_factor_head.bias.fill_(1e3)  # W: rank one, huge
+    with caplog.at_level(logging.WARNING, logger="pyroseg.models.ssn"):
+        for _ in range(2):
+            p = model.logit_distribution(torch.randn(2, model.in_channels, 32, 32))
+    assert not p.cov_factor.any()
+    assert sum("not invertible" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_ssn_pyro_trace_elbo_and_elbo_terms_agree():

@@ -55,6 +55,11 @@ def test_compare_trains_each_model_with_one_protocol(tmp_path):
     assert {"qubiq", "dice_raters", "dice_majority", "ece", "ece_lesion"} <= {x["metric"] for x in saved["differences"]}
     csv_text = (tmp_path / "comparison.csv").read_text()
     assert csv_text.startswith("model,metric,n_seeds,mean,sd,ci_lo,ci_hi") and "\nvae,dice_all,1," in csv_text
+    text = (tmp_path / "comparison.json").read_text()
+    assert len(text.splitlines()) == len(saved) + 2 + sum(len(saved[k]) + 1 for k in ("runs", "summary", "differences"))
+    assert len(text) < 0.6 * len(json.dumps(saved, indent=2))  # one line per run, not indented
+    header, vae = csv_text.splitlines()[0].split(","), next(r for r in csv_text.splitlines() if r.startswith("vae,dice_all,"))
+    assert header[-2:] == ["converged", "runs"] and vae.split(",")[-2:] == [str(saved["converged"]["vae"][0]), "1"]
     assert (tmp_path / "comparison.png").stat().st_size > 5000
 
 

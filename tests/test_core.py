@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pyroseg.data.core import SegData, SegDataset, collate_batch
+from pyroseg.data.core import SegData, SegDataset, collate_batch, rater_pairs
 
 N, C, H = 6, 3, 8  # slices, channels, size
 A = 4  # annotators of the multi-annotator set
@@ -147,3 +147,14 @@ def test_dataloader_gives_whole_batches():
     assert batches[0]["image"].shape == (4, C, H, H) and batches[0]["mask"].shape == (4, 1, H, H)
     assert torch.cat([b["index"] for b in batches]).tolist() == list(range(10))
     torch.testing.assert_close(torch.cat([b["image"] for b in batches]), torch.from_numpy(d.images).float() / 255)
+
+
+def test_rater_pairs_gives_every_real_rater_once_with_its_image():
+    """Slice 0 has 3 real raters, slice 1 has 1 (two padded slots): 4 pairs, slice-major,
+    no padded mask, each image beside its own raters' masks."""
+    image = torch.stack([torch.full((1, 2, 2), 10.0), torch.full((1, 2, 2), 20.0)])  # (2, 1, 2, 2)
+    masks = torch.arange(6, dtype=torch.float32).view(2, 3, 1, 1).expand(2, 3, 2, 2)  # rater k of slice i: 3i + k
+    pairs, pair_masks = rater_pairs(image, masks, torch.tensor([3, 1]))
+    assert pairs.shape == (4, 1, 2, 2) and pair_masks.shape == (4, 1, 2, 2)
+    assert pairs[:, 0, 0, 0].tolist() == [10.0, 10.0, 10.0, 20.0]
+    assert pair_masks[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0]  # slice 1's padded slots 4, 5 never used

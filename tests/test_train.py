@@ -4,6 +4,7 @@ sharded and resumable shuffling, and a fit that learns."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pyro
@@ -299,7 +300,8 @@ def test_best_checkpoint_is_the_best_validation_epoch(tmp_path):
     history = torch.load(out / "checkpoint.pt", weights_only=True)["history"]
     best = torch.load(out / "best.pt", weights_only=True)
     losses = [r["val_loss"] for r in history]
-    assert best["best"] == {"metric": "val_loss", "value": min(losses), "epoch": 1 + losses.index(min(losses))}
+    assert best["best"] == {"metric": "val_loss", "value": min(losses), "epoch": 1 + losses.index(min(losses)),
+                            "val_loss": min(losses)}
     assert best["epoch"] == best["best"]["epoch"] and "trainer" not in best  # weights only, no optimizer
 
 
@@ -401,6 +403,41 @@ def test_max_steps_stops_mid_epoch_and_records_why(tmp_path):
     assert (default["stop_reason"], default["epochs"], len(default["curve"])) == ("budget", 2.0, 2)
 
 
+def test_default_kl_warm_up_is_a_quarter_of_the_step_budget(tmp_path):
+    """With --max-steps the default warm-up is a quarter of the steps (not of --epochs, which no
+    longer stops training): 16 steps at 4 per epoch -> 1 epoch; beta reaches 1 at step 4."""
+    import csv
+
+    cfg = _tiny_config(tmp_path, model="prob_unet", epochs=50, batch_size=8, max_steps=16, val_every=2)
+    assert cfg.validate().beta_warmup is None  # resolved by the run, which knows the steps per epoch
+    out = fit(cfg, pictures=False)
+    betas = {int(r["step"]): float(r["beta"]) for r in csv.DictReader(open(out / "metrics.csv"))}
+    assert betas[2] == pytest.approx(0.5) and betas[4] == betas[16] == 1.0
+    assert _record(out)["beta_warmup_epochs"] == 1.0
+    assert _tiny_config(tmp_path, epochs=8).validate().beta_warmup == 2.0  # epoch budgets: resolved at once
+
+
+def test_raters_all_trains_on_every_rater_of_each_image(tmp_path, monkeypatch):
+    """--raters all: each step's loss is over every (image, rater) pair (4 raters: 4x the images);
+    --raters one: one mask per image. Seen from the loss the trainer is given."""
+    from pyroseg.training.step import Trainer
+
+    seen = {}
+    step = Trainer.step
+
+    def spy(self, image, mask, **kw):
+        seen.setdefault(kw.get("beta"), []).append((image.shape[0], mask.shape[1]))
+        return step(self, image, mask, **kw)
+
+    monkeypatch.setattr(Trainer, "step", spy)
+    kw = dict(model="prob_unet", data="synthetic-ambiguous", batch_size=8, max_steps=2, beta_warmup=0.0)
+    fit(_tiny_config(tmp_path, out=str(tmp_path / "one"), **kw), pictures=False)
+    one = seen.pop(1.0)
+    fit(_tiny_config(tmp_path, out=str(tmp_path / "all"), raters="all", **kw), pictures=False)
+    assert one == [(8, 1), (8, 1)] and seen[1.0] == [(32, 1), (32, 1)]
+    assert json.loads((tmp_path / "all" / "config.json").read_text())["fit"]["raters"] == "all"
+
+
 def test_val_every_validates_every_n_steps(tmp_path):
     import csv
 
@@ -422,6 +459,32 @@ def test_patience_counts_validations_and_stops_on_a_plateau(tmp_path, monkeypatc
     rec = _record(out)
     assert (rec["stop_reason"], rec["steps"], rec["curve"]) == ("plateau", 3, [[1, 1.0], [2, 1.0], [3, 1.0]])
     assert rec["best"] == {"step": 1, "score": 1.0}
+
+
+def test_a_tied_score_with_a_falling_validation_loss_is_not_a_plateau(tmp_path, monkeypatch):
+    """Masks still all empty score the same Dice at every validation while the loss falls:
+    patience 2 counts from the last fall (step 4), so the run stops at step 6, not at step 3."""
+    import pyroseg.train as train_mod
+
+    losses = iter([5.0, 4.0, 3.0, 2.0, 2.0, 2.5] + [9.0] * 20)
+    monkeypatch.setattr(train_mod, "_validate", lambda *a, **kw: {"val_dice_all": 0.0, "val_loss": next(losses)})
+    out = fit(_tiny_config(tmp_path, batch_size=8, max_steps=20, val_every=1, patience=2, select_by="val_dice_all"),
+              pictures=False)
+    rec = _record(out)
+    assert (rec["stop_reason"], rec["steps"], rec["best"]) == ("plateau", 6, {"step": 4, "score": 0.0})
+
+
+def test_patience_waits_for_the_end_of_the_kl_warm_up(tmp_path, monkeypatch):
+    """A latent model whose score never improves still trains through its KL warm-up (12 steps:
+    a quarter of 48, 3 epochs of 4 steps), then stops after --patience 2 validations at the full
+    KL weight (steps 12 and 14); without the warm-up rule it would stop at step 6."""
+    import pyroseg.train as train_mod
+
+    monkeypatch.setattr(train_mod, "_validate", lambda *a, **kw: {"val_loss": 1.0})
+    out = fit(_tiny_config(tmp_path, model="prob_unet", batch_size=8, max_steps=48, val_every=2, patience=2,
+                           select_by="val_loss"), pictures=False)
+    rec = _record(out)
+    assert (rec["stop_reason"], rec["steps"], rec["beta_warmup_epochs"]) == ("plateau", 14, 3.0)
 
 
 def test_max_minutes_stops_after_the_step_that_spends_them(tmp_path):

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["SegData", "SegDataset", "collate_batch", "draw_rater"]
+__all__ = ["SegData", "SegDataset", "collate_batch", "draw_rater", "rater_pairs"]
 
 
 @dataclass
@@ -181,6 +181,15 @@ def draw_rater(counts: torch.Tensor, num_annotators: int, random: bool) -> torch
     if bool((counts == num_annotators).all()):
         return torch.randint(num_annotators, (b,))  # the same draws as before counts existed
     return (torch.rand(b) * counts).long().clamp_max_(counts - 1)
+
+
+def rater_pairs(image: torch.Tensor, masks: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (image, rater) pair of a batch: ``image`` ``(B, C, H, W)``, ``masks`` ``(B, A, H, W)``
+    whose first ``counts[i]`` are slice ``i``'s real raters -> ``(P, C, H, W)``, ``(P, 1, H, W)``,
+    ``P = counts.sum()``, slice-major (slice 0's raters first)."""
+    real = torch.arange(masks.shape[1], device=masks.device)[None, :] < counts[:, None]  # (B, A)
+    pairs = image.unsqueeze(1).expand(-1, masks.shape[1], *image.shape[1:])[real]  # (P, C, H, W)
+    return pairs, masks[real].unsqueeze(1)
 
 
 def collate_batch(batch: dict) -> dict:

@@ -32,7 +32,7 @@ from torch import nn
 from pyroseg.errors import UsageError
 from pyroseg.nets import check_image_size, num_params
 
-__all__ = ["SegModel", "TestTimeZ", "mask_likelihood", "beta_scale", "positive_int", "positive_ints", "rate", "positive_float"]
+__all__ = ["SegModel", "TestTimeZ", "mask_likelihood", "beta_scale", "positive_int", "positive_ints", "rate", "positive_float", "flag"]
 
 
 # -- hyper-parameter checks (``--model-arg``), shared by every model --------------------
@@ -100,6 +100,17 @@ def positive_float(name: str, value: Any) -> float:
     if x <= 0:
         raise _bad(name, value, "a number > 0")
     return x
+
+
+def flag(name: str, value: Any) -> bool:
+    """A yes/no hyper-parameter: a bool, ``"true"``/``"false"`` (any case) or 0/1."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise _bad(name, value, "true or false")
 
 
 def beta_scale(beta: float):

@@ -88,7 +88,7 @@ from pyro import poutine
 from torch import nn
 
 from pyroseg.errors import UsageError
-from pyroseg.models.base import SegModel, beta_scale, mask_likelihood, positive_int
+from pyroseg.models.base import SegModel, beta_scale, flag, mask_likelihood, positive_int
 from pyroseg.nets import ConvBlock, DiagGaussianHead, init_mask_logits, pyramid
 
 __all__ = ["PHiSegModel", "PHiSegCore", "PHiSegLikelihood", "accumulate", "channels_for"]
@@ -201,16 +201,6 @@ def accumulate(levels: list[torch.Tensor]) -> list[torch.Tensor]:
     return acc
 
 
-def _flag(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise UsageError(f"--model-arg {name}={value!r}: expected true or false")
-
-
 def _nonnegative(name: str, value: Any) -> float:
     try:
         x = float(value) if not isinstance(value, bool) else float("nan")
@@ -257,7 +247,7 @@ class PHiSegModel(SegModel):
         self.zdim = positive_int("zdim", zdim)
         self.n0 = positive_int("n0", n0)
         self.level_loss_weight = _nonnegative("level_loss_weight", level_loss_weight)
-        self.exponential_weighting = _flag("exponential_weighting", exponential_weighting)
+        self.exponential_weighting = flag("exponential_weighting", exponential_weighting)
         args = (self.n0, self.resolution_levels, self.latent_levels, self.zdim)
         self.prior_net = PHiSegCore(self.in_channels, *args)
         self.posterior_net = PHiSegCore(self.in_channels + 1, *args, init_scale=1.0)  # step-0 KL small (see docs)

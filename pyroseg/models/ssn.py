@@ -6,11 +6,16 @@
 
     loss = -log (1/M) sum_m prod_pixels Bernoulli(y | logits = eta_m)   (the paper's Eq. 5)
 
+with the reference code's antithetic draws in the loss: ``eta_{M/2+m} = 2 mu - eta_m`` (half
+the draws mirrored about the mean; ``antithetic=False``: ``M`` independent draws).
+
 ``eta`` is the logit map of all ``H * W`` pixels, one multivariate normal per image:
 ``mu`` (1 channel), the covariance factor ``W`` (``rank`` channels, so ``W`` is
 ``(H*W, rank)``) and the diagonal ``d = exp(.) + epsilon`` are 1x1 convolutions on the
 shared U-Net's last features (the reference code's heads; defaults ``rank = 10``,
-``epsilon = 1e-5``, ``M = 20`` samples in the loss).
+``epsilon = 1e-5``, ``M = 20`` samples in the loss, drawn as ``M/2`` antithetic pairs as the
+reference's ``fixed_re_parametrization_trick`` does: a lower-variance estimate of the same
+integral, and the draws' mean is exactly ``mu``).
 
 **How the loss comes out of the shared training step.** :class:`~pyroseg.objective.SiteELBO`
 (and any Pyro ELBO) scores ``recon = -log p(mask)`` at the observed site plus ``KL(guide ||
@@ -21,7 +26,9 @@ site is the uniform mixture of the ``M`` Bernoulli maps given those draws
 ``logsumexp_m log p(y | eta_m) - log M``: the paper's Monte Carlo estimate, gradient
 included (``eta`` is reparameterised, so the gradient reaches ``mu``, ``W`` and ``d``
 through the draws, as in the reference ``rsample``). The guide draws ``eta`` from the same
-distribution the model then scores, so the KL term is 0 by construction: the guide marks
+distribution the model then scores, so the KL term is 0 by construction (with antithetic
+draws the site's ``log_prob`` is still the ``M`` iid normals': it enters only as ``log q - log p``
+of one distribution, which cancels): the guide marks
 its site ``infer={"guide_is_prior": True}`` and ``SiteELBO`` returns 0 for it exactly
 (no rounding noise from an analytic KL over ``M * H * W`` dimensions); Pyro's own
 ``Trace_ELBO`` gets ``log q - log p = 0``. This is an importance-weighted bound with the
@@ -41,8 +48,11 @@ Where we differ from the reference: it predicts two-class softmax logits (a low-
 over ``2 * H * W`` logits); for one foreground class we model the Bernoulli logit directly.
 The difference of two jointly normal logit maps with a rank-10 factor and a diagonal is
 again a normal with a rank-10 factor and a diagonal, so the family of mask distributions is
-the same, with half the outputs. The reference also falls back to a diagonal normal when
-the covariance is not positive definite; ``d >= epsilon > 0`` makes ours always so.
+the same, with half the outputs. The reference falls back to independent normals (``W = 0``) for a batch whose covariance
+torch cannot factorise: although ``d >= epsilon > 0`` makes the covariance positive definite in
+exact arithmetic, the capacitance ``I + W^T D^-1 W`` loses its ``I`` in float32 when ``d`` is near
+``epsilon`` under a large ``W`` (measured: a QUBIQ run crashed there after ~1,000 steps). We do
+the same for the images concerned only, and log it once (:func:`low_rank_normal`).
 
 References: Monteiro et al., "Stochastic Segmentation Networks: Modelling Spatially
 Correlated Aleatoric Uncertainty", NeurIPS 2020; code:
@@ -51,16 +61,21 @@ github.com/biomedia-mira/stochastic_segmentation_networks.
 
 from __future__ import annotations
 
+import logging
+
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
 from torch import nn
 
-from pyroseg.models.base import SegModel, beta_scale, positive_float, positive_int
+from pyroseg.errors import UsageError
+from pyroseg.models.base import SegModel, beta_scale, flag, positive_float, positive_int
 from pyroseg.nets import UNet, init_mask_logits
 
-__all__ = ["SSNModel"]
+__all__ = ["SSNModel", "low_rank_normal"]
+
+log = logging.getLogger(__name__)
 
 
 class SSNModel(SegModel):
@@ -70,20 +85,26 @@ class SSNModel(SegModel):
     test_time_z = "guide"
     guide_is_prior = True
 
-    def __init__(self, *, rank: int = 10, num_mc_samples: int = 20, epsilon: float = 1e-5, **kw):
+    def __init__(self, *, rank: int = 10, num_mc_samples: int = 20, epsilon: float = 1e-5, antithetic: bool = True, **kw):
         super().__init__(**kw)
         self.rank = positive_int("rank", rank)
         self.num_mc_samples = positive_int("num_mc_samples", num_mc_samples)
         self.epsilon = positive_float("epsilon", epsilon)
+        self.antithetic = flag("antithetic", antithetic)
+        if self.antithetic and self.num_mc_samples % 2:
+            raise UsageError(f"--model-arg num_mc_samples={num_mc_samples!r}: expected an even number with antithetic "
+                             "draws (pairs mirrored about the mean); or --model-arg antithetic=false")
         self.unet = UNet(self.in_channels, self.widths, out_ch=0)
         w0 = self.widths[0]
         self.mean_head = init_mask_logits(nn.Conv2d(w0, 1, 1))
         self.log_cov_diag_head = nn.Conv2d(w0, 1, 1)
         self.cov_factor_head = nn.Conv2d(w0, self.rank, 1)
         self._handoff: tuple | None = None
+        self._warned = False  # the fallback to independent normals is logged once
 
     def hparams(self):
-        return {**super().hparams(), "rank": self.rank, "num_mc_samples": self.num_mc_samples, "epsilon": self.epsilon}
+        return {**super().hparams(), "rank": self.rank, "num_mc_samples": self.num_mc_samples, "epsilon": self.epsilon,
+                "antithetic": self.antithetic}
 
     # -- the distribution of the logits ------------------------------------------------
     def logit_distribution(self, image: torch.Tensor) -> dist.LowRankMultivariateNormal:
@@ -95,13 +116,20 @@ class SSNModel(SegModel):
         loc = self.mean_head(u).reshape(b, -1)
         cov_diag = self.log_cov_diag_head(u).reshape(b, -1).exp() + self.epsilon
         cov_factor = self.cov_factor_head(u).reshape(b, self.rank, -1).transpose(1, 2)  # (B, HW, rank)
-        return dist.LowRankMultivariateNormal(loc, cov_factor, cov_diag)
+        p, fallbacks = low_rank_normal(loc, cov_factor, cov_diag)
+        if fallbacks and not self._warned:
+            self._warned = True
+            log.warning("ssn: the covariance of %d image(s) of a batch of %d is not invertible in floating point; "
+                        "independent normals for them (as the reference does; reported once)", fallbacks, b)
+        return p
 
     def _eta_fn(self, image: torch.Tensor, mask: torch.Tensor | None) -> dist.Distribution:
-        """The ``"eta"`` site's distribution: ``M`` iid draws per image, batch ``(B,)``,
-        event ``(M, H*W)`` (``M = num_mc_samples`` with a mask, 1 without)."""
-        m = self.num_mc_samples if mask is not None else 1
-        return _iid(self.logit_distribution(image), m)
+        """The ``"eta"`` site's distribution: ``M`` draws per image, batch ``(B,)``, event
+        ``(M, H*W)`` (``M = num_mc_samples`` with a mask, in antithetic pairs unless
+        ``antithetic=False``; 1 draw without a mask)."""
+        if mask is None:
+            return _iid(self.logit_distribution(image), 1)
+        return _iid(self.logit_distribution(image), self.num_mc_samples, antithetic=self.antithetic)
 
     def _mask_fn(self, eta: torch.Tensor, hw: tuple[int, int]) -> dist.Distribution:
         """Uniform mixture of the ``M`` Bernoulli maps ``eta: (B, M, H*W)``: batch ``(B,)``,
@@ -147,13 +175,48 @@ class SSNModel(SegModel):
         return torch.sigmoid(eta).view(num_samples, image.shape[0], 1, *image.shape[-2:])
 
 
-def _iid(base: dist.LowRankMultivariateNormal, m: int) -> dist.Distribution:
-    """``m`` iid copies of ``base`` (batch ``(B,)``, event ``(D,)``) as one distribution
-    with batch ``(B,)`` and event ``(m, D)``."""
+def low_rank_normal(loc: torch.Tensor, cov_factor: torch.Tensor, cov_diag: torch.Tensor
+                    ) -> tuple[dist.LowRankMultivariateNormal, int]:
+    """``LowRankMultivariateNormal(loc, cov_factor, cov_diag)``, batch ``(..., )``, event ``(D,)``,
+    with the reference's fallback: an image whose capacitance ``I + W^T D^-1 W`` is not positive
+    definite in floating point (``D`` near ``epsilon`` under a large ``W``: torch's Cholesky fails)
+    gets ``W = 0``, i.e. independent normals with variance ``d``. The reference falls back for the
+    whole batch; we do it for the images that need it only (the batch fallback, if torch still
+    fails). Returns the distribution and how many batch elements fell back."""
+    k = cov_factor.shape[-1]
+    with torch.no_grad():
+        cap = (cov_factor.mT / cov_diag.unsqueeze(-2)) @ cov_factor + torch.eye(k, dtype=loc.dtype, device=loc.device)
+        ok = torch.linalg.cholesky_ex(cap).info == 0  # (...)
+    fallbacks = int((~ok).sum())
+    if fallbacks:
+        cov_factor = cov_factor * ok[..., None, None].to(cov_factor.dtype)
+    try:
+        return dist.LowRankMultivariateNormal(loc, cov_factor, cov_diag), fallbacks
+    except torch.linalg.LinAlgError:
+        return dist.LowRankMultivariateNormal(loc, torch.zeros_like(cov_factor), cov_diag), int(ok.numel())
+
+
+def _iid(base: dist.LowRankMultivariateNormal, m: int, *, antithetic: bool = False) -> dist.Distribution:
+    """``m`` copies of ``base`` (batch ``(B,)``, event ``(D,)``) as one distribution with
+    batch ``(B,)`` and event ``(m, D)``: iid, or with ``antithetic`` (``m`` even) ``m/2`` iid
+    draws and their mirrors about the mean (:class:`AntitheticDraws`)."""
     b = base.batch_shape[0]
-    expanded = dist.LowRankMultivariateNormal(
+    expanded, _ = low_rank_normal(
         base.loc.unsqueeze(1).expand(b, m, -1),
         base.cov_factor.unsqueeze(1).expand(b, m, -1, -1),
         base.cov_diag.unsqueeze(1).expand(b, m, -1),
     )
-    return expanded.to_event(1)
+    return AntitheticDraws(expanded, 1) if antithetic else expanded.to_event(1)
+
+
+class AntitheticDraws(dist.Independent):
+    """``m`` draws of a normal (base batch ``(..., m)``, event ``(D,)``) whose second half mirrors
+    the first about the mean: ``x_{m/2+k} = 2 mu - x_k`` (the SSN reference's
+    ``fixed_re_parametrization_trick``), still reparameterised. ``log_prob`` is the iid one: used
+    here only where it cancels (guide = prior)."""
+
+    def rsample(self, sample_shape=()):
+        x = self.base_dist.rsample(torch.Size(sample_shape))  # (*sample_shape, ..., m, D)
+        h = x.shape[-2] // 2
+        mean = self.base_dist.mean[..., :h, :]
+        return torch.cat([x[..., :h, :], 2 * mean - x[..., :h, :]], dim=-2)
