@@ -35,10 +35,24 @@ def parse_model_args(items) -> dict[str, dict]:
     return out
 
 
+def parse_caveats(items) -> dict[str, str]:
+    """``--caveat MODEL:TEXT`` (repeatable) as ``{model: text}``."""
+    out: dict[str, str] = {}
+    for item in items or ():
+        model, sep, text = item.partition(":")
+        if not sep or not model.strip() or not text.strip():
+            raise UsageError(f"--caveat {item!r}: expected MODEL:TEXT, e.g. 'ssn:stopped on an oscillation'")
+        out[model.strip()] = text.strip()
+    return out
+
+
 @click.command("compare", context_settings=CONTEXT)
 @config_options(*SHARED, *PROTOCOL, help={"seed": "First seed; the data and split seed."})
 @click.option("--model-arg", "model_arg", multiple=True, metavar="MODEL:KEY=VALUE",
               help="A hyper-parameter of one model, e.g. vae:latent_dim=16 (repeatable).")
+@click.option("--caveat", "caveat", multiple=True, metavar="MODEL:TEXT",
+              help="A reader's warning on one model's row, e.g. 'ssn:stopped on an oscillation, not a plateau' "
+                   "(repeatable): recorded in comparison.json and marked in every table made from it.")
 @click.option("--seeds", type=int, default=1, show_default=True,
               help="Train each model this many times (seeds --seed, --seed+1, ...); 3 or more for a claim.")
 @click.option("--folds", type=int, default=1, show_default=True,
@@ -59,7 +73,7 @@ def parse_model_args(items) -> dict[str, dict]:
                    "dice_tumour,ged,hm_iou) and each model's verdicts against --baseline.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
-def compare_cmd(model_arg, seeds, folds, vary_split, baseline, models, num_samples, out, overwrite, render_dir, columns, quiet,
+def compare_cmd(model_arg, caveat, seeds, folds, vary_split, baseline, models, num_samples, out, overwrite, render_dir, columns, quiet,
                 **options):
     """Train the models with identical data, split and epochs, --seeds times each; write comparison.md/.csv/.json/.png.
 
@@ -82,6 +96,7 @@ def compare_cmd(model_arg, seeds, folds, vary_split, baseline, models, num_sampl
     compare_models(base, out, models=names, seeds=seeds, folds=folds, model_args=parse_model_args(model_arg),
                    vary_split=vary_split, baseline=baseline,
                    num_samples=num_samples, overwrite=overwrite, callbacks=BarCallbacks(quiet), on_model=announce,
+                   caveats=parse_caveats(caveat),
                    command="pyroseg " + shlex.join(sys.argv[1:]))
     click.echo(open(f"{out}/comparison.md").read())
     click.echo(f"wrote {out}/comparison.md, .csv, .json, comparison.png and comparison_curves.png")

@@ -166,6 +166,7 @@ def compare_models(
     on_model: Callable[[str, int, int], None] | None = None,
     command: str | None = None,
     pictures: bool = True,
+    caveats: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train ``models`` (default: every model of the registry) ``seeds`` times with
     ``base`` (its ``model``, ``seed``, ``data_seed`` and ``out`` are replaced),
@@ -177,6 +178,8 @@ def compare_models(
     (``--model-arg MODEL:KEY=VALUE``).
     ``baseline``: the model every other is compared with (must be in ``models``).
     ``command``: the command line, recorded in ``comparison.json``.
+    ``caveats``: per model, a reader's warning recorded in ``comparison.json`` and marked on
+    its row in every table (``--caveat MODEL:TEXT``).
     ``on_model(label, i, n)`` is called before each run. ``pictures=False``: the
     runs skip their PNGs (``fit(pictures=False)``). Returns the
     ``comparison.json`` document.
@@ -193,6 +196,10 @@ def compare_models(
     stray = [m for m in model_args if m not in models]
     if stray:
         raise UsageError(f"--model-arg {stray[0]}:...: {stray[0]} is not among --models {','.join(models)}")
+    caveats = dict(caveats or {})
+    stray = [m for m in caveats if m not in models]
+    if stray:
+        raise UsageError(f"--caveat {stray[0]}:...: {stray[0]} is not among --models {','.join(models)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base = replace(base, folds=folds, fold=0)
@@ -211,6 +218,7 @@ def compare_models(
         "level": LEVEL,
         "n_boot": N_BOOT,
         "versions": versions(),
+        "caveats": caveats,
         "runs": [],
     }
     # seed-major, then fold: a stopped compare has whole seeds (and, within one, whole folds)

@@ -162,6 +162,8 @@ def comparison_markdown(rows: list[dict[str, Any]], *, title: str = "",
 
 #: Marks a model not converged in every run (the ``converged`` cell), explained under the table.
 UNCONVERGED = "*"
+#: Marks a model with a reader's caveat (``--caveat``), quoted under the table.
+CAVEAT = "†"
 
 
 def converged_cell(doc: dict[str, Any], name: str) -> str:
@@ -174,16 +176,18 @@ def converged_cell(doc: dict[str, Any], name: str) -> str:
     if not counts:
         return "?"
     k, n = counts
-    return f"{k}/{n}" + (f" {UNCONVERGED}" if k < n else "")
+    return f"{k}/{n}" + (f" {UNCONVERGED}" if k < n else "") + (f" {CAVEAT}" if name in (doc.get("caveats") or {}) else "")
 
 
 def _footnote(doc: dict[str, Any]) -> str:
-    """The line under a table that marks unconverged models (empty when none is)."""
+    """The lines under a table: the readers' caveats, and the mark of unconverged models (empty
+    when there is neither)."""
+    lines = "".join(f"{CAVEAT} `{name}`: {text}\n" for name, text in (doc.get("caveats") or {}).items())
     if not any(k < n for k, n in (doc.get("converged") or {}).values()):
-        return ""
-    return (f"\\{UNCONVERGED} not converged in every run: in some run the validation score still gained at least "
-            f"{round(CONVERGED_REL * 100)} % and {CONVERGED_ABS} in the last {round(CONVERGED_TAIL * 100)} % of training, "
-            "or there were too few validations to tell (comparison_curves.png); train longer before ranking it.\n")
+        return lines
+    return lines + (f"\\{UNCONVERGED} not converged in every run: in some run the validation score still gained at least "
+                    f"{round(CONVERGED_REL * 100)} % and {CONVERGED_ABS} in the last {round(CONVERGED_TAIL * 100)} % of training, "
+                    "or there were too few validations to tell (comparison_curves.png); train longer before ranking it.\n")
 
 
 def _mean_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:

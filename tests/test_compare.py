@@ -79,6 +79,10 @@ def test_compare_rejects_bad_options(tmp_path):
         compare_models(_base(), tmp_path, models=["unet"], baseline="vae")
     with pytest.raises(UsageError, match="--seeds 0"):
         compare_models(_base(), tmp_path, models=["unet"], seeds=0)
+    with pytest.raises(UsageError, match="--caveat vae:...: vae is not among --models unet"):
+        compare_models(_base(), tmp_path, models=["unet"], caveats={"vae": "x"})
+    bad = CliRunner().invoke(cli, ["compare", "--models", "unet", "--caveat", "unet", "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "Error: --caveat 'unet': expected MODEL:TEXT" in bad.output
 
 
 def test_compare_cli(tmp_path):
@@ -261,7 +265,7 @@ def test_collapsed_sites_by_kl_or_by_units_and_effect():
 def test_render_summary_keeps_the_asked_columns_and_names_only_supported_differences():
     """The README's short table: means (± sd) of the asked metrics and, per model, only the
     differences both intervals support; a tie says so, and an unknown column is refused."""
-    from pyroseg.compare import render_summary
+    from pyroseg.compare import render_markdown, render_summary
 
     meta = {"data": "synthetic-ambiguous", "image_size": 32, "n_patients": 3, "n_slices": 12}
     pp = {"a": [1.0, 2], "b": [0.5, 1], "c": [0.4, 1]}
@@ -283,6 +287,14 @@ def test_render_summary_keeps_the_asked_columns_and_names_only_supported_differe
     assert "HM-IoU" not in md
     with pytest.raises(UsageError, match="--columns nope"):
         render_summary(doc, ["nope"])
+    # a reader's caveat marks the model's row in both tables and is quoted under them
+    doc["converged"] = {"unet": [3, 3], "vae": [3, 3]}
+    doc["caveats"] = {"vae": "stopped on an oscillation"}
+    doc.update(config=FitConfig(epochs=3).to_dict(), versions={}, vary_split=False)
+    for text in (render_summary(doc, ["ged"]), render_markdown(doc)):
+        rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+        assert "| 3/3 †" in rows["| vae"] and "†" not in rows["| unet"]
+        assert "† `vae`: stopped on an oscillation" in text.splitlines()
 
 
 def test_titles_name_the_data_set_not_the_path_of_the_machine_that_made_them():
