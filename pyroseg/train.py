@@ -437,7 +437,6 @@ def _batch_on_device(run: FitRun, batch: dict) -> tuple[torch.Tensor, torch.Tens
     return image, mask
 
 
-
 def _train_step(run: FitRun, image: torch.Tensor, mask: torch.Tensor) -> StepOutcome:
     """One step at the run's position: beta and the learning rate of its schedules, the
     objective around :meth:`Trainer.step`, its loss into ``run.meter``."""

@@ -201,7 +201,8 @@ def _iid(base: dist.LowRankMultivariateNormal, m: int, *, antithetic: bool = Fal
     batch ``(B,)`` and event ``(m, D)``: iid, or with ``antithetic`` (``m`` even) ``m/2`` iid
     draws and their mirrors about the mean (:class:`AntitheticDraws`)."""
     b = base.batch_shape[0]
-    expanded, _ = low_rank_normal(
+    # base's factor already carries low_rank_normal's fallback: the same matrices factorise again
+    expanded = dist.LowRankMultivariateNormal(
         base.loc.unsqueeze(1).expand(b, m, -1),
         base.cov_factor.unsqueeze(1).expand(b, m, -1, -1),
         base.cov_diag.unsqueeze(1).expand(b, m, -1),
