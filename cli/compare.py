@@ -19,7 +19,7 @@ SHARED = ("data", "image_size", "epochs", "batch_size", "lr", "seed", "device", 
 #: The ``fit`` options that change results and that ``compare`` passes on to every run (and records in
 #: comparison.json's config): those of them this pyroseg's FitConfig has (the step budgets are newer).
 PROTOCOL = tuple(name for name in (
-    "augment", "raters", "lr_schedule", "lr_warmup", "objective", "geco_constraint", "geco_top_k", "geco_deterministic_top_k",
+    "augment", "raters", "lr_schedule", "lr_warmup", "beta", "objective", "geco_constraint", "geco_top_k", "geco_deterministic_top_k",
     "geco_update", "geco_kappa", "geco_alpha", "geco_rate", "geco_warmup", "geco_max_step", "free_bits", "select_by",
     "patience", "max_steps", "val_every", "max_minutes") if name in fit_options())
 

@@ -7,9 +7,11 @@ from pathlib import Path
 import click
 from pyroseg.cli.common import CHECKPOINTS, CONTEXT, EVAL_SPLITS, LoadBar, format_table, handle_errors
 
+from pyroseg.config import POINTS
 from pyroseg.errors import UsageError
 
-_SHOWN = ["dice_all", "dice_tumour", "dice_volume", "iou_tumour", "bce", "false_positive_slices", "empty_slices", "elbo", "nll"]
+_SHOWN = ["dice_all", "dice_tumour", "dice_volume", "iou_tumour", "bce", "false_positive_slices", "empty_slices", "elbo", "nll",
+          "dice_tumour_posterior"]
 _DISTRIBUTION = ["ged", "ged_unbiased", "hm_iou", "sample_diversity", "ece", "ece_lesion", "qubiq", "dice_raters", "dice_majority"]
 
 
@@ -22,6 +24,11 @@ _DISTRIBUTION = ["ged", "ged_unbiased", "hm_iou", "sample_diversity", "ece", "ec
               help="Samples per image: averaged into the point prediction, and the set scored by GED / HM-IoU.")
 @click.option("--collapse-samples", type=int, default=8, show_default=True,
               help="Samples per point prediction for the per-site collapse diagnostics (0: skip them).")
+@click.option("--point", type=click.Choice(POINTS), default="mean", show_default=True,
+              help="The point prediction scored by Dice, IoU, BCE, ECE and the QUBIQ score: mean (of the samples' "
+                   "probabilities, thresholded at 0.5), majority (pixels marked by at least half of the samples) or "
+                   "mean-z (every latent at its test-time mean: the prior's, q(z|x)'s; MC dropout without dropout). "
+                   "GED and the other distribution metrics score the samples either way.")
 @click.option("--oracle", is_flag=True,
               help="Also score the references on the same slices: the true mask distribution and its best single "
                    "mask (synthetic-ambiguous), or one rater against the others and the majority-vote mask "
@@ -39,8 +46,8 @@ _DISTRIBUTION = ["ged", "ged_unbiased", "hm_iou", "sample_diversity", "ece", "ec
               help="Weights to score: best (best.pt, the best validation epoch) or last (checkpoint.pt) "
                    "[default: best when the run has a best.pt, else last].")
 @handle_errors
-def evaluate_cmd(run_dir, data, split, num_samples, collapse_samples, oracle, tta, seed, batch_size, device, json_path, cache_dir,
-                 checkpoint):
+def evaluate_cmd(run_dir, data, split, num_samples, collapse_samples, point, oracle, tta, seed, batch_size, device, json_path,
+                 cache_dir, checkpoint):
     """Print Dice (per slice, tumour slices, per patient), IoU, BCE and the ELBO of RUN_DIR, how well its
     samples match the annotators (GED, Hungarian-matched IoU, sample diversity, calibration (ECE)), and
     per latent site whether it collapsed (KL, active units, effect)."""
@@ -57,11 +64,11 @@ def evaluate_cmd(run_dir, data, split, num_samples, collapse_samples, oracle, tt
     report = evaluate_run(run_dir, data=data, split=split, num_samples=num_samples, batch_size=batch_size,
                           device=device, cache_dir=cache_dir, progress=bar, oracle=oracle, seed=seed, oracle_seed=seed,
                           reliability_png=reliability_png_for(json_path) if json_path else None,
-                          collapse_samples=collapse_samples, checkpoint=checkpoint, tta=tta)
+                          collapse_samples=collapse_samples, checkpoint=checkpoint, tta=tta, point=point)
     bar.close()
     click.echo(f"{report['model']} on {report['data']} [{report['split']}]: {report['n_patients']} patients, "
                f"{report['n_slices']} slices, {report['n_annotators']} annotator(s), "
-               f"mean of {report['num_samples']} sample(s), z from {report['z_from']}")
+               f"{report['num_samples']} sample(s), z from {report['z_from']}, point prediction: {point}")
     click.echo(f"weights: {report['checkpoint']}")
     click.echo(format_table([{k: report[k] for k in _SHOWN if k in report}]))
     kl = {k: v for k, v in report.items() if k.startswith("kl_")}

@@ -49,7 +49,7 @@ from pyroseg.data.core import SegData
 from pyroseg.devices import resolve_device
 from pyroseg.errors import UsageError
 from pyroseg.models.base import SegModel
-from pyroseg.predict import predict_dataset
+from pyroseg.predict import POINT_PREDICTIONS, predict_dataset
 from pyroseg.references import (
     MAJORITY,
     ORACLE,
@@ -109,6 +109,7 @@ def evaluate_run(
     checkpoint: str | None = None,
     tta: bool = False,
     per_patient: bool = False,
+    point: str = "mean",
 ) -> dict[str, Any]:
     """Evaluate the run in ``run_dir``.
 
@@ -145,8 +146,15 @@ def evaluate_run(
     (:class:`~pyroseg.tta.TestTimeAugmentation`), so a deterministic model gets four.
     ``per_patient``: also ``report["per_patient"]``, the :func:`patient_scores` of
     the predictions (what a paired bootstrap over patients needs).
+    ``point``: the point prediction whose Dice, IoU, BCE, calibration and QUBIQ score are
+    reported (:data:`pyroseg.predict.POINT_PREDICTIONS`): ``mean`` (default, the mean of the
+    samples), ``majority`` (at least half of the thresholded samples) or ``mean-z`` (every
+    latent at its test-time mean, :meth:`~pyroseg.models.base.SegModel.predict_at_mean`).
+    The samples, and so GED, matched IoU and diversity, do not depend on it.
     """
     at_least_one("--num-samples", num_samples)
+    if point not in POINT_PREDICTIONS:
+        raise UsageError(f"--point {point}: expected one of {', '.join(POINT_PREDICTIONS)}")
     dev = resolve_device(device)
     run = load_run(run_dir, device=dev, checkpoint=checkpoint)
     which = check_split(split or ("all" if data else "test"))
@@ -155,8 +163,12 @@ def evaluate_run(
     if seed is not None:
         pyro.set_rng_seed(seed)
     sampler = TestTimeAugmentation(run.model) if tta else run.model
+    if point == "mean-z" and run.model.has_latent and type(run.model).predict_at_mean is SegModel.predict_at_mean:
+        raise UsageError(f"--point mean-z: {run.model.name} does not say where its latents' mean is "
+                         "(it defines no predict_at_mean); use --point mean or majority")
     report = _score(run.model, sampler, subset, num_samples=num_samples, batch_size=batch_size, device=dev,
-                    per_patient=per_patient, collapse_samples=collapse_samples)
+                    per_patient=per_patient, collapse_samples=collapse_samples, point=point)
+    report["point"] = point
     report.update(_about(run, sampler, run_dir=run_dir, spec=spec, which=which, num_samples=num_samples, tta=tta,
                          seed=seed))
     if oracle:
@@ -183,12 +195,12 @@ def _load_data(run: LoadedRun, spec: str, which: str, *, cache_dir: str | None,
 
 
 def _score(model: SegModel, sampler: SegModel, subset: SegData, *, num_samples: int, batch_size: int, device, per_patient: bool,
-           collapse_samples: int) -> dict[str, Any]:
+           collapse_samples: int, point: str = "mean") -> dict[str, Any]:
     """Sample ``subset`` with ``sampler`` (``model``, or its test-time augmentation) and score it: :func:`score_predictions`, its
     ``per_patient`` split, the ELBO's terms (``nll`` for a model without one) and the
     collapse diagnostics (see :func:`evaluate_run`)."""
     pred = predict_dataset(sampler, subset, num_samples=num_samples, batch_size=batch_size, device=device,
-                           distribution=True)
+                           distribution=True, point=point, posterior_dice=True)
     report = score_predictions(pred, subset)
     has_elbo = bool(model.latent_sites) and not model.guide_is_prior  # else the loss is an NLL
     if per_patient:
@@ -201,6 +213,10 @@ def _score(model: SegModel, sampler: SegModel, subset: SegData, *, num_samples: 
     for k, v in pred.terms.items():
         if k.startswith("kl_"):
             report[k] = float(np.mean(v))
+    if "dice_posterior" in pred.terms:  # the latents told the answer (pyroseg.predict.elbo_terms)
+        tumour = subset.masks[:, 0].reshape(len(subset), -1).any(1)
+        report["dice_all_posterior"] = float(np.mean(pred.terms["dice_posterior"]))
+        report["dice_tumour_posterior"] = float(np.mean(pred.terms["dice_posterior"][tumour])) if tumour.any() else float("nan")
     if collapse_samples > 0:
         report.update(collapse_report(model, subset, num_samples=collapse_samples, batch_size=batch_size, device=device))
     return report

@@ -66,6 +66,11 @@ class TestTimeAugmentation(SegModel):
     def guide(self, image, mask=None, **kw):
         return self.base.guide(image, mask, **kw)
 
+    @torch.inference_mode()
+    def predict_at_mean(self, image: torch.Tensor) -> torch.Tensor:
+        """The mean over the four flips of the wrapped model's mean-z prediction."""
+        return torch.stack([_flip(self.base.predict_at_mean(_flip(image, dims)), dims) for dims in FLIPS]).mean(0)
+
     def sample(self, image: torch.Tensor, num_samples: int = 1) -> torch.Tensor:
         """``(num_samples, B, 1, H, W)``; sample ``i`` from flip ``i % 4``.
 

@@ -131,6 +131,33 @@ def test_ssn_falls_back_to_independent_normals_for_an_image_torch_cannot_factori
     assert sum("not invertible" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_ssn_draws_survive_a_copy_that_does_not_factorise_again(monkeypatch):
+    """The M-draw distribution reuses the checked factor of the per-image one; a borderline image
+    whose capacitance factorised once can fail in the expanded batch layout (seen on LGG: Cholesky
+    of batch element 1220 mid-run). Then each copy is checked, and no error reaches training."""
+    import pyro.distributions as dist
+
+    from pyroseg.models import ssn
+
+    base, _ = ssn.low_rank_normal(torch.zeros(2, 16), torch.randn(2, 16, 3) * 0.1, torch.ones(2, 16))
+    real = dist.LowRankMultivariateNormal
+    calls = []
+
+    def flaky(loc, cov_factor, cov_diag, *a, **k):  # the expanded (4-D factor) layout fails once
+        calls.append(cov_factor.dim())
+        if cov_factor.dim() == 4 and calls.count(4) == 1:
+            raise torch.linalg.LinAlgError("linalg.cholesky: (Batch element 5): not positive-definite")
+        return real(loc, cov_factor, cov_diag, *a, **k)
+
+    monkeypatch.setattr(ssn.dist, "LowRankMultivariateNormal", flaky)
+    for antithetic in (False, True):
+        calls.clear()
+        d = ssn._iid(base, 4, antithetic=antithetic)
+        assert calls == [4, 4]  # failed, then low_rank_normal's checked copies
+        assert d.batch_shape == (2,) and d.event_shape == (4, 16)
+        assert torch.isfinite(d.log_prob(d.rsample())).all()
+
+
 def test_ssn_pyro_trace_elbo_and_elbo_terms_agree():
     model = _perturbed("ssn")
     image, mask = _batch()

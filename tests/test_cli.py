@@ -86,11 +86,30 @@ def test_evaluate_json_report(runs, model, tmp_path):
         assert rep["num_samples"] == 2
         assert rep["units_z"] == 6 and 0 <= rep["au_z"] <= 6 and 0 <= rep["effect_z"] <= 1  # collapse diagnostics
         assert f"active units (Cov_x E_q[z_u] > 0.01): z {rep['au_z']}/6" in res.stdout
+        assert 0 <= rep["dice_all_posterior"] <= 1  # its guide is given the mask
     else:
+        assert "dice_all_posterior" not in rep
         assert "elbo" not in rep and math.isfinite(rep["nll"]) and rep["num_samples"] == 1
     # the printed table shows the same numbers as the JSON
     assert f"{rep['dice_all']:.4f}" in res.stdout and f"{rep['bce']:.4f}" in res.stdout
     assert f"wrote {report_path}" in res.stdout
+
+
+def test_evaluate_point_prediction(runs, tmp_path):
+    """--point majority / mean-z change the point metrics, not the samples' (same seed); a bad one is a usage error."""
+    reps = {}
+    for point in ("mean", "majority", "mean-z"):
+        path = tmp_path / f"{point}.json"
+        res = _ok(invoke("evaluate", str(runs["prob_unet"]), "--point", point, "--json", str(path), "--num-samples", "4",
+                         "--device", "cpu"))
+        assert f"point prediction: {point}" in res.stdout
+        reps[point] = json.loads(path.read_text())
+        assert reps[point]["point"] == point
+    for point in ("majority", "mean-z"):
+        assert reps[point]["ged"] == reps["mean"]["ged"]  # the same samples
+        assert reps[point]["bce"] != reps["mean"]["bce"]  # another probability map
+    res = invoke("evaluate", str(runs["prob_unet"]), "--point", "median")
+    assert res.exit_code == 2 and "'median' is not one of 'mean', 'majority', 'mean-z'" in res.output
 
 
 def test_evaluate_val_split(runs, tmp_path):

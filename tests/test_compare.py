@@ -459,7 +459,8 @@ def test_compare_passes_on_the_fit_options_of_the_protocol():
 
     fit = {p.name: p for p in fit_cmd.params}
     compare = {p.name: p for p in compare_cmd.params}
-    assert {"augment", "lr_schedule", "lr_warmup", "objective", "geco_kappa", "free_bits", "select_by", "patience"} <= set(PROTOCOL)
+    assert {"augment", "raters", "lr_schedule", "lr_warmup", "beta", "objective", "geco_kappa", "free_bits", "select_by",
+            "patience"} <= set(PROTOCOL)
     for name in PROTOCOL:
         a, b = fit[name], compare[name]
         assert (a.opts, a.default, type(a.type), a.help) == (b.opts, b.default, type(b.type), b.help), name

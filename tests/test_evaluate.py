@@ -7,10 +7,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyro
 import pytest
 import torch
 
 from pyroseg.config import FitConfig
+from pyroseg.data.core import SegDataset
 from pyroseg.data.synthetic import make_synthetic, make_synthetic_ambiguous, oracle_probabilities
 from pyroseg.errors import UsageError
 from pyroseg.evaluate import (
@@ -105,6 +107,53 @@ def test_predict_dataset_scores_the_distribution_it_samples(amb):
     np.testing.assert_allclose(pred.distribution["sample_diversity"], sample_diversity(samples).numpy(), atol=1e-6)
     # the default path computes none of it
     assert predict_dataset(model, amb, num_samples=2, with_terms=False).distribution == {}
+
+
+def test_point_predictions_majority_and_mean_z(amb):
+    """``point="majority"``: the share of the kept thresholded samples per pixel; ``"mean-z"``:
+    the model's :meth:`predict_at_mean`, not the mean of the samples; anything else: an error."""
+    torch.manual_seed(0)
+    model = build_model("prob_unet", image_size=SIZE, widths=(8, 16, 32, 64)).eval()
+    with torch.no_grad():  # a prior wide enough that the samples differ
+        for p in model.prior_net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    torch.manual_seed(1)
+    vote = predict_dataset(model, amb, num_samples=5, batch_size=7, keep_samples=True, with_terms=False,
+                           point="majority")
+    np.testing.assert_allclose(vote.mean, vote.samples.astype(np.float32).mean(1), atol=1e-6)
+    mean_z = predict_dataset(model, amb, num_samples=5, batch_size=7, with_terms=False, point="mean-z")
+    ds = SegDataset(amb)
+    expected = model.predict_at_mean(ds.__getitems__(list(range(len(ds))))["image"])[:, 0].numpy()
+    np.testing.assert_allclose(mean_z.mean, expected, atol=1e-5)
+    torch.manual_seed(1)
+    mean = predict_dataset(model, amb, num_samples=5, batch_size=7, with_terms=False)
+    assert np.abs(mean.mean - mean_z.mean).max() > 1e-3
+    with pytest.raises(ValueError, match="point: expected one of mean, majority, mean-z"):
+        predict_dataset(model, amb, num_samples=2, with_terms=False, point="median")
+
+
+def test_posterior_dice_is_the_guides_draw_replayed(amb):
+    """``elbo_terms(posterior_dice=True)``: the Dice of the mask site's mean under the guide's
+    draw (given the mask), the same draw as a trace of the guide replayed through the model."""
+    from pyro import poutine
+
+    from pyroseg.metrics import dice
+    from pyroseg.predict import elbo_terms
+
+    torch.manual_seed(0)
+    model = build_model("prob_unet", image_size=SIZE, widths=(8, 16, 32, 64)).eval()
+    batch = SegDataset(amb).__getitems__(list(range(8)))
+    image, mask = batch["image"], batch["mask"]
+    pyro.set_rng_seed(3)
+    got = elbo_terms(model, image, mask, posterior_dice=True)["dice_posterior"]
+    pyro.set_rng_seed(3)
+    guide_trace = poutine.trace(model.guide).get_trace(image, mask)
+    probs = poutine.trace(poutine.replay(model.model, trace=guide_trace)).get_trace(image, mask).nodes["mask"]["fn"].mean
+    torch.testing.assert_close(got, dice(probs >= 0.5, mask >= 0.5))
+    assert got.shape == (8,) and "dice_posterior" not in elbo_terms(model, image, mask)
+    # only when asked: the validation rows (metrics.csv) keep their columns
+    assert "dice_posterior" not in predict_dataset(model, amb, num_samples=2).terms
+    assert "dice_posterior" in predict_dataset(model, amb, num_samples=2, posterior_dice=True).terms
 
 
 def test_unet_samples_are_one_mask(amb):

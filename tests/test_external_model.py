@@ -81,6 +81,10 @@ def test_fit_evaluate_and_sample_a_model_from_outside(on_path, trained, tmp_path
     rep = json.loads(report_path.read_text())
     assert rep["model"] == "latent_shift_unet" and rep["n_annotators"] == 4 and rep["kl_z"] > 0
     assert 0 <= rep["ged"] <= 2 and 0 <= rep["hm_iou"] <= 1
+    # it defines no predict_at_mean: the mean-z point prediction is a one-line option error, the others work
+    res = invoke("evaluate", str(run), "--num-samples", "3", "--device", "cpu", "--point", "mean-z")
+    assert res.exit_code == 2 and "--point mean-z: latent_shift_unet does not say where its latents' mean is" in res.output
+    _ok(invoke("evaluate", str(run), "--num-samples", "3", "--device", "cpu", "--point", "majority"))
     _ok(invoke("sample", str(run), "--split", "test", "--num-images", "1", "--num-samples", "2", "--out", str(tmp_path / "s")))
     assert list((tmp_path / "s").glob("*_grid.png"))
     _ok(invoke("fit", "--resume", str(run), "--epochs", "3", "--quiet"))  # --resume imports it again

@@ -187,6 +187,32 @@ def test_sample_shapes_and_diversity(name):
     assert model.predict(image, 4).shape == (B, 1, H, H)
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_predict_at_mean_is_a_sample_with_every_draw_at_its_mean(name, monkeypatch):
+    """The mean-z point prediction is what ``sample`` gives when every Normal draw (and
+    SSN's low-rank logit draw) returns its mean and MC dropout drops nothing."""
+    from pyroseg.models.mc_dropout import AlwaysDropout
+
+    model = build_model(name, image_size=H).eval()
+    noise = 0.01 if name == "hprob_unet" else 0.1
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(noise * torch.randn_like(p))
+    image, _ = _batch()
+    got = model.predict_at_mean(image)
+    assert got.shape == (B, 1, H, H)
+    if model.has_latent:  # the test would pass vacuously if the samples did not differ from it
+        assert (model.sample(image, 1)[0] - got).abs().max() > 1e-4
+    monkeypatch.setattr(dist.Normal, "rsample", lambda self, shape=(): self.loc.expand(self.shape(shape)))
+    monkeypatch.setattr(dist.LowRankMultivariateNormal, "rsample",
+                        lambda self, shape=(): self.loc.expand(self.shape(shape)))
+    monkeypatch.setattr(AlwaysDropout, "forward", lambda self, x: x)
+    with torch.no_grad():
+        at_mean = model.sample(image, 2)
+    torch.testing.assert_close(at_mean[0], got, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(at_mean[1], got, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["prob_unet", "hprob_unet", "phiseg"])
 def test_guide_needs_the_mask(name):
     model = build_model(name, image_size=H)

@@ -220,6 +220,16 @@ class SegModel(nn.Module):
         (under ``torch.inference_mode``: the result cannot enter autograd)."""
         return self.sample(image, self.num_draws(num_samples)).mean(0)
 
+    @torch.inference_mode()
+    def predict_at_mean(self, image: torch.Tensor) -> torch.Tensor:
+        """Mask probability ``(B, 1, H, W)`` with every latent at the mean of its test-time
+        distribution (the prior's for the Probabilistic U-Nets and PHiSeg, ``q(z|x)``'s
+        for the VAE family; for SSN the logits' mean; for MC dropout the network without
+        dropout): the "mean z" point prediction. A model with no latent: its one sample."""
+        if self.has_latent:
+            raise NotImplementedError(f"{self.name}: no mean-z prediction (predict_at_mean)")
+        return self.sample(image, 1)[0]
+
     def extra_repr(self) -> str:
         return f"latent_sites={self.latent_sites}, params={self.num_params:,}"
 

@@ -71,6 +71,11 @@ class EnsembleModel(SegModel):
     def guide(self, image, mask=None, *, beta=1.0, recon_scale=1.0):
         """Nothing to infer."""
 
+    @torch.inference_mode()
+    def predict_at_mean(self, image):
+        """The mean of the members' mean-z predictions (each member weighs alike)."""
+        return torch.stack([m.predict_at_mean(image) for m in self.members]).mean(0)
+
     def sample(self, image, num_samples=1):
         """``(num_samples, B, 1, H, W)``: member ``i % K`` gives sample ``i``."""
         k = len(self.members)

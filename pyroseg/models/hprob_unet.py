@@ -391,3 +391,9 @@ class HProbUNetModel(SegModel):
         h = self.prior_core.walk(rep, lambda name, loc, scale: dist.Normal(loc, scale).rsample())
         logits = self.stitch(h, rep)
         return torch.sigmoid(logits).view(num_samples, image.shape[0], *logits.shape[1:])
+
+    @torch.inference_mode()
+    def predict_at_mean(self, image):
+        feats = self.prior_core.encode(image)
+        h = self.prior_core.walk(feats, lambda name, loc, scale: loc)  # each z_l at its prior mean given the coarser
+        return torch.sigmoid(self.stitch(h, feats))

@@ -123,3 +123,8 @@ class HVAEModel(SegModel):
         s1 = self._posterior_chain(h, sample=lambda name, loc, scale: dist.Normal(loc, scale).rsample())
         logits = self.mask_logits(s1)
         return torch.sigmoid(logits).view(num_samples, image.shape[0], *logits.shape[1:])
+
+    @torch.inference_mode()
+    def predict_at_mean(self, image):
+        h = self.enc_head(self.encoder(image)[-1])  # (B, hidden)
+        return torch.sigmoid(self.mask_logits(self._posterior_chain(h, sample=lambda name, loc, scale: loc)))

@@ -41,9 +41,10 @@ class AlwaysDropout(nn.Module):
     def __init__(self, p: float):
         super().__init__()
         self.p = float(p)
+        self.enabled = True  # off only inside MCDropoutModel.predict_at_mean
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(x, self.p, training=True) if self.p > 0 else x
+        return F.dropout(x, self.p, training=True) if self.p > 0 and self.enabled else x
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -95,3 +96,16 @@ class MCDropoutModel(SegModel):
                 feats.append(x)
             outs.append(torch.sigmoid(self.unet.head(self.unet.decoder(feats))))
         return torch.cat(outs).view(num_samples, b, 1, *image.shape[-2:])
+
+    @torch.inference_mode()
+    def predict_at_mean(self, image):
+        """The network without dropout (the weights at their mean: the standard dropout
+        network, whose inverted-dropout scaling makes it the expected activations' net)."""
+        layers = [m for m in self.unet.modules() if isinstance(m, AlwaysDropout)]
+        try:
+            for m in layers:
+                m.enabled = False
+            return torch.sigmoid(self.unet(image))
+        finally:
+            for m in layers:
+                m.enabled = True

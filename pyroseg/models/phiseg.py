@@ -299,3 +299,8 @@ class PHiSegModel(SegModel):
         zs = self.prior_net.walk(rep, lambda name, loc, scale: dist.Normal(loc, scale).rsample())
         logits = accumulate(self.likelihood_net(zs, image.shape[-2:]))[0]  # (S*B, 1, H, W)
         return torch.sigmoid(logits).view(num_samples, image.shape[0], *logits.shape[1:])
+
+    @torch.inference_mode()
+    def predict_at_mean(self, image):
+        zs = self.prior_net.walk(self.prior_net.encode(image), lambda name, loc, scale: loc)  # prior means, coarse to fine
+        return torch.sigmoid(accumulate(self.likelihood_net(zs, image.shape[-2:]))[0])

@@ -166,3 +166,8 @@ class ProbUNetModel(SegModel):
         loc, scale = self.prior_net(image)  # once per image
         z = dist.Normal(loc, scale).rsample((num_samples,))  # (S, B, D)
         return self.fcomb.forward_pixels_last(u, z).sigmoid_()  # a fresh tensor: in place
+
+    @torch.inference_mode()
+    def predict_at_mean(self, image):
+        z = self.prior_net(image)[0]  # the prior's mean, (B, D)
+        return self.fcomb(self.unet.features(image), z.unsqueeze(0)).squeeze(0).sigmoid()

@@ -93,3 +93,8 @@ class SkipVAEModel(SegModel):
         rep = [f.repeat(num_samples, 1, 1, 1) for f in feats]  # sample-major, matches z's flatten
         logits = self.mask_logits(rep, z)
         return torch.sigmoid(logits).view(num_samples, image.shape[0], *logits.shape[1:])
+
+    @torch.inference_mode()
+    def predict_at_mean(self, image):
+        feats = self.encoder(image)
+        return torch.sigmoid(self.mask_logits(feats, self.z_posterior(feats)[0]))  # z = E_q[z | x]

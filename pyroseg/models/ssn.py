@@ -174,6 +174,10 @@ class SSNModel(SegModel):
         eta = p.rsample((num_samples,))  # (S, B, HW)
         return torch.sigmoid(eta).view(num_samples, image.shape[0], 1, *image.shape[-2:])
 
+    @torch.inference_mode()
+    def predict_at_mean(self, image):
+        return torch.sigmoid(self.logit_distribution(image).loc).view(image.shape[0], 1, *image.shape[-2:])  # eta = mu
+
 
 def low_rank_normal(loc: torch.Tensor, cov_factor: torch.Tensor, cov_diag: torch.Tensor
                     ) -> tuple[dist.LowRankMultivariateNormal, int]:
@@ -201,12 +205,12 @@ def _iid(base: dist.LowRankMultivariateNormal, m: int, *, antithetic: bool = Fal
     batch ``(B,)`` and event ``(m, D)``: iid, or with ``antithetic`` (``m`` even) ``m/2`` iid
     draws and their mirrors about the mean (:class:`AntitheticDraws`)."""
     b = base.batch_shape[0]
-    # base's factor already carries low_rank_normal's fallback: the same matrices factorise again
-    expanded = dist.LowRankMultivariateNormal(
-        base.loc.unsqueeze(1).expand(b, m, -1),
-        base.cov_factor.unsqueeze(1).expand(b, m, -1, -1),
-        base.cov_diag.unsqueeze(1).expand(b, m, -1),
-    )
+    args = (base.loc.unsqueeze(1).expand(b, m, -1), base.cov_factor.unsqueeze(1).expand(b, m, -1, -1),
+            base.cov_diag.unsqueeze(1).expand(b, m, -1))
+    try:  # base's factor carries low_rank_normal's fallback, so the copies nearly always factorise again...
+        expanded = dist.LowRankMultivariateNormal(*args)
+    except torch.linalg.LinAlgError:  # ...but a borderline one can fail in another batch layout: check each copy
+        expanded = low_rank_normal(*args)[0]
     return AntitheticDraws(expanded, 1) if antithetic else expanded.to_event(1)
 
 

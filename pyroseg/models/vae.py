@@ -121,3 +121,7 @@ class VAEModel(SegModel):
         z = dist.Normal(loc, scale).rsample((num_samples,))  # (S, B, D)
         logits = self.mask_logits(z.flatten(0, 1))  # (S*B, 1, H, W)
         return torch.sigmoid(logits).view(num_samples, *image.shape[:1], *logits.shape[1:])
+
+    @torch.inference_mode()
+    def predict_at_mean(self, image):
+        return torch.sigmoid(self.mask_logits(self.z_posterior(image)[0]))  # z = E_q[z | x]: (B, D)
