@@ -123,7 +123,8 @@ def predict_dataset(
         for batch in loader:
             image = batch["image"].to(device)
             probs = model.sample(image, n_draw)  # (S, B, 1, H, W)
-            binary = (probs[:, :, 0] >= threshold).transpose(0, 1)  # (B, S, H, W) bool
+            if keep_samples or dist is not None or point == "majority":
+                binary = (probs[:, :, 0] >= threshold).transpose(0, 1)  # (B, S, H, W) bool
             if point == "mean":
                 means.append(probs.mean(0)[:, 0].float().cpu())
             elif point == "majority":
