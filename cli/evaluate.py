@@ -24,8 +24,9 @@ _DISTRIBUTION = ["ged", "ged_unbiased", "hm_iou", "sample_diversity", "ece", "ec
               help="Samples per image: averaged into the point prediction, and the set scored by GED / HM-IoU.")
 @click.option("--collapse-samples", type=int, default=8, show_default=True,
               help="Samples per point prediction for the per-site collapse diagnostics (0: skip them).")
-@click.option("--point", type=click.Choice(POINTS), default="mean", show_default=True,
-              help="The point prediction scored by Dice, IoU, BCE, ECE and the QUBIQ score: mean (of the samples' "
+@click.option("--point", type=click.Choice(POINTS), default="auto", show_default=True,
+              help="The point prediction scored by Dice, IoU, BCE, ECE and the QUBIQ score: auto (the model's own: "
+                   "mean-z for ssn, whose published code predicts from its logits' mean; mean for the others), mean (of the samples' "
                    "probabilities, thresholded at 0.5), majority (pixels marked by at least half of the samples) or "
                    "mean-z (every latent at its test-time mean: the prior's, q(z|x)'s; MC dropout without dropout). "
                    "GED and the other distribution metrics score the samples either way.")
@@ -68,7 +69,7 @@ def evaluate_cmd(run_dir, data, split, num_samples, collapse_samples, point, ora
     bar.close()
     click.echo(f"{report['model']} on {report['data']} [{report['split']}]: {report['n_patients']} patients, "
                f"{report['n_slices']} slices, {report['n_annotators']} annotator(s), "
-               f"{report['num_samples']} sample(s), z from {report['z_from']}, point prediction: {point}")
+               f"{report['num_samples']} sample(s), z from {report['z_from']}, point prediction: {report['point']}")
     click.echo(f"weights: {report['checkpoint']}")
     click.echo(format_table([{k: report[k] for k in _SHOWN if k in report}]))
     kl = {k: v for k, v in report.items() if k.startswith("kl_")}

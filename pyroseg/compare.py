@@ -350,14 +350,16 @@ def run_state(run: str | Path, epochs: int, max_steps: int | None = None) -> str
 
 def _evaluation(run: Path, cfg: FitConfig, num_samples: int, *, fresh: bool) -> dict[str, Any]:
     """The run's test report: ``run/evaluation.json`` when it matches (same samples,
-    seed and epochs), otherwise evaluated now and written there."""
+    seed, epochs and point prediction: the model's own), otherwise evaluated now and written there."""
     history = read_metrics_csv(run / RUN_METRICS)
     cached = run / EVALUATION
     if cached.is_file() and not fresh:
         try:
             report = json.loads(cached.read_text())
             rows = report.get("history_rows", report.get("epochs_trained"))  # older caches: one row per epoch
-            if report.get("num_samples_asked") == num_samples and report.get("seed") == cfg.seed and rows == len(history):
+            point = resolve_model(cfg.model).point_prediction
+            if (report.get("num_samples_asked") == num_samples and report.get("seed") == cfg.seed and rows == len(history)
+                    and report.get("point", "mean") == point):  # older caches: the mean of the samples
                 return report
         except (OSError, ValueError):
             pass

@@ -228,8 +228,18 @@ def _title(doc: dict[str, Any]) -> tuple[dict[str, Any], str]:
     return first, (
         f"{data_name(first['data'], cfg)}, {first['image_size']}x{first['image_size']}, {test}, {_budget(cfg)}, "
         f"{n} seed{'s' if n > 1 else ''} ({', '.join(map(str, seeds))}), "
-        f"point prediction = mean of {doc['num_samples']} samples"
+        f"point prediction = {_points(doc)}"
     )
+
+
+def _points(doc: dict[str, Any]) -> str:
+    """The point prediction the Dice and other one-mask columns score: the mean of the samples,
+    and the models that score their own (``point`` of their reports: :attr:`SegModel.point_prediction`)."""
+    own = {r["model"]: r["point"] for r in doc["runs"]
+           if r["model"] not in REFERENCES and r.get("point", "mean") != "mean"}
+    words = {"mean-z": "the mask at its latents' mean", "majority": "the majority of its samples"}
+    return f"mean of {doc['num_samples']} samples" + "".join(
+        f"; {m}: {words.get(p, p)}" for m, p in own.items())
 
 
 def render_summary(doc: dict[str, Any], columns: Sequence[str]) -> str:

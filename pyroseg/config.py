@@ -45,7 +45,7 @@ SELECT_BY = ("auto", *SELECT_MODES)
 DEVICES = ("auto", "cpu", "cuda")  # or cuda:N
 DATA_ON_DEVICE = ("auto", "on", "off")
 #: The point predictions evaluate can score (what each is: :data:`pyroseg.predict.POINT_PREDICTIONS`).
-POINTS = ("mean", "majority", "mean-z")
+POINTS = ("auto", "mean", "majority", "mean-z")
 
 #: Fields older configs have that no longer exist, dropped on reading: ``num_workers``
 #: never reached the DataLoader (the data is in memory, and the random annotator of each

@@ -49,7 +49,7 @@ from pyroseg.data.core import SegData
 from pyroseg.devices import resolve_device
 from pyroseg.errors import UsageError
 from pyroseg.models.base import SegModel
-from pyroseg.predict import POINT_PREDICTIONS, predict_dataset
+from pyroseg.predict import POINT_PREDICTIONS, predict_dataset, resolve_point
 from pyroseg.references import (
     MAJORITY,
     ORACLE,
@@ -109,7 +109,7 @@ def evaluate_run(
     checkpoint: str | None = None,
     tta: bool = False,
     per_patient: bool = False,
-    point: str = "mean",
+    point: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate the run in ``run_dir``.
 
@@ -147,7 +147,8 @@ def evaluate_run(
     ``per_patient``: also ``report["per_patient"]``, the :func:`patient_scores` of
     the predictions (what a paired bootstrap over patients needs).
     ``point``: the point prediction whose Dice, IoU, BCE, calibration and QUBIQ score are
-    reported (:data:`pyroseg.predict.POINT_PREDICTIONS`): ``mean`` (default, the mean of the
+    reported (:data:`pyroseg.predict.POINT_PREDICTIONS`): ``auto`` (default: the model's own,
+    :attr:`~pyroseg.models.base.SegModel.point_prediction`), ``mean`` (the mean of the
     samples), ``majority`` (at least half of the thresholded samples) or ``mean-z`` (every
     latent at its test-time mean, :meth:`~pyroseg.models.base.SegModel.predict_at_mean`).
     The samples, and so GED, matched IoU and diversity, do not depend on it.
@@ -163,6 +164,7 @@ def evaluate_run(
     if seed is not None:
         pyro.set_rng_seed(seed)
     sampler = TestTimeAugmentation(run.model) if tta else run.model
+    point = resolve_point(run.model, point)
     if point == "mean-z" and run.model.has_latent and type(run.model).predict_at_mean is SegModel.predict_at_mean:
         raise UsageError(f"--point mean-z: {run.model.name} does not say where its latents' mean is "
                          "(it defines no predict_at_mean); use --point mean or majority")

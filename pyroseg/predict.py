@@ -19,17 +19,23 @@ from pyroseg.metrics import DistributionAccumulator, dice
 from pyroseg.models.base import SegModel
 from pyroseg.objective import site_kl
 
-__all__ = ["elbo_terms", "Predictions", "predict_dataset", "POINT_PREDICTIONS"]
+__all__ = ["elbo_terms", "Predictions", "predict_dataset", "POINT_PREDICTIONS", "resolve_point"]
 
 #: The point predictions :func:`predict_dataset` can make (``point=``,
 #: :data:`pyroseg.config.POINTS`), what each puts in :attr:`Predictions.mean`;
 #: thresholded at 0.5, each is the point mask.
 POINT_PREDICTIONS = {
+    "auto": "the model's own (SegModel.point_prediction): mean-z for ssn, as its reference predicts, else mean",
     "mean": "the mean of the samples' mask probabilities",
     "majority": "the share of the thresholded samples that mark the pixel (at 0.5: at least half of them)",
     "mean-z": "the mask probability with every latent at its test-time mean (SegModel.predict_at_mean)",
 }
 assert tuple(POINT_PREDICTIONS) == POINTS
+
+
+def resolve_point(model: SegModel, point: str = "auto") -> str:
+    """``point``, or for ``"auto"`` the model's own :attr:`~pyroseg.models.base.SegModel.point_prediction`."""
+    return model.point_prediction if point == "auto" else point
 
 
 def elbo_terms(model: SegModel, image: torch.Tensor, mask: torch.Tensor, *, posterior_dice: bool = False
@@ -97,7 +103,7 @@ def predict_dataset(
     keep_samples: bool = False,
     distribution: bool = False,
     threshold: float = 0.5,
-    point: str = "mean",
+    point: str = "auto",
     posterior_dice: bool = False,
 ) -> Predictions:
     """Run ``model.sample`` over every slice of ``data`` (first annotator's mask for the ELBO terms).
@@ -113,6 +119,7 @@ def predict_dataset(
     """
     if point not in POINT_PREDICTIONS:
         raise ValueError(f"point: expected one of {', '.join(POINT_PREDICTIONS)}, got {point!r}")
+    point = resolve_point(model, point)
     was_training = model.training
     model.eval()
     loader = DataLoader(SegDataset(data), batch_size=batch_size, shuffle=False, collate_fn=collate_batch)

@@ -756,7 +756,8 @@ class FitCallbacks:
 
 
 def _validate(model: SegModel, data: SegData, cfg: FitConfig, device: torch.device) -> dict[str, float]:
-    """Validation ELBO terms (beta = 1), Dice of the mean of ``val_samples`` samples,
+    """Validation ELBO terms (beta = 1), Dice of the model's point prediction (the mean of
+    ``val_samples`` samples; ``ssn``: its logits' mean, :attr:`SegModel.point_prediction`),
     on data with several annotators the GED of ``max(val_samples, 2)`` samples against
     them all, and the collapse diagnostics of every latent site (:mod:`pyroseg.collapse`)."""
     if len(data) == 0:

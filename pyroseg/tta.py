@@ -52,6 +52,7 @@ class TestTimeAugmentation(SegModel):
         self.guide_is_prior = base.guide_is_prior
         self.sample_from = f"{base.sample_from}, 4 flips"  # what the report says
         self.test_time_z = base.test_time_z  # what code acts on
+        self.point_prediction = base.point_prediction  # its mean-z: the flips' mean of the base's
 
     def hparams(self):
         return self.base.hparams()

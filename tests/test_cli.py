@@ -108,8 +108,12 @@ def test_evaluate_point_prediction(runs, tmp_path):
     for point in ("majority", "mean-z"):
         assert reps[point]["ged"] == reps["mean"]["ged"]  # the same samples
         assert reps[point]["bce"] != reps["mean"]["bce"]  # another probability map
+    path = tmp_path / "auto.json"  # the default: the model's own point prediction, the mean for prob_unet
+    res = _ok(invoke("evaluate", str(runs["prob_unet"]), "--json", str(path), "--num-samples", "4", "--device", "cpu"))
+    assert "point prediction: mean" in res.stdout
+    assert json.loads(path.read_text())["dice_all"] == reps["mean"]["dice_all"]
     res = invoke("evaluate", str(runs["prob_unet"]), "--point", "median")
-    assert res.exit_code == 2 and "'median' is not one of 'mean', 'majority', 'mean-z'" in res.output
+    assert res.exit_code == 2 and "'median' is not one of 'auto', 'mean', 'majority', 'mean-z'" in res.output
 
 
 def test_evaluate_val_split(runs, tmp_path):

@@ -72,6 +72,23 @@ def test_compare_reuses_finished_runs(tmp_path):
         compare_models(_base(lr=0.01), tmp_path, models=["unet"], num_samples=1)
 
 
+def test_compare_reevaluates_a_report_of_another_point_prediction(tmp_path):
+    """A cached evaluation.json is reused only when it scored the model's own point prediction
+    (SSN: its logits' mean); a report of the samples' mean (as written before) is redone."""
+    compare_models(_base(), tmp_path, models=["ssn"], baseline="ssn", num_samples=2)
+    path = tmp_path / "ssn" / "seed0" / "evaluation.json"
+    report = json.loads(path.read_text())
+    assert report["point"] == "mean-z"
+    compare_models(_base(), tmp_path, models=["ssn"], baseline="ssn", num_samples=2)
+    assert json.loads(path.read_text()) == report  # reused as it is
+    report["point"], report["dice_all"] = "mean", -1.0
+    path.write_text(json.dumps(report))
+    doc = compare_models(_base(), tmp_path, models=["ssn"], baseline="ssn", num_samples=2)
+    again = json.loads(path.read_text())
+    assert again["point"] == "mean-z" and again["dice_all"] >= 0 and doc["runs"][0]["dice_all"] == again["dice_all"]
+    assert "point prediction = mean of 2 samples; ssn: the mask at its latents' mean" in render_results(tmp_path)
+
+
 def test_compare_rejects_bad_options(tmp_path):
     with pytest.raises(UsageError, match="unknown"):
         compare_models(_base(), tmp_path, models=["unet", "gan"])

@@ -128,8 +128,26 @@ def test_point_predictions_majority_and_mean_z(amb):
     torch.manual_seed(1)
     mean = predict_dataset(model, amb, num_samples=5, batch_size=7, with_terms=False)
     assert np.abs(mean.mean - mean_z.mean).max() > 1e-3
-    with pytest.raises(ValueError, match="point: expected one of mean, majority, mean-z"):
+    with pytest.raises(ValueError, match="point: expected one of auto, mean, majority, mean-z"):
         predict_dataset(model, amb, num_samples=2, with_terms=False, point="median")
+
+
+def test_point_auto_is_the_models_own(amb):
+    """``point="auto"`` (the default): SSN's logits' mean, as its reference predicts; the
+    mean of the samples for the other models (here the Probabilistic U-Net)."""
+    for name, own in (("ssn", "mean-z"), ("prob_unet", "mean")):
+        torch.manual_seed(0)
+        model = build_model(name, image_size=SIZE, widths=(8, 16, 32, 64)).eval()
+        assert model.point_prediction == own
+        torch.manual_seed(1)
+        auto = predict_dataset(model, amb, num_samples=3, batch_size=7, with_terms=False)
+        torch.manual_seed(1)
+        explicit = predict_dataset(model, amb, num_samples=3, batch_size=7, with_terms=False, point=own)
+        torch.manual_seed(1)
+        other = predict_dataset(model, amb, num_samples=3, batch_size=7, with_terms=False,
+                                point="mean" if own == "mean-z" else "mean-z")
+        np.testing.assert_array_equal(auto.mean, explicit.mean)
+        assert np.abs(auto.mean - other.mean).max() > 1e-3, name
 
 
 def test_posterior_dice_is_the_guides_draw_replayed(amb):

@@ -168,6 +168,11 @@ class SegModel(nn.Module):
     guide_is_prior: ClassVar[bool] = False
     #: The samples differ without a latent site (dropout masks, ensemble members).
     stochastic: ClassVar[bool] = False
+    #: The point prediction its authors score (Dice and the rest) when none is asked for
+    #: (``point="auto"``, :data:`pyroseg.predict.POINT_PREDICTIONS`): ``"mean"``, the mean of
+    #: the samples, unless the published method predicts otherwise (``ssn``: its logits' mean,
+    #: ``"mean-z"``).
+    point_prediction: ClassVar[str] = "mean"
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
