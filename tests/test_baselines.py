@@ -479,6 +479,8 @@ def test_phiseg_levels_scale_with_the_image_and_are_checked():
 @pytest.mark.parametrize(("name", "kw", "words"), [
     ("prob_unet", {"latent_dim": -3}, "--model-arg latent_dim=-3: expected a positive integer"),
     ("prob_unet", {"comb_hidden": 0}, "--model-arg comb_hidden=0: expected a positive integer"),
+    ("prob_unet", {"dropout": -0.1}, "--model-arg dropout=-0.1: expected a rate in [0, 1)"),
+    ("prob_unet", {"dropout": 0.5, "test_dropout": "yes"}, "--model-arg test_dropout='yes': expected true or false"),
     ("vae", {"latent_dim": 2.5}, "--model-arg latent_dim=2.5: expected a positive integer"),
     ("skip_vae", {"hidden": "many"}, "--model-arg hidden='many': expected a positive integer"),
     ("hvae", {"latent_dims": [4, 4]}, "--model-arg latent_dims=[4, 4]: expected a list of 3 positive integers"),

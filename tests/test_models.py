@@ -381,3 +381,46 @@ def test_prob_unet_sample_same_draws_as_reference():
             ref = torch.sigmoid(model.fcomb(model.unet.features(image), z))
         assert (got - got[:1]).abs().max() > 1e-4
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_prob_unet_dropout_regularises_in_training_and_test_dropout_keeps_it_in_samples():
+    """``dropout=p``: the backbone's dropout is on in training and off in ``eval()``, so the
+    samples are the plain model's; ``test_dropout=true``: each sample is one prior ``z`` and
+    one dropout mask (the U-Net run per sample, in chunks), and ``predict_at_mean`` is the
+    network without dropout at the prior mean."""
+    plain = build_model("prob_unet", image_size=H)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    image = torch.rand(2, 3, H, H)
+    train_only = build_model("prob_unet", image_size=H, dropout=0.5)
+    kept = build_model("prob_unet", image_size=H, dropout="0.5", test_dropout="true")
+    for m in (train_only, kept):
+        with torch.no_grad():  # dropout adds no parameters, only a level of nesting to their names
+            mine, theirs = m.state_dict().values(), plain.state_dict().values()
+            assert len(mine) == len(theirs)
+            for a, b in zip(mine, theirs):
+                a.copy_(b)
+        assert m.hparams()["dropout"] == 0.5
+    assert kept.hparams()["test_dropout"] is True and train_only.hparams()["test_dropout"] is False
+    with torch.no_grad():
+        train_only.train()
+        a, b = train_only.unet.features(image), train_only.unet.features(image)
+        assert float((a - b).abs().max()) > 1e-3  # training: a fresh dropout mask per pass
+        plain.eval(), train_only.eval(), kept.eval()
+        pyro.set_rng_seed(1)
+        ref = plain.sample(image, 9)
+        pyro.set_rng_seed(1)
+        torch.testing.assert_close(train_only.sample(image, 9), ref)  # eval(): no dropout
+        pyro.set_rng_seed(1)
+        loc, scale = kept.prior_net(image)
+        z = dist.Normal(loc, scale).rsample((9,))
+        kept.sample_chunk = 4  # 9 samples x 2 images in chunks of 4 images
+        pyro.set_rng_seed(1)
+        got = kept.sample(image, 9)
+        assert got.shape == ref.shape == (9, 2, 1, H, H)
+        same_z = torch.sigmoid(plain.fcomb(plain.unet.features(image), z))  # the same z, no dropout
+        assert float((got - same_z).abs().amax(dim=(1, 2, 3, 4)).min()) > 1e-3  # every sample its own mask
+        torch.testing.assert_close(kept.predict_at_mean(image), plain.predict_at_mean(image))
+    with pytest.raises(UsageError, match="test_dropout=true: expected dropout > 0"):
+        build_model("prob_unet", image_size=H, test_dropout=True)

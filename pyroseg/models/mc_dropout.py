@@ -32,7 +32,7 @@ from torch import nn
 from pyroseg.models.base import SegModel, mask_likelihood, rate
 from pyroseg.nets import UNet
 
-__all__ = ["MCDropoutModel", "AlwaysDropout"]
+__all__ = ["MCDropoutModel", "AlwaysDropout", "insert_dropout"]
 
 
 class AlwaysDropout(nn.Module):
@@ -50,6 +50,25 @@ class AlwaysDropout(nn.Module):
         return f"p={self.p}"
 
 
+def insert_dropout(unet: UNet, layer) -> None:
+    """Put ``layer()`` (a dropout module) after the "central" blocks of ``unet``, in place:
+    every encoder block but the first and every decoder block but the finest (the
+    Bayesian SegNet's placement; the blocks that read the image and write the mask have none)."""
+    enc, dec = unet.encoder.blocks, unet.decoder.blocks
+    for i in range(1, len(enc)):  # all encoder blocks but the first
+        enc[i] = nn.Sequential(enc[i], layer())
+    for i in range(len(dec) - 1):  # all decoder blocks but the finest
+        dec[i] = nn.Sequential(dec[i], layer())
+
+
+def set_dropout(module: nn.Module, enabled: bool) -> list[AlwaysDropout]:
+    """Switch every :class:`AlwaysDropout` in ``module`` on or off; returns them."""
+    layers = [m for m in module.modules() if isinstance(m, AlwaysDropout)]
+    for m in layers:
+        m.enabled = enabled
+    return layers
+
+
 class MCDropoutModel(SegModel):
     name = "mc_dropout"
     latent_sites = ()
@@ -63,11 +82,7 @@ class MCDropoutModel(SegModel):
         super().__init__(**kw)
         self.dropout = rate("dropout", dropout)
         self.unet = UNet(self.in_channels, self.widths, out_ch=1)
-        enc, dec = self.unet.encoder.blocks, self.unet.decoder.blocks
-        for i in range(1, len(enc)):  # all encoder blocks but the first
-            enc[i] = nn.Sequential(enc[i], AlwaysDropout(self.dropout))
-        for i in range(len(dec) - 1):  # all decoder blocks but the finest
-            dec[i] = nn.Sequential(dec[i], AlwaysDropout(self.dropout))
+        insert_dropout(self.unet, lambda: AlwaysDropout(self.dropout))
 
     def hparams(self):
         return {**super().hparams(), "dropout": self.dropout}
@@ -101,11 +116,8 @@ class MCDropoutModel(SegModel):
     def predict_at_mean(self, image):
         """The network without dropout (the weights at their mean: the standard dropout
         network, whose inverted-dropout scaling makes it the expected activations' net)."""
-        layers = [m for m in self.unet.modules() if isinstance(m, AlwaysDropout)]
         try:
-            for m in layers:
-                m.enabled = False
+            set_dropout(self.unet, False)
             return torch.sigmoid(self.unet(image))
         finally:
-            for m in layers:
-                m.enabled = True
+            set_dropout(self.unet, True)

@@ -8,7 +8,17 @@
 
     -ELBO = E_q[-log p(y | x, z)] + beta * KL(q(z | x, y) || p(z | x))
 
-At test time ``z`` comes from the prior net. ``sample`` runs the U-Net and the
+At test time ``z`` comes from the prior net.
+
+Options of ours, off by default (not in Kohl et al.): ``dropout=p`` puts dropout of rate
+``p`` after the U-Net's central blocks, where the MC dropout baseline has it, as a
+regulariser of the backbone during training (off at test: samples differ through ``z``
+only); ``test_dropout=true`` keeps it on at test as well, so that each sample is one
+``z`` and one dropout mask (a latent for the raters' disagreement, dropout for the
+weights' uncertainty, as in Kendall & Gal 2017). ``sample`` then runs the U-Net once per
+sample instead of once per image.
+
+``sample`` (without ``test_dropout``) runs the U-Net and the
 prior net once per image and only the 1x1 "f_comb" per sample; its first layer
 is split as ``W [u; z] = W_u u + W_z z``, so ``W_u u`` is computed once too, and
 its 1x1 convolutions run as matrix products over pixels (``forward_pixels_last``).
@@ -25,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyroseg.models.base import SegModel, beta_scale, mask_likelihood, positive_int
+from pyroseg.errors import UsageError
+from pyroseg.models.base import SegModel, beta_scale, flag, mask_likelihood, positive_int, rate
+from pyroseg.models.mc_dropout import AlwaysDropout, insert_dropout, set_dropout
 from pyroseg.nets import POSTERIOR_INIT_SCALE, DiagGaussianHead, Encoder, UNet, init_mask_logits
 
 __all__ = ["ProbUNetModel", "GaussianEncoder", "FComb"]
@@ -131,11 +143,22 @@ class ProbUNetModel(SegModel):
     sample_from = "p(z|x)"
     test_time_z = "prior"
 
-    def __init__(self, *, latent_dim: int = 6, comb_hidden: int = 16, **kw):
+    #: Images per chunk of ``sample``'s repeated batch when ``test_dropout`` is on.
+    sample_chunk = 64
+
+    def __init__(self, *, latent_dim: int = 6, comb_hidden: int = 16, dropout: float = 0.0,
+                 test_dropout: bool = False, **kw):
         super().__init__(**kw)
         self.latent_dim = positive_int("latent_dim", latent_dim)
         self.comb_hidden = positive_int("comb_hidden", comb_hidden)
+        self.dropout = rate("dropout", dropout)
+        self.test_dropout = flag("test_dropout", test_dropout)
+        if self.test_dropout and self.dropout == 0:
+            raise UsageError(f"--model-arg test_dropout=true: expected dropout > 0 beside it, got dropout={self.dropout}")
         self.unet = UNet(self.in_channels, self.widths, out_ch=0)
+        if self.dropout > 0:  # AlwaysDropout ignores eval(); nn.Dropout is off in eval()
+            layer = AlwaysDropout if self.test_dropout else nn.Dropout
+            insert_dropout(self.unet, lambda: layer(self.dropout))
         self.prior_net = GaussianEncoder(self.in_channels, self.widths, self.latent_dim)
         self.posterior_net = GaussianEncoder(
             self.in_channels + 1, self.widths, self.latent_dim, init_scale=POSTERIOR_INIT_SCALE
@@ -143,7 +166,8 @@ class ProbUNetModel(SegModel):
         self.fcomb = FComb(self.widths[0], self.latent_dim, self.comb_hidden)
 
     def hparams(self):
-        return {**super().hparams(), "latent_dim": self.latent_dim, "comb_hidden": self.comb_hidden}
+        return {**super().hparams(), "latent_dim": self.latent_dim, "comb_hidden": self.comb_hidden,
+                "dropout": self.dropout, "test_dropout": self.test_dropout}
 
     def model(self, image, mask=None, *, beta=1.0, recon_scale=1.0):
         self._register("unet", "prior_net", "fcomb")
@@ -162,12 +186,29 @@ class ProbUNetModel(SegModel):
             pyro.sample("z", dist.Normal(*self.posterior_net(torch.cat([image, mask], dim=1))).to_event(1))
 
     def sample(self, image, num_samples=1):
-        u = self.unet.features(image)  # once per image
         loc, scale = self.prior_net(image)  # once per image
         z = dist.Normal(loc, scale).rsample((num_samples,))  # (S, B, D)
+        if self.test_dropout:
+            return self._sample_with_dropout(image, z)
+        u = self.unet.features(image)  # once per image
         return self.fcomb.forward_pixels_last(u, z).sigmoid_()  # a fresh tensor: in place
+
+    def _sample_with_dropout(self, image, z):
+        """One U-Net pass (one dropout mask) per sample: ``z: (S, B, D)`` -> ``(S, B, 1, H, W)``."""
+        s, b = z.shape[:2]
+        reps = image.unsqueeze(0).expand(s, *image.shape).reshape(s * b, *image.shape[1:])  # (S*B, C, H, W)
+        zs = z.reshape(1, s * b, -1)  # sample-major, as reps
+        step = max(b, self.sample_chunk // b * b)
+        outs = [self.fcomb.forward_pixels_last(self.unet.features(reps[i : i + step]), zs[:, i : i + step])
+                for i in range(0, s * b, step)]
+        return torch.cat(outs, dim=1).view(s, b, 1, *image.shape[-2:]).sigmoid_()
 
     @torch.inference_mode()
     def predict_at_mean(self, image):
+        """z at the prior's mean and, with ``test_dropout``, the network without dropout."""
         z = self.prior_net(image)[0]  # the prior's mean, (B, D)
-        return self.fcomb(self.unet.features(image), z.unsqueeze(0)).squeeze(0).sigmoid()
+        try:
+            set_dropout(self.unet, False)
+            return self.fcomb(self.unet.features(image), z.unsqueeze(0)).squeeze(0).sigmoid()
+        finally:
+            set_dropout(self.unet, True)
