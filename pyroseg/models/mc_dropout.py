@@ -32,7 +32,7 @@ from torch import nn
 from pyroseg.models.base import SegModel, mask_likelihood, rate
 from pyroseg.nets import UNet
 
-__all__ = ["MCDropoutModel", "AlwaysDropout", "insert_dropout"]
+__all__ = ["MCDropoutModel", "AlwaysDropout", "insert_dropout", "set_dropout"]
 
 
 class AlwaysDropout(nn.Module):
@@ -61,12 +61,11 @@ def insert_dropout(unet: UNet, layer) -> None:
         dec[i] = nn.Sequential(dec[i], layer())
 
 
-def set_dropout(module: nn.Module, enabled: bool) -> list[AlwaysDropout]:
-    """Switch every :class:`AlwaysDropout` in ``module`` on or off; returns them."""
-    layers = [m for m in module.modules() if isinstance(m, AlwaysDropout)]
-    for m in layers:
-        m.enabled = enabled
-    return layers
+def set_dropout(module: nn.Module, enabled: bool) -> None:
+    """Switch every :class:`AlwaysDropout` in ``module`` on or off."""
+    for m in module.modules():
+        if isinstance(m, AlwaysDropout):
+            m.enabled = enabled
 
 
 class MCDropoutModel(SegModel):
